@@ -162,9 +162,17 @@ def train(
     init_weights: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     on_eval: Callable[[dict], None] | None = None,
+    model_hook: Callable[[GPT], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train ``model_cfg`` on a prepared dataset into the run folder ``out_dir``."""
-    data = data if isinstance(data, TokenData) else TokenData(data)
+    """Train ``model_cfg`` on a prepared dataset into the run folder ``out_dir``.
+
+    ``data`` is a dataset folder or any object with ``TokenData``'s sampling interface (the
+    fine-tuning set ``moorelm.finetune.sft.SFTData`` is one). ``model_hook`` changes the model
+    in place after ``init_weights`` are loaded and before the optimizer sees it (LoRA wraps
+    layers and freezes the base there); checkpoints hold the changed model's state.
+    """
+    data = TokenData(data) if isinstance(data, (str, Path)) else data
     out = Path(out_dir)
     if model_cfg.vocab_size < data.vocab_size:
         model_cfg = with_vocab(model_cfg, data.vocab_size)
@@ -186,6 +194,8 @@ def train(
     model = GPT(model_cfg)
     if init_weights is not None:
         ckpt.load_weights(model, init_weights, Path("initial weights"))
+    if model_hook is not None:
+        model_hook(model)
     model.to(device)
     opt = build_optimizer(model, cfg, device.type)
 
@@ -347,6 +357,8 @@ def train(
             bar.update(1)
             if done or (cfg.ckpt_interval > 0 and step % cfg.ckpt_interval == 0):
                 save(step)
+            if on_step:
+                on_step(step)  # after the checkpoint: a callback that raises simulates a crash
     finally:
         bar.close()
 
@@ -413,6 +425,7 @@ def pretrain(
     extensions: tuple[str, ...] | None = None,
     plays: list[str] | None = None,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Corpus -> tokenizer and token shards -> configs -> trained run folder."""
     out = Path(out)
@@ -429,7 +442,8 @@ def pretrain(
         if data.manifest["fingerprint"] != saved["data"]["fingerprint"]:
             raise MoorelmError(f"the dataset differs from the one {out} was trained on; resume with the same corpus")
         meta = {k: v for k, v in saved.items() if k not in ("model", "train", "data", "params", "world_size")}
-        return train(model_cfg, cfg, data, out, resume=True, run_meta=meta, progress=progress)
+        return train(model_cfg, cfg, data, out, resume=True, run_meta=meta, progress=progress,
+                     on_step=on_step)
 
     data = prepare_data(corpus, tokenizer, vocab_size, val_frac, data_dir, text_field,
                         extensions, plays, progress)
@@ -439,7 +453,7 @@ def pretrain(
     from moorelm.config import DEFAULT_RECIPE
 
     meta = {"recipe": recipe or DEFAULT_RECIPE, "preset": preset}
-    return train(model_cfg, cfg, data, out, run_meta=meta, progress=progress)
+    return train(model_cfg, cfg, data, out, run_meta=meta, progress=progress, on_step=on_step)
 
 
 def describe(result: TrainResult) -> str:

@@ -1,0 +1,152 @@
+"""The GPT: causality, KV-cache equivalence for every variant, accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moorelm.config import ModelConfig
+from moorelm.model import GPT
+
+VARIANTS = {
+    "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu"),
+    "modern": dict(pos="rope", norm="rmsnorm", mlp="swiglu"),
+    "gqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2),
+    "relu2-qknorm-untied": dict(pos="rope", norm="rmsnorm", mlp="relu2", qk_norm=True,
+                                tie_embeddings=False, logit_softcap=15.0),
+    "bias-learned-rmsnorm": dict(pos="learned", norm="rmsnorm", mlp="gelu", bias=True),
+}
+
+
+def devices() -> list[str]:
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def make(variant: str, device: str = "cpu", **over) -> GPT:
+    kw = dict(vocab_size=50, seq_len=24, n_layer=2, n_head=2, n_embd=32)
+    kw.update(VARIANTS[variant])
+    kw.update(over)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**kw)).to(device).eval()
+    # zero-init or tiny weights would make many checks trivially true; perturb everything
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_causality(variant, device):
+    """Changing a later token never changes the logits at earlier positions."""
+    model = make(variant, device)
+    idx = torch.randint(0, 50, (2, 16), device=device)
+    logits, _ = model(idx)
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 7) % 50
+    logits2, _ = model(changed)
+    assert torch.allclose(logits[:, :10], logits2[:, :10], atol=1e-5)
+    assert not torch.allclose(logits[:, 10:], logits2[:, 10:], atol=1e-3)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_matches_full_recompute(variant, device):
+    """Prefill + one-token-at-a-time decoding gives the logits of a full forward pass."""
+    model = make(variant, device)
+    idx = torch.randint(0, 50, (3, 20), device=device)
+    full, _ = model(idx)
+    cache = model.new_cache(3)
+    out, _ = model(idx[:, :7], kv_cache=cache)
+    steps = [out]
+    for t in range(7, 20):
+        o, _ = model(idx[:, t : t + 1], kv_cache=cache)
+        steps.append(o)
+    inc = torch.cat(steps, dim=1)
+    assert torch.allclose(full, inc, atol=1e-4), (full - inc).abs().max()
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "gqa"])
+def test_kv_cache_rows_at_different_lengths(variant):
+    """Rows with different cached lengths (continuous batching) decode as if alone."""
+    model = make(variant)
+    a = torch.randint(0, 50, (1, 9))
+    b = torch.randint(0, 50, (1, 4))
+    batch = model.new_cache(2)
+    for row, seq in enumerate((a, b)):
+        single = model.new_cache(1)
+        model(seq, kv_cache=single)
+        batch.insert(row, single)
+    nxt = torch.tensor([[3], [5]])
+    batched, _ = model(nxt, kv_cache=batch)
+    for row, seq in enumerate((a, b)):
+        alone, _ = model(torch.cat([seq, nxt[row : row + 1]], dim=1))
+        assert torch.allclose(batched[row, -1], alone[0, -1], atol=1e-4)
+    # a multi-token chunk on uneven rows takes the masked path
+    chunk = torch.randint(0, 50, (2, 3))
+    out, _ = model(chunk, kv_cache=batch)
+    for row, seq in enumerate((a, b)):
+        full = torch.cat([seq, nxt[row : row + 1], chunk[row : row + 1]], dim=1)
+        alone, _ = model(full)
+        assert torch.allclose(out[row], alone[0, -3:], atol=1e-4)
+
+
+def test_loss_and_reductions():
+    """Given targets, forward returns the mean CE; 'none' gives per-token losses; -1 is ignored."""
+    model = make("gpt2")
+    idx = torch.randint(0, 50, (2, 8))
+    tgt = torch.randint(0, 50, (2, 8))
+    _, loss = model(idx, tgt)
+    _, per = model(idx, tgt, loss_reduction="none")
+    assert per.shape == (2, 8)
+    assert torch.allclose(loss, per.mean(), atol=1e-6)
+    masked = tgt.clone()
+    masked[:, :4] = -1
+    _, part = model(idx, masked)
+    assert torch.allclose(part, per[:, 4:].mean(), atol=1e-6)
+
+
+def test_shakespeare_char_parameter_count():
+    """The shakespeare-char preset has about 10.7M parameters (nanoGPT's figure)."""
+    cfg = ModelConfig(vocab_size=65, seq_len=256, n_layer=6, n_head=6, n_embd=384)
+    counts = GPT(cfg).param_counts()
+    assert 10.6e6 < counts["total"] < 10.9e6
+    assert counts["non_embedding"] == counts["total"] - 65 * 384 - 256 * 384
+
+
+def test_gpt2_parameter_count():
+    """The gpt2 preset at vocab 50257 has GPT-2 small's 124M parameters."""
+    with torch.device("meta"):
+        model = GPT(ModelConfig(vocab_size=50257, seq_len=1024, n_layer=12, n_head=12, n_embd=768))
+    assert abs(model.param_counts()["total"] - 124.4e6) < 0.5e6
+
+
+def test_flops_per_token_formula():
+    """Training FLOPs/token = 6 x matmul params + 12 x layers x T x C (PaLM's accounting)."""
+    cfg = ModelConfig(vocab_size=100, seq_len=16, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    matmul = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 32 * 100
+    assert model.flops_per_token() == 6 * matmul + 12 * 2 * 16 * 32
+    assert model.flops_per_token(training=False) * 3 == model.flops_per_token()
+
+
+def test_positions_beyond_context_are_refused():
+    """Asking for more positions than the context window is an error, not silent garbage."""
+    model = make("gpt2")
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_bad_configs_have_clear_errors():
+    """Invalid shapes and unknown variants are rejected with the offending value."""
+    from moorelm.errors import MoorelmError
+
+    with pytest.raises(MoorelmError, match="divisible"):
+        ModelConfig(n_embd=30, n_head=4)
+    with pytest.raises(MoorelmError, match="n_kv_head"):
+        ModelConfig(n_embd=32, n_head=4, n_kv_head=3)
+    with pytest.raises(MoorelmError, match="choose one of"):
+        ModelConfig(mlp="moe")

@@ -1,0 +1,163 @@
+"""Training: learning, exact resume, checkpoints (atomic, unpickled), run folder contents."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import moorelm
+from moorelm import checkpoint as ckpt
+from moorelm.config import RECIPES, TrainConfig
+from moorelm.errors import MoorelmError
+from moorelm.train import pretrain
+from tests.conftest import TINY_MODEL, TINY_TRAIN
+
+
+def losses(run) -> list[str]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [r["train_loss"] for r in csv.DictReader(f)]
+
+
+def test_run_folder_contents(tiny_run):
+    """A run folder holds config, tokenizer, metrics, loss plot and a complete checkpoint."""
+    for name in ("config.json", "tokenizer.json", "metrics.csv", "loss.png"):
+        assert (tiny_run / name).exists(), name
+    last = ckpt.latest_checkpoint(tiny_run)
+    assert last.name == "step-00000020"
+    assert {p.name for p in last.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json"}
+    with open(tiny_run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb",
+                             "tokens_per_s", "elapsed", "mfu"]
+    assert rows[-1]["val_loss"] and float(rows[-1]["val_bpb"]) > 0
+
+
+def test_tiny_model_overfits_small_text(tmp_path):
+    """A tiny model memorises a short repeated text: train loss falls near zero."""
+    p = tmp_path / "t.txt"
+    p.write_text("the quick brown fox jumps over the lazy dog. " * 60, encoding="utf-8")
+    r = pretrain(tmp_path / "run", corpus=str(p), recipe="gpt2-baseline",
+                 model_overrides=dict(TINY_MODEL, n_embd=64),
+                 train_overrides=dict(TINY_TRAIN, max_steps=250, lr=3e-3, eval_interval=0,
+                                      warmup_steps=10, batch_size=16, log_interval=25),
+                 progress=False)
+    assert r.train_loss < 0.15, r.train_loss
+    assert r.val_loss < 0.3
+
+
+def test_save_load_identical_logits(tiny_run):
+    """Loading a run gives a model with exactly the trained weights' logits."""
+    lm = moorelm.load(tiny_run, device="cpu")
+    tensors = ckpt.read_tensors(ckpt.latest_checkpoint(tiny_run) / "model.safetensors")
+    from moorelm.model import GPT
+
+    fresh = GPT(lm.config)
+    ckpt.load_weights(fresh, tensors, tiny_run)
+    idx = torch.randint(0, lm.config.vocab_size, (2, 16))
+    a, _ = lm.model(idx)
+    b, _ = fresh.eval()(idx)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recipe", ["gpt2-baseline", "moorelm"])
+def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path, recipe):
+    """Stopping at step 10 and resuming to 20 gives exactly the losses of one 20-step run."""
+    common = dict(corpus=str(small_corpus), recipe=recipe, model_overrides=TINY_MODEL, progress=False)
+    over = dict(TINY_TRAIN, log_interval=2, eval_interval=10, ckpt_interval=10, max_steps=20)
+    pretrain(tmp_path / "full", train_overrides=over, **common)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_12(step):
+        if step == 12:
+            raise Crash
+
+    with pytest.raises(Crash):
+        pretrain(tmp_path / "part", train_overrides=over, on_step=crash_at_12, **common)
+    assert ckpt.latest_checkpoint(tmp_path / "part").name == "step-00000010"
+    r = pretrain(tmp_path / "part", resume=True, progress=False)
+    assert r.step == 20
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    a = ckpt.read_tensors(ckpt.latest_checkpoint(tmp_path / "full") / "model.safetensors")
+    b = ckpt.read_tensors(ckpt.latest_checkpoint(tmp_path / "part") / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_needs_resume(tiny_run, small_corpus):
+    """Training into a folder that already holds a run refuses instead of overwriting it."""
+    with pytest.raises(MoorelmError, match="--resume"):
+        pretrain(tiny_run, corpus=str(small_corpus), model_overrides=TINY_MODEL,
+                 train_overrides=TINY_TRAIN, progress=False)
+
+
+def test_every_recipe_loads_and_learns(small_corpus, tmp_path):
+    """Each registered recipe builds and a short run lowers the loss."""
+    for name in RECIPES:
+        r = pretrain(tmp_path / name, corpus=str(small_corpus), recipe=name,
+                     model_overrides=TINY_MODEL,
+                     train_overrides=dict(TINY_TRAIN, max_steps=30, eval_interval=0), progress=False)
+        first = float(r.history[0]["train_loss"])
+        assert r.train_loss < first - 0.3, (name, first, r.train_loss)
+
+
+def test_no_pickle_in_checkpoints(tiny_run):
+    """Checkpoint files are safetensors and JSON only (nothing that would need unpickling)."""
+    for path in tiny_run.rglob("*"):
+        if path.is_file():
+            assert path.suffix in {".json", ".safetensors", ".csv", ".png"}, path
+            assert not path.read_bytes().startswith(b"\x80"), path  # pickle protocol header
+
+
+KILLER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from moorelm import checkpoint as ckpt
+    run = Path(sys.argv[1])
+    big = {"w": torch.randn(1024, 1024), "v": torch.randn(512, 1024)}
+    step = int(sys.argv[2])
+    print("ready", flush=True)
+    while True:
+        step += 1
+        big["w"].fill_(float(step))
+        ckpt.save_checkpoint(run, step, {"wte.weight": big["w"], "x": big["v"]},
+                             {"tokens": step}, {"0/exp_avg": big["v"]}, keep=1)
+    """
+)
+
+
+def test_sigkill_during_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
+    """Killing a process with SIGKILL at random instants while it writes checkpoints in a loop
+    always leaves the newest complete checkpoint readable and self-consistent."""
+    run = tmp_path / "run"
+    step = 0
+    for attempt in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", KILLER, str(run), str(step)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.15 + 0.13 * attempt)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        last = ckpt.latest_checkpoint(run)
+        tensors = ckpt.read_tensors(last / "model.safetensors")
+        state = ckpt.read_state(last)
+        assert float(tensors["wte.weight"][0, 0]) == state["step"] == int(last.name.split("-")[1])
+        ckpt.read_tensors(last / "optimizer.safetensors")
+        step = state["step"] + 1000
+
+
+def test_train_config_rejects_bad_values():
+    """Invalid training settings are refused with the offending value."""
+    with pytest.raises(MoorelmError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(MoorelmError, match="choose one of"):
+        TrainConfig(optimizer="sgd")
