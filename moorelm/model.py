@@ -61,6 +61,16 @@ class KVCache:
             self.v[layer][row, :, :n] = other.v[layer][other_row, :, :n]
         self.lengths[row] = n
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) as a cache of their own sharing storage with this one: writes
+        (and length updates) go through. A serving engine decodes only its active rows so."""
+        view = KVCache.__new__(KVCache)
+        view.max_len = self.max_len
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.lengths = self.lengths[start:stop]
+        return view
+
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, in this order (compacts the batch)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
