@@ -19,6 +19,8 @@ from moorelm.errors import MoorelmError
 # module (under moorelm.cli) -> the verbs it registers, in the order --help lists them
 VERBS: dict[str, tuple[str, ...]] = {
     "core": ("corpus", "prepare", "train", "generate", "evaluate"),
+    "finetune": ("finetune", "finetune-eval", "finetune-demo-data"),
+    "interop": ("export", "import"),
 }
 
 

@@ -1,0 +1,568 @@
+"""Hugging Face interop: moorelm runs <-> ``transformers`` GPT-2 and Llama folders.
+
+    moorelm export RUN --format hf OUT      # AutoModelForCausalLM / AutoTokenizer load OUT
+    moorelm import HF_DIR RUN               # a GPT-2 or Llama folder -> a moorelm run folder
+
+Two architecture families map exactly onto moorelm's one ``GPT`` class:
+
+- **GPT-2** (``GPT2LMHeadModel``): learned positions, LayerNorm, exact-GELU MLP, plain
+  multi-head attention. GPT-2 stores its projections as ``Conv1D`` (weights transposed
+  relative to ``nn.Linear``) and always has biases, so a moorelm model without biases is
+  written with zero biases, and an import whose biases are all zero comes back bias-free.
+- **Llama** (``LlamaForCausalLM``): rotary positions, RMSNorm, SwiGLU, grouped-query
+  attention. Llama's rotary convention (rotate the two halves of each head) is moorelm's, so
+  q/k weights copy over without permuting; moorelm's fused ``c_attn`` splits into q, k, v.
+
+Any other combination (ReLU^2 MLP, QK-norm, logit soft-capping, LayerNorm with rotary, ...)
+has no exact counterpart in these two classes, and export refuses it naming the field.
+
+Export needs no ``transformers`` (it writes safetensors + JSON); ``to_transformers`` builds
+the equivalent ``transformers`` model in memory (benchmarks and tests compare against it).
+Import reads safetensors only and never unpickles ``.bin`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from moorelm import checkpoint as ckpt
+from moorelm.config import ModelConfig
+from moorelm.errors import MoorelmError
+from moorelm.model import GPT
+from moorelm.tokenizer import EOT, Tokenizer
+
+ARCHITECTURES = ("gpt2", "llama")
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+
+
+# ----------------------------------------------------------------------------- which family
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """'gpt2' or 'llama': the transformers family that computes exactly what ``cfg`` does.
+
+    Raises MoorelmError naming the first field that rules out both families.
+    """
+    if cfg.qk_norm:
+        raise MoorelmError("cannot export: qk_norm=True has no counterpart in transformers' "
+                           "GPT-2 or Llama; only models trained with qk_norm=False export exactly")
+    if cfg.logit_softcap:
+        raise MoorelmError(f"cannot export: logit_softcap={cfg.logit_softcap} has no counterpart "
+                           "in transformers' GPT-2 or Llama; train without it to export")
+    if cfg.pos == "learned":
+        wanted = {"norm": "layernorm", "mlp": "gelu"}
+        family = "gpt2"
+    else:
+        wanted = {"norm": "rmsnorm", "mlp": "swiglu"}
+        family = "llama"
+    for name, value in wanted.items():
+        if getattr(cfg, name) != value:
+            raise MoorelmError(
+                f"cannot export: {name}={getattr(cfg, name)!r} with pos={cfg.pos!r} matches "
+                f"neither GPT-2 (learned, layernorm, gelu) nor Llama (rope, rmsnorm, swiglu); "
+                f"train with {name}={value!r} to export"
+            )
+    if family == "gpt2" and cfg.kv_heads != cfg.n_head:
+        raise MoorelmError(
+            f"cannot export: n_kv_head={cfg.n_kv_head} (grouped-query attention) does not exist "
+            "in GPT-2; use the Llama family (pos=rope, norm=rmsnorm, mlp=swiglu) for GQA"
+        )
+    return family
+
+
+def hf_config(cfg: ModelConfig, eot_id: int = 0) -> dict[str, Any]:
+    """The transformers ``config.json`` for a moorelm model config."""
+    family = hf_architecture(cfg)
+    common = {"vocab_size": cfg.vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id,
+              "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+              "torch_dtype": "float32", "use_cache": True}
+    if family == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+            "n_positions": cfg.seq_len, "n_ctx": cfg.seq_len, "n_inner": cfg.hidden_dim,
+            "activation_function": "gelu",  # exact erf GELU, as moorelm computes it
+            "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, **common,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.n_embd,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta
+        "rope_theta": cfg.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
+        **common,
+    }
+
+
+# ----------------------------------------------------------------------------- weights out
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """moorelm weights renamed (and reshaped) into transformers' names for the family.
+
+    Tied heads are omitted (transformers ties ``lm_head`` to the embedding on load).
+    """
+    cfg = model.config
+    family = hf_architecture(cfg)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    C = cfg.n_embd
+    if family == "gpt2":
+        def with_bias(prefix: str, src: str, n: int) -> None:
+            out[prefix + ".bias"] = sd.get(src + ".bias", torch.zeros(n, dtype=sd["wte.weight"].dtype))
+
+        out["transformer.wte.weight"] = sd["wte.weight"]
+        out["transformer.wpe.weight"] = sd["wpe.weight"]
+        for i in range(cfg.n_layer):
+            m, h = f"blocks.{i}", f"transformer.h.{i}"
+            for ln in ("ln_1", "ln_2"):
+                out[f"{h}.{ln}.weight"] = sd[f"{m}.{ln}.weight"]
+                with_bias(f"{h}.{ln}", f"{m}.{ln}", C)
+            for src, dst in (("attn.c_attn", "attn.c_attn"), ("attn.c_proj", "attn.c_proj"),
+                             ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
+                w = sd[f"{m}.{src}.weight"]  # Linear (out, in); Conv1D stores (in, out)
+                out[f"{h}.{dst}.weight"] = w.t()
+                with_bias(f"{h}.{dst}", f"{m}.{src}", w.shape[0])
+        out["transformer.ln_f.weight"] = sd["ln_f.weight"]
+        with_bias("transformer.ln_f", "ln_f", C)
+    else:
+        H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        out["model.embed_tokens.weight"] = sd["wte.weight"]
+        for i in range(cfg.n_layer):
+            m, h = f"blocks.{i}", f"model.layers.{i}"
+            out[f"{h}.input_layernorm.weight"] = sd[f"{m}.ln_1.weight"]
+            out[f"{h}.post_attention_layernorm.weight"] = sd[f"{m}.ln_2.weight"]
+            for kind in ("weight", "bias"):
+                key = f"{m}.attn.c_attn.{kind}"
+                if key not in sd:
+                    continue
+                q, k, v = sd[key].split([H * D, K * D, K * D], dim=0)
+                out[f"{h}.self_attn.q_proj.{kind}"] = q
+                out[f"{h}.self_attn.k_proj.{kind}"] = k
+                out[f"{h}.self_attn.v_proj.{kind}"] = v
+            names = {"attn.c_proj": "self_attn.o_proj", "mlp.c_gate": "mlp.gate_proj",
+                     "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+            for src, dst in names.items():
+                for kind in ("weight", "bias"):
+                    if f"{m}.{src}.{kind}" in sd:
+                        out[f"{h}.{dst}.{kind}"] = sd[f"{m}.{src}.{kind}"]
+        out["model.norm.weight"] = sd["ln_f.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_transformers(model: GPT) -> Any:
+    """The equivalent ``transformers`` model (GPT2LMHeadModel or LlamaForCausalLM), in eval
+    mode, on the same device and dtype as ``model``; weights are copied."""
+    try:
+        import transformers
+    except ImportError:
+        raise MoorelmError("to_transformers needs 'transformers'; pip install 'moorelm[hf]'") from None
+    conf = hf_config(model.config)
+    family = conf["model_type"]
+    conf = {k: v for k, v in conf.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    if family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**conf))
+    else:
+        conf.pop("rope_theta")
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**conf))
+    p = model.wte.weight
+    hf.to(dtype=p.dtype)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:  # a mapping bug, not a user error
+        raise RuntimeError(f"weight mapping mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if model.config.tie_embeddings:
+        hf.tie_weights()
+    return hf.to(p.device).eval()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _tokenizer_files(tokenizer: Tokenizer, seq_len: int) -> dict[str, str]:
+    """tokenizer.json as moorelm keeps it, plus the configs AutoTokenizer reads."""
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": None}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": seq_len,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+    return {
+        "tokenizer.json": tokenizer.to_json(),
+        "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps({"bos_token": EOT, "eos_token": EOT}, indent=2) + "\n",
+    }
+
+
+def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the newest checkpoint of ``run`` as a transformers model folder at ``out``.
+
+    The folder holds config.json, generation_config.json, model.safetensors and the tokenizer
+    (tokenizer.json, tokenizer_config.json); ``AutoModelForCausalLM.from_pretrained(out)`` and
+    ``AutoTokenizer.from_pretrained(out)`` load it. Written to a temporary folder and renamed
+    into place, so a killed export leaves nothing that looks complete.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise MoorelmError(f"{out} already exists and is not empty; choose another folder or pass --force")
+    model, tokenizer, _, state = ckpt.load_model(run, device="cpu")
+    conf = hf_config(model.config, tokenizer.eot_id)  # raises for configs outside both families
+    tensors = hf_state_dict(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        # what transformers' config cannot say (initialisation choices) rides along, so an
+        # import of this folder restores the run's config exactly
+        conf["moorelm"] = {"step": state.get("step"), "source": str(Path(run).resolve()),
+                           "model": model.config.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
+        gen = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        for name, text in _tokenizer_files(tokenizer, model.config.seq_len).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / "config.json"
+    if not path.exists():
+        raise MoorelmError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoorelmError(f"{path} is not valid JSON ({e})") from None
+    family = conf.get("model_type")
+    if family not in ARCHITECTURES:
+        raise MoorelmError(
+            f"{path}: model_type {family!r} cannot be imported; moorelm imports "
+            f"{' and '.join(ARCHITECTURES)} models"
+        )
+    return conf
+
+
+def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single or sharded safetensors checkpoint; refuses pickled .bin files."""
+    single, index = hf_dir / HF_WEIGHTS, hf_dir / HF_INDEX
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise MoorelmError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [hf_dir / f for f in sorted(set(weight_map.values()))]
+    else:
+        bins = sorted(p.name for p in hf_dir.glob("*.bin"))
+        if bins:
+            raise MoorelmError(
+                f"{hf_dir} holds only pickled weights ({bins[0]}), which moorelm never loads "
+                "(unpickling can run arbitrary code); convert them to safetensors first, e.g. "
+                "model.save_pretrained(DIR, safe_serialization=True) in a trusted environment"
+            )
+        raise MoorelmError(f"{hf_dir} has no {HF_WEIGHTS} or {HF_INDEX}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise MoorelmError(f"{f} is listed in {HF_INDEX} but missing")
+        tensors.update(ckpt.read_tensors(f))
+    return tensors
+
+
+class _Weights:
+    """Takes tensors by name (with or without the model-class prefix), tracking what's used."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], source: Path):
+        self.t, self.prefixes, self.source = tensors, prefixes, source
+        self.used: set[str] = set()
+
+    def find(self, name: str) -> str | None:
+        for p in self.prefixes:
+            if p + name in self.t:
+                return p + name
+        return None
+
+    def get(self, name: str, required: bool = True) -> torch.Tensor | None:
+        key = self.find(name)
+        if key is None:
+            if required:
+                raise MoorelmError(f"{self.source} has no tensor {name!r}; the weights do not "
+                                   "match config.json")
+            return None
+        self.used.add(key)
+        return self.t[key].float() if self.t[key].is_floating_point() else self.t[key]
+
+
+def _gpt2_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]]:
+    act = conf.get("activation_function", "gelu_new")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        raise MoorelmError(f"GPT-2 activation_function {act!r} cannot be imported; moorelm's MLP uses GELU")
+    if act != "gelu":
+        warnings.warn(f"the model uses {act!r} (tanh-approximated GELU); moorelm computes exact "
+                      "GELU, so logits will differ slightly from the original", stacklevel=3)
+    if conf.get("scale_attn_by_inverse_layer_idx") or conf.get("scale_attn_weights") is False:
+        raise MoorelmError("GPT-2 attention scaling options other than 1/sqrt(head size) cannot be imported")
+    if conf.get("add_cross_attention"):
+        raise MoorelmError("GPT-2 with cross-attention cannot be imported (moorelm is decoder-only)")
+    n_layer, C = int(conf["n_layer"]), int(conf["n_embd"])
+    sd: dict[str, torch.Tensor] = {"wte.weight": w.get("wte.weight"), "wpe.weight": w.get("wpe.weight")}
+    biases: dict[str, torch.Tensor] = {}
+    for i in range(n_layer):
+        h, m = f"h.{i}", f"blocks.{i}"
+        for ln in ("ln_1", "ln_2"):
+            sd[f"{m}.{ln}.weight"] = w.get(f"{h}.{ln}.weight")
+            biases[f"{m}.{ln}.bias"] = w.get(f"{h}.{ln}.bias")
+        for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            sd[f"{m}.{part}.weight"] = w.get(f"{h}.{part}.weight").t().contiguous()
+            biases[f"{m}.{part}.bias"] = w.get(f"{h}.{part}.bias")
+    sd["ln_f.weight"] = w.get("ln_f.weight")
+    biases["ln_f.bias"] = w.get("ln_f.bias")
+    bias = any(bool(b.any()) for b in biases.values())
+    if bias:
+        sd.update(biases)
+    hidden = sd["blocks.0.mlp.c_fc.weight"].shape[0]
+    model = dict(
+        vocab_size=sd["wte.weight"].shape[0], seq_len=sd["wpe.weight"].shape[0], n_layer=n_layer,
+        n_head=int(conf["n_head"]), n_embd=C, pos="learned", norm="layernorm", mlp="gelu",
+        mlp_hidden=None if hidden == 4 * C else hidden, bias=bias,
+        norm_eps=float(conf.get("layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(conf.get("tie_word_embeddings", True)),
+    )
+    return model, sd
+
+
+def _llama_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]]:
+    if conf.get("hidden_act", "silu") != "silu":
+        raise MoorelmError(f"Llama hidden_act {conf['hidden_act']!r} cannot be imported; moorelm's SwiGLU uses SiLU")
+    rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise MoorelmError(f"Llama rope_type {kind!r} (scaled rotary positions) cannot be imported; "
+                           "moorelm implements plain rotary positions")
+    base = float(rope.get("rope_theta", conf.get("rope_theta", 10000.0)))
+    n_layer, C = int(conf["num_hidden_layers"]), int(conf["hidden_size"])
+    H = int(conf["num_attention_heads"])
+    K = int(conf.get("num_key_value_heads") or H)
+    D = int(conf.get("head_dim") or C // H)
+    if D * H != C:
+        raise MoorelmError(f"Llama head_dim={D} x {H} heads != hidden_size={C}; moorelm needs "
+                           "head size = width / heads")
+    sd: dict[str, torch.Tensor] = {"wte.weight": w.get("embed_tokens.weight")}
+    bias = bool(conf.get("attention_bias")) or bool(conf.get("mlp_bias"))
+    for i in range(n_layer):
+        h, m = f"layers.{i}", f"blocks.{i}"
+        sd[f"{m}.ln_1.weight"] = w.get(f"{h}.input_layernorm.weight")
+        sd[f"{m}.ln_2.weight"] = w.get(f"{h}.post_attention_layernorm.weight")
+        names = {"attn.c_proj": "self_attn.o_proj", "mlp.c_gate": "mlp.gate_proj",
+                 "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+        for kind in ("weight", "bias") if bias else ("weight",):
+            qkv = [w.get(f"{h}.self_attn.{p}_proj.{kind}", required=kind == "weight")
+                   for p in ("q", "k", "v")]
+            if kind == "bias":  # attention_bias without mlp_bias (or the reverse): zeros
+                qkv = [t if t is not None else torch.zeros(n) for t, n in zip(qkv, (H * D, K * D, K * D))]
+            sd[f"{m}.attn.c_attn.{kind}"] = torch.cat(qkv, dim=0)
+            for dst, src in names.items():
+                t = w.get(f"{h}.{src}.{kind}", required=kind == "weight")
+                if t is None:
+                    t = torch.zeros(sd[f"{m}.{dst}.weight"].shape[0])
+                sd[f"{m}.{dst}.{kind}"] = t
+    sd["ln_f.weight"] = w.get("norm.weight")
+    hidden = sd["blocks.0.mlp.c_fc.weight"].shape[0]
+    model = dict(
+        vocab_size=sd["wte.weight"].shape[0], seq_len=int(conf.get("max_position_embeddings", 2048)),
+        n_layer=n_layer, n_head=H, n_kv_head=None if K == H else K, n_embd=C, pos="rope",
+        norm="rmsnorm", mlp="swiglu", mlp_hidden=hidden, bias=bias, rope_base=base,
+        norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(conf.get("tie_word_embeddings", False)),
+    )
+    return model, sd
+
+
+def _head(conf_model: dict, w: _Weights, sd: dict[str, torch.Tensor]) -> None:
+    """Untied head: take lm_head.weight; a missing one means the file relies on tying."""
+    head = w.get("lm_head.weight", required=False)
+    if conf_model["tie_embeddings"] or head is None:
+        conf_model["tie_embeddings"] = True
+        return
+    sd["lm_head.weight"] = head
+
+
+def _settle_config(model_conf: dict, exported: dict | None) -> ModelConfig:
+    """The ModelConfig of imported weights: defaults where they give the same shapes, and the
+    initialisation fields of the original moorelm run when the folder came from ``export_hf``."""
+    if model_conf.get("mlp_hidden") is not None:
+        default = ModelConfig.from_dict({**model_conf, "mlp_hidden": None})
+        if default.hidden_dim == model_conf["mlp_hidden"]:
+            model_conf["mlp_hidden"] = None
+    if isinstance(exported, dict):
+        for name in ("zero_init_proj", "init_std", "dropout"):
+            if name in exported:
+                model_conf[name] = exported[name]
+    return ModelConfig.from_dict(model_conf)
+
+
+def convert_tokenizer(hf_dir: str | Path, eos_token: str | None = None) -> Tokenizer:
+    """The folder's tokenizer as a moorelm Tokenizer (which needs an ``<|endoftext|>`` token).
+
+    A tokenizer.json with ``<|endoftext|>`` is used as is; one whose end-of-sequence token is
+    another special token (Llama's ``</s>``) has that token renamed; vocab.json + merges.txt
+    (GPT-2's original files) become a byte-level BPE tokenizer.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    hf_dir = Path(hf_dir)
+    tj, vocab, merges = hf_dir / "tokenizer.json", hf_dir / "vocab.json", hf_dir / "merges.txt"
+    if tj.exists():
+        text = tj.read_text(encoding="utf-8")
+    elif vocab.exists() and merges.exists():
+        hf = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        if hf.token_to_id(EOT) is not None:
+            hf.add_special_tokens([EOT])
+        text = hf.to_str()
+    else:
+        extra = " (it has a SentencePiece tokenizer.model: save it once with transformers' " \
+                "AutoTokenizer.save_pretrained to get tokenizer.json)" \
+            if (hf_dir / "tokenizer.model").exists() else ""
+        raise MoorelmError(f"{hf_dir} has no tokenizer.json (nor vocab.json + merges.txt){extra}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MoorelmError(f"{tj} is not valid JSON ({e})") from None
+    specials = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    if EOT not in specials and eos_token is not None:
+        if eos_token not in specials:
+            raise MoorelmError(
+                f"the tokenizer's end-of-sequence token {eos_token!r} is not a special token of "
+                f"tokenizer.json, so it cannot stand in for moorelm's {EOT}"
+            )
+        if EOT in json.dumps(data.get("model", {}).get("vocab", {})):
+            raise MoorelmError(f"the tokenizer has {EOT} as an ordinary token; it cannot be imported")
+        data = _rename_token(data, eos_token, EOT)
+        warnings.warn(f"the tokenizer's end-of-sequence token {eos_token!r} is renamed {EOT} "
+                      "(moorelm's document separator); ids are unchanged", stacklevel=3)
+    try:
+        hf = HFTokenizer.from_str(json.dumps(data))
+    except Exception as e:  # tokenizers raises plain Exceptions
+        raise MoorelmError(f"cannot read the tokenizer of {hf_dir}: {str(e).splitlines()[0]}") from None
+    if hf.token_to_id(EOT) is None:
+        raise MoorelmError(
+            f"the tokenizer of {hf_dir} has no {EOT} token and no end-of-sequence token in "
+            "tokenizer_config.json; moorelm needs one to separate documents"
+        )
+    kind = "bpe" if isinstance(hf.pre_tokenizer, pre_tokenizers.ByteLevel) else "char"
+    return Tokenizer(hf, kind)
+
+
+def _rename_token(node: Any, old: str, new: str) -> Any:
+    """Replace every string (value or key) equal to ``old`` in a tokenizer.json tree."""
+    if isinstance(node, str):
+        return new if node == old else node
+    if isinstance(node, list):
+        return [_rename_token(x, old, new) for x in node]
+    if isinstance(node, dict):
+        return {(new if k == old else k): _rename_token(v, old, new) for k, v in node.items()}
+    return node
+
+
+def _eos_token(hf_dir: Path, conf: dict) -> str | None:
+    """The end-of-sequence token's text, from tokenizer_config.json."""
+    path = hf_dir / "tokenizer_config.json"
+    if not path.exists():
+        return None
+    try:
+        tc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    eos = tc.get("eos_token")
+    if isinstance(eos, dict):  # older files store AddedToken dicts
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) else None
+
+
+def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None,
+              overwrite: bool = False) -> Path:
+    """Turn a transformers GPT-2 or Llama folder into a moorelm run folder at ``run``.
+
+    The run holds config.json, tokenizer.json and checkpoints/step-00000000 with the weights,
+    ready for ``moorelm generate``, ``evaluate`` and fine-tuning. ``seq_len`` shortens the
+    context window (rotary models only need it to bound KV-cache memory; a GPT-2 model keeps
+    the first ``seq_len`` position embeddings).
+    """
+    hf_dir, run = Path(hf_dir), Path(run)
+    if not hf_dir.is_dir():
+        raise MoorelmError(f"{hf_dir} is not a folder; pass a Hugging Face model folder")
+    if ckpt.list_checkpoints(run) and not overwrite:
+        raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
+    conf = _read_hf_config(hf_dir)
+    family = conf["model_type"]
+    tensors = _read_hf_weights(hf_dir)
+    prefixes = ("transformer.", "") if family == "gpt2" else ("model.", "")
+    w = _Weights(tensors, prefixes, hf_dir)
+    model_conf, sd = (_gpt2_import if family == "gpt2" else _llama_import)(conf, w)
+    w.prefixes = ("",)
+    _head(model_conf, w, sd)
+    ignored = {k for k in tensors if k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
+    unused = sorted(set(tensors) - w.used - ignored)
+    if unused and not (model_conf["tie_embeddings"] and unused == ["lm_head.weight"]):
+        raise MoorelmError(f"{hf_dir} has tensors moorelm cannot place (e.g. {unused[0]!r}); "
+                           "it is not a plain GPT-2 or Llama model")
+    if seq_len is not None:
+        if not 1 <= seq_len <= model_conf["seq_len"]:
+            raise MoorelmError(f"--seq-len must be in [1, {model_conf['seq_len']}], got {seq_len}")
+        model_conf["seq_len"] = seq_len
+        if family == "gpt2":
+            sd["wpe.weight"] = sd["wpe.weight"][:seq_len].contiguous()
+    cfg = _settle_config(model_conf, conf.get("moorelm", {}).get("model"))
+    tokenizer = convert_tokenizer(hf_dir, _eos_token(hf_dir, conf))
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise MoorelmError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                           f"{cfg.vocab_size} embeddings")
+
+    model = GPT(cfg)  # checks every name and shape against the config
+    ckpt.load_weights(model, sd, hf_dir)
+    run_config = {
+        "model": cfg.to_dict(),
+        "params": model.param_counts(),
+        "imported_from": {"format": "hf", "architecture": family, "path": str(hf_dir.resolve())},
+    }
+    ckpt.write_run_files(run, run_config, tokenizer)
+    ckpt.save_checkpoint(run, 0, ckpt.model_state(model), {"tokens": 0, "elapsed": 0.0})
+    return run
+
+
+__all__ = ["convert_tokenizer", "export_hf", "hf_architecture", "hf_config", "hf_state_dict",
+           "import_hf", "to_transformers"]
