@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -38,6 +39,28 @@ class Tokenizer:
         if eot is None:
             raise MoorelmError(f"tokenizer has no {EOT} token; it was not made by moorelm")
         self.eot_id = eot
+        self._lut = self._char_table() if kind == "char" else None
+
+    def _char_table(self) -> np.ndarray:
+        """Code point -> id for the char tokenizer's single-character tokens (-1: not in vocab).
+
+        Encoding through this table gives exactly the ids of the HF tokenizer (no merges, one
+        token per character) at numpy speed; pieces with an unseen character take the HF path
+        for the byte fallback."""
+        singles = {t: i for t, i in self.hf.get_vocab().items() if len(t) == 1}
+        lut = np.full(max(map(ord, singles), default=0) + 1, -1, dtype=np.int64)
+        for t, i in singles.items():
+            lut[ord(t)] = i
+        return lut
+
+    def _fast_char(self, text: str) -> list[int] | None:
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        if len(cps) == 0:
+            return []
+        if int(cps.max()) >= len(self._lut):
+            return None
+        ids = self._lut[cps]
+        return None if (ids < 0).any() else ids.tolist()
 
     # -- training
 
@@ -110,6 +133,10 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        if self._lut is not None:
+            fast = self._fast_char(text)
+            if fast is not None:
+                return fast
         if len(text) <= PIECE_CHARS:
             return self.hf.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
@@ -118,6 +145,8 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._lut is not None:
+            return [self.encode(t) for t in texts]
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -445,10 +445,11 @@ def pretrain(
         return train(model_cfg, cfg, data, out, resume=True, run_meta=meta, progress=progress,
                      on_step=on_step)
 
-    data = prepare_data(corpus, tokenizer, vocab_size, val_frac, data_dir, text_field,
-                        extensions, plays, progress)
+    # validate every flag before the (possibly long) data preparation
     model_cfg, cfg = build_configs(preset=preset, recipe=recipe, model_overrides=model_overrides,
                                    train_overrides=train_overrides)
+    data = prepare_data(corpus, tokenizer, vocab_size, val_frac, data_dir, text_field,
+                        extensions, plays, progress)
     model_cfg = with_vocab(model_cfg, data.vocab_size)
     from moorelm.config import DEFAULT_RECIPE
 
