@@ -28,6 +28,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moorelm.atomic import (  # noqa: F401  (re-exported: the run folder writes through these)
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    fsync_file,
+)
 from moorelm.config import ModelConfig, TrainConfig
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
@@ -39,60 +46,6 @@ CKPT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 # ----------------------------------------------------------------------------- tensors
 
 
@@ -100,18 +53,22 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates (safetensors refuses shared storage)."""
-    sd = model.state_dict()
+def model_state(model: torch.nn.Module,
+                state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """State dict (or ``state``, e.g. gathered from shards) without tied duplicates
+    (safetensors refuses shared storage)."""
+    sd = dict(model.state_dict() if state is None else state)
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "tie_embeddings", False):
         sd.pop("lm_head.weight", None)
     return _contiguous(sd)
 
 
-def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer tensors for safetensors plus the JSON-able rest (param groups, scalars)."""
-    sd = opt.state_dict()
+def optimizer_state(opt: torch.optim.Optimizer,
+                    state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer tensors for safetensors plus the JSON-able rest (param groups, scalars).
+    ``state`` replaces ``opt.state_dict()`` (e.g. one gathered from shards)."""
+    sd = opt.state_dict() if state is None else state
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():
@@ -154,12 +111,12 @@ def save_checkpoint(run_dir: Path, step: int, model_tensors: dict[str, torch.Ten
     try:
         meta = {"step": str(step), "format": "moorelm-1"}
         save_file(model_tensors, str(tmp / "model.safetensors"), metadata=meta)
-        _fsync_file(tmp / "model.safetensors")
+        fsync_file(tmp / "model.safetensors")
         if optim_tensors is not None:
             save_file(optim_tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-            _fsync_file(tmp / "optimizer.safetensors")
+            fsync_file(tmp / "optimizer.safetensors")
         atomic_write_json(tmp / "state.json", {"step": step, **state})
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved twice (e.g. end of run right after a save)
             old = final.with_name(final.name + ".old.tmp")
             os.replace(final, old)
@@ -167,7 +124,7 @@ def save_checkpoint(run_dir: Path, step: int, model_tensors: dict[str, torch.Ten
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(ckpts)
+        fsync_dir(ckpts)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -172,7 +172,7 @@ def prepare(
             for s, w in writers.items()
         },
     }
-    from moorelm.checkpoint import atomic_write_text
+    from moorelm.atomic import atomic_write_text
 
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if out.exists():

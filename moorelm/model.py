@@ -22,7 +22,6 @@ length, so a serving engine can decode requests that started at different times 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -330,11 +329,3 @@ class GPT(nn.Module):
         p = self.wte.weight
         dtype = p.dtype if p.dtype != torch.float32 or p.device.type == "cpu" else p.dtype
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype)
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> Iterator[torch.Tensor]:
-        """Sample continuations of idx (B, T); yields the next tokens (B,) one step at a time.
-        See ``moorelm.generate.generate_tokens`` for the sampling options."""
-        from moorelm.generate import generate_tokens
-
-        yield from generate_tokens(self, idx, max_new_tokens, **sampling)

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from moorelm.checkpoint import atomic_write_bytes  # noqa: E402
+from moorelm.atomic import atomic_write_bytes  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:

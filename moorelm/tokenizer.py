@@ -109,7 +109,7 @@ class Tokenizer:
     # -- persistence
 
     def save(self, path: str | Path) -> None:
-        from moorelm.checkpoint import atomic_write_text
+        from moorelm.atomic import atomic_write_text
 
         atomic_write_text(Path(path), self.to_json())
 

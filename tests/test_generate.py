@@ -7,8 +7,13 @@ import torch
 
 import moorelm
 from moorelm.errors import MoorelmError
-from moorelm.generate import (SamplingParams, TextStreamer, apply_penalties, generate_tokens,
-                              sample_next_token)
+from moorelm.generate import (
+    SamplingParams,
+    TextStreamer,
+    apply_penalties,
+    generate_tokens,
+    sample_next_token,
+)
 from moorelm.tokenizer import Tokenizer
 
 
