@@ -9,6 +9,11 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Device-parametrised tests run on each of these (bench/gpu_check.sh sets cpu,cuda).
+DEVICES = [d for d in os.environ.get("MOORELM_TEST_DEVICES", "cpu").split(",") if d]
+if torch.cuda.is_available() and "cuda" not in DEVICES and "MOORELM_TEST_DEVICES" not in os.environ:
+    DEVICES.append("cuda")
+
 SMALL_TEXT = (
     "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
     "It is the east, and Juliet is the sun.\n\n"

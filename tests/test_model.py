@@ -7,6 +7,7 @@ import torch
 
 from moorelm.config import ModelConfig
 from moorelm.model import GPT
+from tests.conftest import DEVICES
 
 VARIANTS = {
     "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu"),
@@ -16,13 +17,6 @@ VARIANTS = {
                                 tie_embeddings=False, logit_softcap=15.0),
     "bias-learned-rmsnorm": dict(pos="learned", norm="rmsnorm", mlp="gelu", bias=True),
 }
-
-
-def devices() -> list[str]:
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out.append("cuda")
-    return out
 
 
 def make(variant: str, device: str = "cpu", **over) -> GPT:
@@ -38,7 +32,7 @@ def make(variant: str, device: str = "cpu", **over) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_causality(variant, device):
     """Changing a later token never changes the logits at earlier positions."""
@@ -52,7 +46,7 @@ def test_causality(variant, device):
     assert not torch.allclose(logits[:, 10:], logits2[:, 10:], atol=1e-3)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kv_cache_matches_full_recompute(variant, device):
     """Prefill + one-token-at-a-time decoding gives the logits of a full forward pass."""

@@ -18,7 +18,7 @@ from moorelm import checkpoint as ckpt
 from moorelm.config import RECIPES, TrainConfig
 from moorelm.errors import MoorelmError
 from moorelm.train import pretrain
-from tests.conftest import TINY_MODEL, TINY_TRAIN
+from tests.conftest import DEVICES, TINY_MODEL, TINY_TRAIN
 
 
 def losses(run) -> list[str]:
@@ -53,25 +53,30 @@ def test_tiny_model_overfits_small_text(tmp_path):
     assert r.val_loss < 0.3
 
 
-def test_save_load_identical_logits(tiny_run):
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_load_identical_logits(tiny_run, device):
     """Loading a run gives a model with exactly the trained weights' logits."""
-    lm = moorelm.load(tiny_run, device="cpu")
+    lm = moorelm.load(tiny_run, device=device)
     tensors = ckpt.read_tensors(ckpt.latest_checkpoint(tiny_run) / "model.safetensors")
     from moorelm.model import GPT
 
     fresh = GPT(lm.config)
     ckpt.load_weights(fresh, tensors, tiny_run)
     idx = torch.randint(0, lm.config.vocab_size, (2, 16))
-    a, _ = lm.model(idx)
-    b, _ = fresh.eval()(idx)
+    a, _ = lm.model(idx.to(device))
+    b, _ = fresh.to(device).eval()(idx.to(device))
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe", ["gpt2-baseline", "moorelm"])
-def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path, recipe):
-    """Stopping at step 10 and resuming to 20 gives exactly the losses of one 20-step run."""
+def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path, recipe, device):
+    """A run that crashes after step 12 and resumes from its step-10 checkpoint repeats the
+    uninterrupted run's losses and weights exactly (on CPU; to float tolerance on GPUs,
+    whose kernels are not bitwise deterministic)."""
     common = dict(corpus=str(small_corpus), recipe=recipe, model_overrides=TINY_MODEL, progress=False)
-    over = dict(TINY_TRAIN, log_interval=2, eval_interval=10, ckpt_interval=10, max_steps=20)
+    over = dict(TINY_TRAIN, log_interval=2, eval_interval=10, ckpt_interval=10, max_steps=20,
+                device=device)
     pretrain(tmp_path / "full", train_overrides=over, **common)
 
     class Crash(Exception):
@@ -86,10 +91,15 @@ def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path, recipe):
     assert ckpt.latest_checkpoint(tmp_path / "part").name == "step-00000010"
     r = pretrain(tmp_path / "part", resume=True, progress=False)
     assert r.step == 20
-    assert losses(tmp_path / "part") == losses(tmp_path / "full")
     a = ckpt.read_tensors(ckpt.latest_checkpoint(tmp_path / "full") / "model.safetensors")
     b = ckpt.read_tensors(ckpt.latest_checkpoint(tmp_path / "part") / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    if device == "cpu":
+        assert losses(tmp_path / "part") == losses(tmp_path / "full")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        pairs = zip(losses(tmp_path / "part"), losses(tmp_path / "full"))
+        assert all(abs(float(x) - float(y)) < 2e-3 for x, y in pairs)
+        assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
 
 
 def test_existing_run_needs_resume(tiny_run, small_corpus):
