@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,16 @@ from moorelm import checkpoint as ckpt
 from moorelm.config import ModelConfig, TrainConfig, build_configs, with_vocab
 from moorelm.corpus import load_corpus
 from moorelm.data import PrepareOptions, TokenData, bits_per_byte, default_data_dir, prepare
-from moorelm.device import (autocast, choose_precision, device_name, mfu, peak_flops,
-                            peak_memory_bytes, resolve_device, setup_device)
+from moorelm.device import (
+    autocast,
+    choose_precision,
+    device_name,
+    mfu,
+    peak_flops,
+    peak_memory_bytes,
+    resolve_device,
+    setup_device,
+)
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
 from moorelm.optim import build_optimizer, decay_progress, lr_multiplier
@@ -87,12 +96,72 @@ def init_distributed(device_req: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
+def _broadcast_float(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
 def _all_mean(value: float, d: Dist, device: torch.device) -> float:
     if d.world == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / d.world
+
+
+# FSDP2 (``fully_shard``): each block is one unit whose parameters, gradients and optimizer
+# state live sharded across ranks (dim 0) and are all-gathered only for its forward/backward.
+# Checkpoints stay in the single-process format: shards are gathered into full tensors on
+# save, and full tensors are loaded before sharding (weights) or cut into shards (optimizer
+# state) on resume, so a run resumes under any world size, with or without FSDP.
+
+
+def _fully_shard(model: GPT, device: torch.device, d: Dist) -> None:
+    """Shard ``model`` in place over all ranks (moves the shards to ``device``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (d.world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, head
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def _gather(t: Any) -> Any:
+    """A DTensor shard -> the full tensor on CPU (a collective: every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor().cpu() if isinstance(t, DTensor) else t
+
+
+def _full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    sd = opt.state_dict()
+    # every rank walks the same params and keys in the same order, so the gathers pair up
+    sd["state"] = {pid: {k: _gather(v) for k, v in st.items()} for pid, st in sd["state"].items()}
+    return sd
+
+
+def _shard_like_params(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict:
+    """Full optimizer tensors ("pid.key") -> shards laid out like their (sharded) parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    out = {}
+    for name, t in tensors.items():
+        p = params[int(name.split(".", 1)[0])]
+        if isinstance(p, DTensor) and t.shape == p.shape:
+            # every rank read the same full tensor, so each just keeps its own slice
+            t = distribute_tensor(t.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                  src_data_rank=None)
+        out[name] = t
+    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -134,12 +203,17 @@ def estimate_loss(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, seq
     was = model.training
     model.eval()
     total, n = 0.0, 0
-    for i in range(d.rank, cfg.eval_iters, d.world):
-        x, y = data.val_batch(i, cfg.batch_size, seq_len)
+    # a sharded model's forward is a collective, so then every rank runs the same number of
+    # batches (a rank past the end repeats a batch without counting it)
+    rounds = -(-cfg.eval_iters // d.world) if _is_sharded(model) else None
+    stop = rounds * d.world if rounds else cfg.eval_iters
+    for i in range(d.rank, stop, d.world):
+        x, y = data.val_batch(i % cfg.eval_iters, cfg.batch_size, seq_len)
         with autocast(device, precision):
             _, loss = model(x.to(device), y.to(device))
-        total += float(loss)
-        n += 1
+        if i < cfg.eval_iters:
+            total += float(loss)
+            n += 1
     model.train(was)
     if d.world > 1:
         t = torch.tensor([total, n], dtype=torch.float64, device=device)
@@ -185,6 +259,8 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = choose_precision(device, cfg.dtype)
+    # fp16 (older GPUs) needs loss scaling; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type) if precision.use_scaler else None
     if d.main and not resume and ckpt.list_checkpoints(out):
         raise MoorelmError(
             f"{out} already holds a trained run; pass --resume to continue it or choose another --out"
@@ -196,36 +272,51 @@ def train(
         ckpt.load_weights(model, init_weights, Path("initial weights"))
     if model_hook is not None:
         model_hook(model)
-    model.to(device)
+    last = ckpt.latest_checkpoint(out) if resume else None
+    if last is not None:  # full weights go in before the model is moved or sharded
+        ckpt.load_weights(model, ckpt.read_tensors(last / "model.safetensors"), last)
+    sharded = cfg.fsdp and d.world > 1
+    if cfg.fsdp and not sharded:
+        warnings.warn("--fsdp shards across processes; with one process it has no effect "
+                      "(launch with torchrun --nproc_per_node=N)", stacklevel=2)
+    if sharded:
+        _fully_shard(model, device, d)
+    else:
+        model.to(device)
     opt = build_optimizer(model, cfg, device.type)
 
     step, tokens, elapsed = 0, 0, 0.0
     history: list[dict] = []
-    if resume:
-        last = ckpt.latest_checkpoint(out)
+    if last is not None:
         state = ckpt.read_state(last)
-        ckpt.load_weights(model, ckpt.read_tensors(last / "model.safetensors", device), last)
         opt_file = last / "optimizer.safetensors"
         if not opt_file.exists():
             raise MoorelmError(f"{last} has no optimizer state, so it cannot be resumed")
         from moorelm.checkpoint import load_optimizer_state
 
-        tensors = ckpt.read_tensors(opt_file, device)
+        tensors = ckpt.read_tensors(opt_file, "cpu" if sharded else device)
         metas = state["optimizer"]
         by_opt: list[dict[str, torch.Tensor]] = [{} for _ in opt.opts]
         for name, t in tensors.items():
             i, rest = name.split("/", 1)
             by_opt[int(i)][rest] = t
         for o, ts, meta in zip(opt.opts, by_opt, metas):
-            load_optimizer_state(o, ts, meta)
+            load_optimizer_state(o, _shard_like_params(o, ts) if sharded else ts, meta)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+        saved_batch = state.get("global_batch")
+        now_batch = cfg.batch_size * cfg.grad_accum * d.world
+        if d.main and saved_batch and saved_batch != now_batch:
+            warnings.warn(
+                f"resuming with a global batch of {now_batch} sequences (batch_size x grad_accum "
+                f"x {d.world} processes) where the run used {saved_batch}; set --grad-accum to "
+                "keep it", stacklevel=2)
         history = _read_metrics(out / "metrics.csv", step)
 
     run_model: torch.nn.Module = model
     if cfg.compile:
         run_model = torch.compile(model)
     ddp_model = run_model
-    if d.world > 1:
+    if d.world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp_model = DDP(run_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -245,6 +336,7 @@ def train(
                  "corpus": data.manifest["corpus"], "tokenizer": data.manifest["tokenizer"]},
         "params": params,
         "world_size": d.world,
+        "fsdp": sharded,
         **(run_meta or {}),
     }
     if d.main:
@@ -252,18 +344,21 @@ def train(
         ckpt.write_run_files(out, config_json, tok)
 
     def save(at_step: int) -> None:
-        if not d.main:
+        if not (d.main or sharded):  # sharded: every rank takes part in gathering
             return
         opt_tensors: dict[str, torch.Tensor] = {}
         metas = []
         for i, o in enumerate(opt.opts):
-            ts, meta = ckpt.optimizer_state(o)
+            ts, meta = ckpt.optimizer_state(o, _full_optimizer_state(o) if sharded else None)
             opt_tensors.update({f"{i}/{k}": v for k, v in ts.items()})
             metas.append(meta)
+        weights = ckpt.model_state(
+            model, {k: _gather(v) for k, v in model.state_dict().items()} if sharded else None)
+        if not d.main:
+            return
         state = {"tokens": tokens, "elapsed": elapsed, "optimizer": metas,
-                 "val_loss": last_val, "world_size": d.world}
-        ckpt.save_checkpoint(out, at_step, ckpt.model_state(model), state, opt_tensors,
-                             keep=cfg.keep_checkpoints)
+                 "val_loss": last_val, "world_size": d.world, "global_batch": global_batch}
+        ckpt.save_checkpoint(out, at_step, weights, state, opt_tensors, keep=cfg.keep_checkpoints)
 
     def evaluate_and_log(train_loss: float | None, tok_s: float) -> dict:
         nonlocal last_val
@@ -280,7 +375,7 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and d.main),
                unit="step", dynamic_ncols=True, desc="train")
     model.train()
-    recent: list[float] = []
+    recent: list[torch.Tensor] = []
     window_tokens, window_time = 0, 0.0
     last_train: float | None = None
     tok_s = 0.0
@@ -301,41 +396,58 @@ def train(
             opt.set_lr(mult)
             current_lr = cfg.lr * mult
             torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 x, y = data.train_batch(step, cfg.seed, global_batch, T,
                                         part=micro * d.world + d.rank, parts=cfg.grad_accum * d.world)
+                if device.type == "cuda":  # page-locked host memory makes the copy asynchronous
+                    x, y = x.pin_memory(), y.pin_memory()
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 sync = micro == cfg.grad_accum - 1
-                ctx = ddp_model.no_sync() if (d.world > 1 and not sync) else _null()
+                if sharded:  # FSDP reduce-scatters gradients only after the last micro-batch
+                    model.set_requires_gradient_sync(sync)
+                ctx = ddp_model.no_sync() if (d.world > 1 and not sync and not sharded) else _null()
                 with ctx:
                     with autocast(device, precision):
                         _, loss = ddp_model(x, y)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
+                    scaled = loss / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += loss.detach()  # stays on the device: no host sync per micro-batch
+            if scaler:
+                for o in opt.opts:
+                    scaler.unscale_(o)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            if scaler:
+                for o in opt.opts:
+                    scaler.step(o)  # skips the step when gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
+            if d.world > 1 and cfg.max_time is not None:
+                # rank 0's clock decides, so every rank agrees on the schedule and the last step
+                dt = _broadcast_float(dt, device)
             step += 1
             tokens += tokens_per_step
             elapsed += dt
             window_tokens += tokens_per_step
             window_time += dt
             recent.append(loss_sum / cfg.grad_accum)
-            if not math.isfinite(recent[-1]):
-                raise MoorelmError(
-                    f"loss became {recent[-1]} at step {step}; lower the learning rate "
-                    "(--lr) or use --dtype fp32"
-                )
 
             done = not budget_left()
             if step % cfg.log_interval == 0 or done:
-                last_train = _all_mean(sum(recent) / len(recent), d, device)
+                mean_loss = float(torch.stack(recent).mean())  # one host sync per log line
+                if not math.isfinite(mean_loss):
+                    raise MoorelmError(
+                        f"loss became {mean_loss} by step {step}; lower the learning rate "
+                        "(--lr) or use --dtype fp32"
+                    )
+                last_train = _all_mean(mean_loss, d, device)
                 tok_s = window_tokens / max(window_time, 1e-9)
                 recent, window_tokens, window_time = [], 0, 0.0
                 bar.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
