@@ -276,7 +276,7 @@ def train(
     if last is not None:  # full weights go in before the model is moved or sharded
         ckpt.load_weights(model, ckpt.read_tensors(last / "model.safetensors"), last)
     sharded = cfg.fsdp and d.world > 1
-    if cfg.fsdp and not sharded:
+    if cfg.fsdp and not sharded and not resume:
         warnings.warn("--fsdp shards across processes; with one process it has no effect "
                       "(launch with torchrun --nproc_per_node=N)", stacklevel=2)
     if sharded:
