@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from moorelm.atomic import atomic_write_bytes, atomic_write_text
 from moorelm.errors import MoorelmError
 from moorelm.scaling import fit as F
 from moorelm.scaling import trend as T
@@ -122,13 +124,13 @@ def write_runs_csv(path: str | Path, records: Sequence[Mapping[str, Any]]) -> Pa
     """Write records as CSV: the standard columns first, then any extra keys in sorted order."""
     rows = _normalise(records)
     extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow([*COLUMNS, *extra])
+    for r in rows:
+        writer.writerow([_cell(r.get(k)) for k in (*COLUMNS, *extra)])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow([*COLUMNS, *extra])
-        for r in rows:
-            writer.writerow([_cell(r.get(k)) for k in (*COLUMNS, *extra)])
+    atomic_write_text(path, buf.getvalue())
     return path
 
 
@@ -300,7 +302,20 @@ def _prediction_for(rows_all, fits, prediction, param_key):
 # Plots
 
 
+def _save(fig, path: Path) -> Path:
+    """Render to memory and write atomically, so a killed build leaves no torn PNG."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def _plt():
+    # Fixed margins (subplots_adjust) rather than tight_layout in every figure: tight_layout
+    # measures every label in an extra pass, which doubled the plotting time.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,15 +353,14 @@ def _plot_loss_vs_compute(path: Path, fits: dict, verification: dict | None, k: 
                    color="gold", edgecolors="black", zorder=4, label="verification run")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_y(ax)
     ax.set_xlabel("Training compute C (FLOPs)")
     ax.set_ylabel("Validation loss")
     ax.set_title("Loss against compute")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.11)
+    return _save(fig, path)
 
 
 def _plot_isoflop(path: Path, fits: dict) -> Path:
@@ -373,10 +387,8 @@ def _plot_isoflop(path: Path, fits: dict) -> Path:
     ax.set_title(f"IsoFLOP curves (diamonds: fitted minima; N_opt ~ C^{iso.a.value:.2f})")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.11)
+    return _save(fig, path)
 
 
 def _plot_allocation(path: Path, fits: dict, k: float) -> Path:
@@ -412,37 +424,50 @@ def _plot_allocation(path: Path, fits: dict, k: float) -> Path:
     ax.set_title("Compute-optimal model size and data")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.11)
+    return _save(fig, path)
 
 
 def _plot_prediction(path: Path, fits: dict, v: dict) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     if "_arrays" in fits:
         a = fits["_arrays"]
         ax.scatter(a["C"], a["L"], s=18, color="0.6", label="fitted runs")
     yerr = None
     if v["lo"] is not None and v["hi"] is not None:
         yerr = [[v["predicted"] - v["lo"]], [v["hi"] - v["predicted"]]]
-    ax.errorbar([v["flops"]], [v["predicted"]], yerr=yerr, fmt="o", color="tab:blue", capsize=6,
-                markersize=7, label="predicted (95% interval)")
+    for axis, x in ((ax, v["flops"]), (zoom, 0.0)):
+        axis.errorbar([x], [v["predicted"]], yerr=yerr, fmt="o", color="tab:blue", capsize=6,
+                      markersize=7, zorder=5, label="predicted (95% interval)")
     if v["actual"] is not None:
-        ax.scatter([v["flops"]], [v["actual"]], marker="*", s=240, color="gold",
+        ax.scatter([v["flops"]], [v["actual"]], marker="*", s=160, color="gold",
                    edgecolors="black", zorder=4, label="measured")
+        zoom.scatter([1.0], [v["actual"]], marker="*", s=240, color="gold", edgecolors="black",
+                     zorder=4)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_y(ax)
     ax.set_xlabel("Training compute C (FLOPs)")
     ax.set_ylabel("Validation loss")
-    ax.set_title(f"Prediction against the verification run {v['name']!r}")
+    ax.set_title(f"Verification run {v['name']!r} among the fitted runs")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    zoom.set_xlim(-0.7, 1.7)
+    zoom.set_xticks([0.0, 1.0], ["predicted", "measured"])
+    zoom.set_title("Close-up")
+    zoom.grid(True, axis="y", alpha=0.25)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.9, bottom=0.12, wspace=0.25)
+    return _save(fig, path)
+
+
+def _plain_log_y(ax) -> None:
+    """Plain numbers on a log loss axis: losses span less than a decade, where matplotlib's
+    default labels read like 6x10^0. Minor ticks are labelled only when few decades show."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,10 +512,9 @@ def _answer(fits: dict, trends: list[T.TrendRow] | None, verification: dict | No
         lines.append(
             f"At the largest budget tried (C = {_g(c_max)} FLOPs) the compute-optimal model has "
             f"{_pred(co.n_opt)} parameters trained on {_pred(co.d_opt)} tokens, about "
-            f"{_pred(co.tokens_per_param, '.3g')} tokens per parameter; N<sub>opt</sub> grows as "
-            f"C<sup>{_g(co.a.value, '.2f')}</sup> (95% CI {_g((co.a.ci95 or (None,))[0], '.2f')} to "
-            f"{_g((co.a.ci95 or (None, None))[1], '.2f')}) and D<sub>opt</sub> as "
-            f"C<sup>{_g(co.b.value, '.2f')}</sup>.")
+            f"{_pred(co.tokens_per_param)} tokens per parameter. N<sub>opt</sub> grows as "
+            f"C<sup>a</sup> with a = {_est(co.a, '.2f')} and D<sub>opt</sub> as C<sup>b</sup> "
+            f"with b = {_est(co.b, '.2f')}.")
         ref = F.PUBLISHED_FITS["hoffmann2022"]
         log_n, log_d = F._log_allocation(ref["E"], ref["A"], ref["alpha"], ref["B"], ref["beta"],
                                          np.log(c_max / k))
@@ -515,11 +539,14 @@ def _answer(fits: dict, trends: list[T.TrendRow] | None, verification: dict | No
         v = verification
         interval = ("" if v["lo"] is None else
                     f" (95% interval {_g(v['lo'], '.4g')} to {_g(v['hi'], '.4g')})")
-        verdict = {True: "inside", False: "outside", None: "compared with"}[v["within_interval"]]
+        verdict = {True: "inside the interval", False: "outside the interval",
+                   None: "with no interval to judge by"}[v["within_interval"]]
+        side = "above" if v["relative_error"] > 0 else "below"
         lines.append(
             f"The held-out run {html.escape(str(v['name']))} measured a loss of "
             f"{_g(v['actual'], '.4g')} against a prediction of {_g(v['predicted'], '.4g')}"
-            f"{interval}: {verdict} the interval, off by {_g(100 * v['relative_error'], '.2g')}%.")
+            f"{interval}: {verdict}, {_g(abs(100 * v['relative_error']), '.2g')}% {side} the "
+            "prediction.")
     if trends:
         by = {r.quantity: r for r in trends}
         moore = T.reference_rate("moore")
@@ -664,14 +691,16 @@ def build_report(out_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
                  prediction: Mapping[str, Any] | F.Prediction | None = None,
                  n_bootstrap: int = 100, seed: int = 0,
                  flops_per_token: float = F.DEFAULT_FLOPS_PER_TOKEN,
-                 param_key: str = "n_params", top_k: int = T.DEFAULT_TOP_K) -> Path:
+                 param_key: str = "n_params", top_k: int = T.DEFAULT_TOP_K,
+                 trends: bool = True) -> Path:
     """Fit the runs and write runs.csv, fits.json, PNG plots and report.html into ``out_dir``.
 
     ``prediction`` is the loss predicted for the verification run before it was trained: a dict
     with ``val_loss`` and optionally ``ci95`` = [lo, hi] and ``name`` (which run it is for;
     default the run with ``verification`` true), or a ``fit.Prediction``. Without one, the
     L(N, D) fit supplies it. ``param_key`` picks the record field used as N ("n_params" or
-    "n_params_nonembed"); ``top_k`` sets the historical frontier. Returns the report.html path.
+    "n_params_nonembed"); ``top_k`` sets the historical frontier and ``trends=False`` leaves the
+    historical section out. Returns the report.html path.
     """
     if param_key not in ("n_params", "n_params_nonembed"):
         raise MoorelmError(f"param_key must be 'n_params' or 'n_params_nonembed'; got {param_key!r}")
@@ -688,14 +717,18 @@ def build_report(out_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
                                 param_key=param_key)
     notes += fit_notes
     verification = _prediction_for(rows_all, fits, prediction, param_key)
-    if verification is None and any(r["verification"] for r in rows_all):
+    if verification is None and prediction is not None:
+        notes.append("a prediction was given but no run is marked as the verification run "
+                     "(verification = true, or the prediction's 'name')")
+    elif verification is None and any(r["verification"] for r in rows_all):
         notes.append("the verification run has no prediction to compare with (L(N, D) could not "
                      "be fitted and none was given)")
-    try:
-        trends = T.trend_table(top_k=top_k)
-    except MoorelmError as exc:
-        trends = None
-        notes.append(f"historical trends not fitted: {exc}")
+    trend_rows: list[T.TrendRow] | None = None
+    if trends:
+        try:
+            trend_rows = T.trend_table(top_k=top_k)
+        except MoorelmError as exc:
+            notes.append(f"historical trends not fitted: {exc}")
 
     images: list[tuple[Path, str]] = []
     if "_arrays" in fits:
@@ -707,7 +740,7 @@ def build_report(out_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
     if "chinchilla" in fits or "isoflop" in fits:
         images.append((_plot_allocation(out / "optimal_allocation.png", fits, k),
                        "Compute-optimal parameters and tokens against compute."))
-    if trends is not None:
+    if trend_rows is not None:
         images.append((T.plot_trends(out / "trends.png", top_k=top_k),
                        "Landmark language models over time, with Moore's law for reference."))
     if verification is not None:
@@ -725,11 +758,11 @@ def build_report(out_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
         doc["compute_optimal_at_max_compute"] = fits["chinchilla"].compute_optimal(
             c_max, flops_per_token=k).to_dict()
     doc["verification"] = verification
-    doc["trends"] = None if trends is None else [r.to_dict() for r in trends]
-    (out / FITS_JSON).write_text(json.dumps(_jsonable(doc), indent=2), encoding="utf-8")
+    doc["trends"] = None if trend_rows is None else [r.to_dict() for r in trend_rows]
+    atomic_write_text(out / FITS_JSON, json.dumps(_jsonable(doc), indent=2) + "\n")
 
-    answer = _answer(fits, trends, verification, k, param_key)
-    page = _html(answer, fits, notes, images, trends, rows_all, settings, param_key)
+    answer = _answer(fits, trend_rows, verification, k, param_key)
+    page = _html(answer, fits, notes, images, trend_rows, rows_all, settings, param_key)
     path = out / REPORT_HTML
-    path.write_text(page, encoding="utf-8")
+    atomic_write_text(path, page)
     return path

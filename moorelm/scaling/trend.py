@@ -13,8 +13,8 @@ squares; the slope gives the growth per year (10**slope) and the doubling time
 
 The *frontier* variant fits only models that were among the ``top_k`` largest known at their
 release: a model counts when fewer than ``top_k`` models released in the same month or earlier
-exceed it (``top_k=1`` is the running maximum, i.e. record-setters). This follows how
-Epoch AI tracks frontier compute, though their table is far larger than this one.
+exceed it (``top_k=1`` is the running maximum, i.e. record-setters). This is similar in
+spirit to Epoch AI's "top models at release" view of the frontier, on a far smaller table.
 
 Reference rates from the literature are data, kept in ``REFERENCE_RATES`` with their sources,
 and are never fitted here.
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from moorelm.atomic import atomic_write_bytes
 from moorelm.errors import MoorelmError
 
 LOG10_2 = math.log10(2.0)
@@ -446,7 +447,6 @@ def plot_trends(path: str | Path, landmarks: Sequence[Landmark] | None = None, *
     fits = fit_landmark_trends(lms, top_k=top_k)
     moore = reference_rate("moore")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     fig, axes = plt.subplots(3, 1, figsize=(10, 13), sharex=True)
     for ax, (q, title) in zip(axes, QUANTITIES.items()):
@@ -479,9 +479,15 @@ def plot_trends(path: str | Path, landmarks: Sequence[Landmark] | None = None, *
         ax.set_ylabel(title)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
+    # Room on the right for the names of the latest models.
+    all_years = [lm.year for lm in lms]
+    axes[-1].set_xlim(min(all_years) - 0.2, max(all_years) + 0.6)
     axes[-1].set_xlabel("Release date (year)")
     fig.suptitle("Landmark language models over time", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Fixed margins: tight_layout would measure every annotation in an extra pass.
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.95, bottom=0.05, hspace=0.08)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # a killed run leaves the old PNG, not half a new one
     return path
