@@ -12,6 +12,11 @@
 The split is by document (every k-th document goes to val, k = round(1/val_frac)) when the
 corpus has enough documents, else by position (the last val_frac of the tokens).
 
+Preparing streams: documents are read in chunks, tokenized by ``workers`` processes and
+written in corpus order (the same bytes for any number of workers), with memory bounded by
+the task size, not the corpus. A killed prepare resumes from ``DATA.preparing/progress.json``
+when run again with the same arguments.
+
 ``TokenData`` opens the shards with ``np.memmap``, so corpora larger than RAM work, and draws
 windows with a random generator keyed by (seed, step): the batch of a step is a pure function
 of the step, which makes resume exact and lets data-parallel ranks take disjoint slices of the
@@ -20,10 +25,15 @@ same global batch.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
+import multiprocessing as mp
 import os
 import shutil
+import sys
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +44,7 @@ from tqdm.auto import tqdm
 
 from moorelm.corpus import Corpus, load_corpus
 from moorelm.errors import MoorelmError
-from moorelm.tokenizer import Tokenizer
+from moorelm.tokenizer import PIECE_CHARS, Tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -60,20 +70,37 @@ def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _fingerprint(corpus: Corpus, opts: PrepareOptions) -> str:
-    return f"{corpus.fingerprint}-{json.dumps(opts.key(), sort_keys=True)}"
+def _fingerprint(corpus: Corpus, opts: PrepareOptions, tokenizer: Tokenizer | None = None) -> str:
+    fp = f"{corpus.fingerprint}-{json.dumps(opts.key(), sort_keys=True)}"
+    if tokenizer is not None:  # a given tokenizer replaces the trained one: its identity counts
+        fp += "-tok" + hashlib.sha256(tokenizer.to_json().encode("utf-8")).hexdigest()[:12]
+    return fp
+
+
+def dataset_fingerprint(corpus: Corpus, options: PrepareOptions = PrepareOptions()) -> str:
+    """The manifest fingerprint ``prepare`` writes for this corpus and these options."""
+    return _fingerprint(corpus, options)
 
 
 class _ShardWriter:
-    """Appends token ids to numbered shard files of one split."""
+    """Appends token ids to numbered shard files of one split.
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    ``shards`` (from a progress record) continues an interrupted prepare: the last shard,
+    already truncated to its recorded length, is appended to until it is full.
+    """
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int,
+                 shards: list[dict] | None = None):
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
-        self.shards: list[dict] = []
+        self.shards: list[dict] = [dict(s) for s in shards or []]
         self._f = None
         self._n = 0
 
     def _open(self) -> None:
+        if self.shards and self.shards[-1]["tokens"] < self.shard_tokens:
+            self._f = open(self.folder / self.shards[-1]["file"], "ab")
+            self._n = self.shards[-1]["tokens"]
+            return
         name = f"{self.split}-{len(self.shards):05d}.bin"
         self._f = open(self.folder / name, "wb")
         self.shards.append({"file": name, "tokens": 0})
@@ -102,6 +129,26 @@ class _ShardWriter:
         return sum(s["tokens"] for s in self.shards)
 
 
+# ----------------------------------------------------------------------------- prepare
+#
+# One pass over the corpus, in order: the main process reads documents and groups their
+# chunks into tasks of ~TASK_CHARS characters; workers tokenize tasks; the main process
+# writes the results in task order. Output is therefore byte-identical for any number of
+# workers, and memory stays bounded (at most 2 tasks per worker are in flight).
+#
+# Resume: DATA.preparing/progress.json records, every PROGRESS_TOKENS tokens, how many tasks
+# are written and each shard's length (after an fsync). A rerun truncates the shards to
+# those lengths, deletes shard files it does not list, skips the finished tasks (reading,
+# not tokenizing them) and carries on. Phases: tokenize -> tokenized -> split -> done.
+
+TASK_CHARS = 1 << 22  # text per unit of work handed to a worker (~4 MB)
+PROGRESS_TOKENS = 1 << 25  # tokens written between progress records
+TAIL_BLOCK = 1 << 20  # tokens copied at a time when the positional split moves the tail
+PROGRESS = "progress.json"
+SPLITS = ("train", "val")
+_TOK: Tokenizer | None = None  # the tokenizer of this (worker) process
+
+
 def prepare(
     corpus: Corpus | str | None,
     out_dir: str | Path,
@@ -109,14 +156,23 @@ def prepare(
     *,
     progress: bool = True,
     shard_tokens: int = SHARD_TOKENS,
+    workers: int = 1,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """Tokenize ``corpus`` into ``out_dir``; returns the folder. Reuses a matching one."""
+    """Tokenize ``corpus`` into ``out_dir``; returns the folder. Reuses a matching one.
+
+    ``workers`` processes tokenize in parallel (same output as one). A killed prepare picks
+    up where its last progress record left off when run again with the same arguments.
+    ``tokenizer`` skips training one (e.g. a run's tokenizer, to prepare new text for it).
+    """
     if not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus)
     if not 0.0 < options.val_frac < 0.5:
         raise MoorelmError(f"val fraction must be in (0, 0.5), got {options.val_frac}")
+    if not isinstance(workers, int) or workers < 1:
+        raise MoorelmError(f"workers must be an integer >= 1, got {workers}")
     out = Path(out_dir)
-    fp = _fingerprint(corpus, options)
+    fp = _fingerprint(corpus, options, tokenizer)
     existing = read_manifest(out, missing_ok=True)
     if existing is not None and existing.get("fingerprint") == fp:
         return out
@@ -124,39 +180,33 @@ def prepare(
     # Build in a temp folder next to the target, then swap it in: a killed prepare never
     # leaves a half-written dataset that looks complete.
     tmp = out.with_name(out.name + ".preparing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    def sample_text() -> Iterator[str]:
-        seen = 0
-        for chunk in corpus.iter_text():
-            yield chunk
-            seen += len(chunk)
-            if seen >= TOKENIZER_SAMPLE_CHARS:
-                return
-
-    tok = Tokenizer.train(sample_text(), options.tokenizer, options.vocab_size)
-    tok.save(tmp / "tokenizer.json")
+    state = _read_progress(tmp, fp)
+    if state is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tok = tokenizer or Tokenizer.train(_sample_text(corpus), options.tokenizer, options.vocab_size)
+        tok.save(tmp / "tokenizer.json")
+        state = {"fingerprint": fp, "phase": "tokenize", "tasks_done": 0,
+                 "shards": {s: [] for s in SPLITS}, "bytes": {s: 0 for s in SPLITS}}
+        _write_progress(tmp, state)
+    else:
+        tok = Tokenizer.load(tmp / "tokenizer.json")
     dtype = _dtype_for(tok.vocab_size)
-    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-    nbytes = {"train": 0, "val": 0}
+    _restore_files(tmp, state, dtype)
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens, state["shards"][s]) for s in SPLITS}
     k = max(2, round(1 / options.val_frac))
-    eot = np.array([tok.eot_id], dtype=np.int64)
-    bar = tqdm(total=corpus.approx_bytes(), unit="B", unit_scale=True, desc="tokenizing",
-               disable=not progress, leave=False)
-    for i, doc in enumerate(corpus.documents):
-        split = "val" if (not corpus.positional_split and i % k == k - 1) else "train"
-        for ids, nb in _encode_chunks(tok, doc.chunks()):
-            writers[split].write(np.asarray(ids, dtype=np.int64))
-            nbytes[split] += nb
-            bar.update(nb)
-        writers[split].write(eot)
-    bar.close()
-    for w in writers.values():
-        w.close()
 
-    if corpus.positional_split or writers["val"].tokens == 0:
-        _move_tail_to_val(tmp, writers, nbytes, options.val_frac, dtype, tok)
+    if state["phase"] == "tokenize":
+        _tokenize(corpus, tok, writers, state, tmp, k, workers, progress)
+        state["phase"] = "tokenized"
+        _write_progress(tmp, state)
+    if state["phase"] == "tokenized":
+        if corpus.positional_split or writers["val"].tokens == 0:
+            _copy_tail_to_val(tmp, writers, state["bytes"], options.val_frac, dtype, tok)
+        state["phase"] = "split"
+        _record(state, writers)
+        _write_progress(tmp, state)
+    _restore_files(tmp, state, dtype)  # drops the train tail copied to val
 
     manifest = {
         "format": FORMAT_VERSION,
@@ -164,16 +214,17 @@ def prepare(
         "corpus": corpus.description,
         "documents": len(corpus.documents),
         "split": "position" if corpus.positional_split else f"document (every {k}th to val)",
-        "tokenizer": options.tokenizer,
+        "tokenizer": tokenizer.kind if tokenizer else options.tokenizer,
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
         "splits": {
-            s: {"tokens": w.tokens, "bytes": nbytes[s], "shards": w.shards}
-            for s, w in writers.items()
+            s: {"tokens": writers[s].tokens, "bytes": state["bytes"][s], "shards": writers[s].shards}
+            for s in SPLITS
         },
     }
     from moorelm.atomic import atomic_write_text
 
+    (tmp / PROGRESS).unlink()
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -181,62 +232,215 @@ def prepare(
     return out
 
 
-def _encode_chunks(tok: Tokenizer, chunks: Iterator[str]) -> Iterator[tuple[list[int], int]]:
-    """(ids, utf-8 bytes) per group of chunks, encoded in batches."""
-    group: list[str] = []
+def _sample_text(corpus: Corpus) -> Iterator[str]:
+    """The corpus text, streamed, up to TOKENIZER_SAMPLE_CHARS (what the tokenizer learns on)."""
+    seen = 0
+    for chunk in corpus.iter_text():
+        yield chunk
+        seen += len(chunk)
+        if seen >= TOKENIZER_SAMPLE_CHARS:
+            return
+
+
+def _read_progress(tmp: Path, fp: str) -> dict | None:
+    """The progress record of an interrupted prepare of the same data, else None."""
+    try:
+        state = json.loads((tmp / PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if state.get("fingerprint") != fp or not (tmp / "tokenizer.json").exists():
+        return None
+    return state
+
+
+def _record(state: dict, writers: dict[str, _ShardWriter]) -> None:
+    for w in writers.values():
+        w.close()  # flushed and fsynced before the record claims their lengths
+        state["shards"][w.split] = [dict(s) for s in w.shards]
+
+
+def _write_progress(tmp: Path, state: dict) -> None:
+    from moorelm.atomic import atomic_write_text
+
+    atomic_write_text(tmp / PROGRESS, json.dumps(state, indent=1) + "\n")
+
+
+def _restore_files(tmp: Path, state: dict, dtype: np.dtype) -> None:
+    """Make the shard files exactly what ``state`` records: truncate longer ones (writes
+    after the last record), delete unlisted ones."""
+    listed = set()
+    for split in SPLITS:
+        for s in state["shards"][split]:
+            path = tmp / s["file"]
+            size = s["tokens"] * dtype.itemsize
+            if not path.exists() or path.stat().st_size < size:
+                raise MoorelmError(f"{path} is shorter than its progress record says; delete "
+                                   f"{tmp} and prepare again")
+            if path.stat().st_size > size:
+                os.truncate(path, size)
+            listed.add(s["file"])
+    for path in tmp.glob("*.bin"):
+        if path.name not in listed:
+            path.unlink()
+
+
+def _tasks(corpus: Corpus, k: int) -> Iterator[list[tuple[str, str, bool]]]:
+    """Lists of (split, text, ends_document) of about TASK_CHARS characters, in corpus order."""
+    task: list[tuple[str, str, bool]] = []
     size = 0
-    for chunk in chunks:
-        group.append(chunk)
-        size += len(chunk)
-        if size >= 1 << 22:
-            yield _encode_group(tok, group)
-            group, size = [], 0
-    if group:
-        yield _encode_group(tok, group)
+    for i, doc in enumerate(corpus.documents):
+        split = "val" if (not corpus.positional_split and i % k == k - 1) else "train"
+        pending: str | None = None  # hold one chunk back to know which one ends the document
+        for chunk in doc.chunks():
+            if pending is not None:
+                task.append((split, pending, False))
+                size += len(pending)
+                if size >= TASK_CHARS:
+                    yield task
+                    task, size = [], 0
+            pending = chunk
+        task.append((split, pending or "", True))
+        size += len(pending or "")
+        if size >= TASK_CHARS:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
 
 
-def _encode_group(tok: Tokenizer, group: list[str]) -> tuple[list[int], int]:
-    ids: list[int] = []
-    for piece in tok.iter_encode(group):
-        ids.extend(piece)
-    return ids, sum(len(c.encode("utf-8")) for c in group)
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
-def _move_tail_to_val(folder: Path, writers: dict, nbytes: dict, val_frac: float,
-                      dtype: np.dtype, tok: Tokenizer) -> None:
-    """Positional split: the last val_frac of the train tokens become the val split."""
+def _encode_task(task: list[tuple[str, str, bool]]) -> list[tuple[str, np.ndarray, int, bool]]:
+    """Tokenize one task with this process's tokenizer: (split, ids, utf-8 bytes, ends_doc)."""
+    tok = _TOK
+    assert tok is not None
+    dtype = _dtype_for(tok.vocab_size)
+    texts = [t for _, t, _ in task]
+    ids: list[list[int] | None] = [None] * len(texts)
+    short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]  # batch the short ones
+    for i, r in zip(short, tok.encode_batch([texts[i] for i in short])):
+        ids[i] = r
+    for i, t in enumerate(texts):
+        if ids[i] is None:
+            ids[i] = tok.encode(t)
+    return [(split, np.asarray(r, dtype=dtype), _utf8_len(t), ends)
+            for (split, t, ends), r in zip(task, ids)]
+
+
+def _init_worker(tokenizer_json: str, kind: str) -> None:
+    global _TOK
+    from tokenizers import Tokenizer as HFTokenizer
+
+    _TOK = Tokenizer(HFTokenizer.from_str(tokenizer_json), kind)
+    if sys.platform.startswith("linux"):  # die with the parent, even if it is SIGKILLed
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _encoded(tasks: Iterator, tok: Tokenizer, workers: int) -> Iterator[list]:
+    """``_encode_task`` over ``tasks``, in order, by ``workers`` processes."""
+    global _TOK
+    if workers == 1:
+        _TOK = tok
+        for task in tasks:
+            yield _encode_task(task)
+        return
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.to_json(), tok.kind)) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(_encode_task, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _tokenize(corpus: Corpus, tok: Tokenizer, writers: dict[str, _ShardWriter], state: dict,
+              tmp: Path, k: int, workers: int, progress: bool) -> None:
+    eot = np.array([tok.eot_id], dtype=np.int64)
+    nbytes = state["bytes"]
+    bar = tqdm(total=corpus.approx_bytes(), initial=sum(nbytes.values()), unit="B",
+               unit_scale=True, desc="tokenizing", disable=not progress, leave=False)
+    tasks = itertools.islice(_tasks(corpus, k), state["tasks_done"], None)
+    since = 0
+    try:
+        for result in _encoded(tasks, tok, workers):
+            for split, ids, nb, ends in result:
+                writers[split].write(ids)
+                if ends:
+                    writers[split].write(eot)
+                nbytes[split] += nb
+                since += len(ids)
+                bar.update(nb)
+            state["tasks_done"] += 1
+            if since >= PROGRESS_TOKENS:
+                _record(state, writers)
+                _write_progress(tmp, state)
+                since = 0
+    finally:
+        bar.close()
+    _record(state, writers)
+
+
+def _copy_tail_to_val(folder: Path, writers: dict[str, _ShardWriter], nbytes: dict,
+                      val_frac: float, dtype: np.dtype, tok: Tokenizer) -> None:
+    """Positional split: the last val_frac of the train tokens become the val split.
+
+    The tail is copied block by block (bounded memory); the train shard list is cut, and the
+    caller truncates the files only once the new lists are recorded, so a kill in between
+    leaves both the old and the new state recoverable.
+    """
     train = writers["train"]
-    total = train.tokens
-    n_val = int(total * val_frac)
+    n_val = int(train.tokens * val_frac)
     if n_val == 0:
         return
-    keep = total - n_val
-    tail_parts = []
-    pos = 0
-    new_shards = []
+    keep = train.tokens - n_val
+    byte_len = _token_byte_lengths(tok)
+    tail_bytes, pos, new_shards = 0, 0, []
     for s in train.shards:
-        path = folder / s["file"]
         n = s["tokens"]
         if pos + n <= keep:
             new_shards.append(s)
         else:
-            arr = np.fromfile(path, dtype=dtype)
             cut = max(0, keep - pos)
-            tail_parts.append(arr[cut:].copy())
+            arr = np.memmap(folder / s["file"], dtype=dtype, mode="r")
+            for b in range(cut, n, TAIL_BLOCK):
+                block = np.asarray(arr[b : min(n, b + TAIL_BLOCK)])
+                writers["val"].write(block)
+                tail_bytes += int(byte_len[block].sum())
+            del arr
             if cut:
-                with open(path, "r+b") as f:
-                    f.truncate(cut * dtype.itemsize)
                 new_shards.append({"file": s["file"], "tokens": cut})
-            else:
-                path.unlink()
         pos += n
-    tail = np.concatenate(tail_parts)
-    train.shards[:] = new_shards
-    tail_bytes = tok.token_bytes(tail.tolist())
-    nbytes["train"] -= tail_bytes
-    writers["val"].write(tail.astype(np.int64))
     writers["val"].close()
+    train.shards[:] = new_shards
+    nbytes["train"] -= tail_bytes
     nbytes["val"] += tail_bytes
+
+
+def _token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (special tokens: 0), for moorelm's tokenizers."""
+    lengths = np.zeros(tok.vocab_size, dtype=np.int64)
+    specials = {t.content for t in tok.hf.get_added_tokens_decoder().values() if t.special}
+    for text, i in tok.hf.get_vocab(with_added_tokens=True).items():
+        if text in specials:
+            continue
+        if tok.kind == "bpe":
+            lengths[i] = len(text)  # byte-level alphabet: one character per byte
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            lengths[i] = 1  # a byte-fallback token
+        else:
+            lengths[i] = len(text.encode("utf-8"))
+    return lengths
 
 
 def read_manifest(folder: str | Path, missing_ok: bool = False) -> dict | None:

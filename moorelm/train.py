@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 from moorelm import checkpoint as ckpt
 from moorelm.config import ModelConfig, TrainConfig, build_configs, with_vocab
 from moorelm.corpus import load_corpus
-from moorelm.data import PrepareOptions, TokenData, bits_per_byte, default_data_dir, prepare
+from moorelm.data import (
+    PrepareOptions,
+    TokenData,
+    bits_per_byte,
+    dataset_fingerprint,
+    default_data_dir,
+    prepare,
+    read_manifest,
+)
 from moorelm.device import (
     autocast,
     choose_precision,
@@ -514,8 +522,10 @@ def prepare_data(corpus: str | None, tokenizer: str = "char", vocab_size: int = 
     if int(os.environ.get("RANK", "0")) == 0:
         prepare(c, folder, opts, progress=progress)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # other ranks wait until rank 0 has written the dataset
-        while not (folder / "manifest.json").exists():
+        # other ranks wait until rank 0 has written this dataset (an older one in the same
+        # folder has another fingerprint)
+        fp = dataset_fingerprint(c, opts)
+        while (read_manifest(folder, missing_ok=True) or {}).get("fingerprint") != fp:
             time.sleep(0.2)
     return TokenData(folder)
 

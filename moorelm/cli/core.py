@@ -122,13 +122,15 @@ def cmd_prepare(args) -> int:
     from moorelm.corpus import load_corpus
     from moorelm.data import PrepareOptions, prepare
 
+    if args.workers < 1:
+        raise MoorelmError(f"--workers must be >= 1, got {args.workers}")
     kw = {"text_field": args.text_field, "plays": _plays(args)}
     if _exts(args):
         kw["extensions"] = _exts(args)
     c = load_corpus(args.corpus, **kw)
     opts = PrepareOptions(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_frac=args.val_frac)
     t0 = time.time()
-    out = prepare(c, args.out, opts, progress=not args.quiet)
+    out = prepare(c, args.out, opts, progress=not args.quiet, workers=args.workers)
     from moorelm.data import read_manifest
 
     m = read_manifest(out)
@@ -231,6 +233,9 @@ def add_parser(sub) -> None:
     add_corpus_flags(p)
     add_tokenizer_flags(p)
     p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenizing processes (default 1; the output is the same for any number). "
+                   "A killed prepare resumes when run again with the same flags")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
