@@ -84,9 +84,7 @@ def main() -> None:
         for kind in args.tokenizer.split(","):
             corpus = load_corpus(big)
             t0 = time.perf_counter()
-            from moorelm.data import _sample_text
-
-            tok = Tokenizer.train(_sample_text(corpus), kind, args.vocab_size)
+            tok = Tokenizer.train(corpus.iter_text(), kind, args.vocab_size)
             print(f"\n[{kind}] tokenizer trained in {time.perf_counter() - t0:.1f}s "
                   f"({tok.vocab_size} tokens); tokenize + write pass:")
             for layout in args.layouts.split(","):
