@@ -284,6 +284,10 @@ def train(
     if last is not None:  # full weights go in before the model is moved or sharded
         ckpt.load_weights(model, ckpt.read_tensors(last / "model.safetensors"), last)
     sharded = cfg.fsdp and d.world > 1
+    if sharded and precision.use_scaler:
+        # fp16 loss scaling must agree across shards on overflow; not wired up for FSDP2
+        raise MoorelmError("--fsdp does not support fp16 (loss scaling); use --dtype bf16 "
+                           "(GPUs since Ampere) or --dtype fp32")
     if cfg.fsdp and not sharded and not resume:
         warnings.warn("--fsdp shards across processes; with one process it has no effect "
                       "(launch with torchrun --nproc_per_node=N)", stacklevel=2)
