@@ -23,11 +23,11 @@ __version__ = "0.1.0"
 
 
 def load(run: str | Path, device: str = "auto") -> LanguageModel:
-    """The newest checkpoint of a run folder, ready to generate."""
-    from moorelm.checkpoint import load_model
+    """The newest checkpoint of a run folder, ready to generate (LoRA adapters merged in)."""
     from moorelm.device import resolve_device
+    from moorelm.finetune.lora import load_model_with_adapters
 
-    model, tokenizer, cfg, state = load_model(run, device=resolve_device(device))
+    model, tokenizer, cfg, state = load_model_with_adapters(run, device=resolve_device(device))
     return LanguageModel(model, tokenizer, Path(run), meta={"config": cfg, "state": state})
 
 

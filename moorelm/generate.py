@@ -8,7 +8,9 @@ The pieces, from pure to stateful:
 - ``TextStreamer``: turns a stream of token ids into printable text pieces without ever
   splitting a multi-byte character;
 - ``LanguageModel`` (what ``moorelm.load`` returns): model + tokenizer, ``generate(prompt)``
-  yields text as it is produced.
+  yields text as it is produced; ``format_prompt(text)`` wraps user text in the run's prompt
+  template (stored by fine-tuning in config.json as ``prompt_template``, see
+  ``apply_template``), the one place the CLI and the server turn a request into model input.
 
 The server's engine reuses these functions; it does not have its own sampler.
 """
@@ -146,6 +148,30 @@ def generate_tokens(
         model.train(was_training)
 
 
+PROMPT_PLACEHOLDER = "{prompt}"
+
+
+def check_template(template: str) -> str:
+    """A prompt template must hold the placeholder ``{prompt}`` exactly once."""
+    if not isinstance(template, str) or template.count(PROMPT_PLACEHOLDER) != 1:
+        raise MoorelmError(
+            f"prompt template {template!r} must contain {PROMPT_PLACEHOLDER} exactly once, "
+            f"e.g. 'Q: {PROMPT_PLACEHOLDER}\\nA: '"
+        )
+    return template
+
+
+def apply_template(template: str | None, text: str) -> str:
+    """``template`` with ``{prompt}`` replaced by ``text`` (``text`` itself when no template).
+
+    Plain replacement, not ``str.format``: braces in the user's text or elsewhere in the
+    template stay as they are.
+    """
+    if template is None:
+        return text
+    return template.replace(PROMPT_PLACEHOLDER, text, 1)
+
+
 class TextStreamer:
     """Token ids in, text out, never splitting a multi-byte UTF-8 character."""
 
@@ -178,6 +204,8 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.run_dir = run_dir
         self.meta = meta or {}
+        # set by fine-tuning (moorelm.finetune.sft); None for pretrained runs
+        self.prompt_template: str | None = (self.meta.get("config") or {}).get("prompt_template")
 
     @property
     def config(self):
@@ -186,6 +214,10 @@ class LanguageModel:
     @property
     def device(self) -> torch.device:
         return self.model.wte.weight.device
+
+    def format_prompt(self, user_text: str) -> str:
+        """User text as the model saw prompts in fine-tuning (unchanged without a template)."""
+        return apply_template(self.prompt_template, user_text)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt -> ids, left-truncated (with a warning) to leave room for one new token."""

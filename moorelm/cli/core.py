@@ -182,12 +182,14 @@ def cmd_generate(args) -> int:
     if args.num_samples < 1:
         raise MoorelmError(f"--num-samples must be >= 1, got {args.num_samples}")
     lm = moorelm.load(args.run, device=args.device)
+    # a fine-tuned run's prompt template applies unless --no-template
+    prompt = lm.format_prompt(args.prompt) if args.template else args.prompt
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
         seed = None if args.seed is None else args.seed + i
-        sys.stdout.write(args.prompt)
-        pieces = lm.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+        sys.stdout.write(prompt)
+        pieces = lm.generate(prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              seed=seed)
         if args.stream:
@@ -272,6 +274,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--template", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap --prompt in the run's prompt template (fine-tuned runs; default on)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they are produced (default on)")
     p.add_argument("--device", default="auto")

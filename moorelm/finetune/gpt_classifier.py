@@ -1,0 +1,416 @@
+"""Text classification on moorelm's own GPTs: the pretrained trunk plus a linear head.
+
+    finetune_gpt_classifier("runs/base", "train.csv", "runs/clf")   # a moorelm run folder
+    classify_gpt("runs/clf", ["a text", ...])   # [{"label": ..., "score": ...}, ...]
+
+The model (``GPTClassifier``)::
+
+    text -> ids + <|endoftext|> -> GPT blocks -> final norm -> hidden (B, T, C)
+         -> pool -> score (Linear C -> K) -> logits (B, K)
+
+Pooling ``last`` (default) takes the hidden state of the last real token. Every text is
+followed by the end-of-text token, so that token is always the one pooled: in pretraining it
+closes every document, and it has attended to the whole text. ``mean`` averages the hidden
+states of the text's tokens instead. Batches are right-padded; attention is causal, so padding
+after a token never changes that token's hidden state and no padding mask is needed.
+
+The trunk is ``moorelm.model.GPT`` itself: a forward hook on its final norm catches the hidden
+states while ``GPT.forward`` runs with ``last_only=True`` (so the language-model head costs a
+single position), rather than a second copy of the forward pass.
+
+Training is a small plain loop, not ``moorelm.train.train``: that loop trains a language model
+on token windows and builds its own ``GPT``; a classifier needs a head, one label per
+variable-length text, and evaluation by macro-F1 each epoch that keeps the best state and
+stops early. It reuses moorelm's AdamW parameter groups and warmup + cosine schedule, and
+``classify.py``'s data reading and checks, splits and metrics, so the inputs, the checks and
+the returned summary are those of the Hugging Face backend (``finetune_classifier``).
+
+The output is a moorelm run folder: config.json (``"model"`` and a ``"classifier"`` section
+with labels, pooling and max_length), tokenizer.json, checkpoints/step-N/model.safetensors
+(the trunk's tensors plus ``score.weight``/``score.bias``), metrics.json and
+confusion_matrix.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moorelm import checkpoint as ckpt
+from moorelm.config import ModelConfig, TrainConfig
+from moorelm.device import resolve_device
+from moorelm.errors import MoorelmError
+from moorelm.finetune.classify import (
+    CONFUSION_FILE,
+    METRICS_FILE,
+    TruncationWarning,
+    check_label_sets,
+    classification_metrics,
+    format_balance,
+    format_summary,
+    label_maps,
+    label_names,
+    read_labeled,
+    save_confusion_png,
+    stratified_sample,
+    stratified_split,
+    truncation_message,
+)
+from moorelm.finetune.lora import plain_weights
+from moorelm.model import GPT
+from moorelm.optim import build_optimizer, decay_progress, lr_multiplier
+from moorelm.tokenizer import Tokenizer
+
+POOLINGS = ("last", "mean")
+
+
+def is_moorelm_run(path: str | os.PathLike | None) -> bool:
+    """True for a moorelm run folder (config.json with a "model" section), e.g. to choose
+    between this backend and the Hugging Face one."""
+    if path is None:
+        return False
+    cfg = Path(path) / ckpt.CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        return "model" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+class GPTClassifier(nn.Module):
+    """A GPT trunk with a linear classification head on a pooled hidden state."""
+
+    def __init__(self, gpt: GPT, n_labels: int, pooling: str = "last"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise MoorelmError(f"pooling {pooling!r} is not valid; choose one of: {', '.join(POOLINGS)}")
+        self.gpt = gpt
+        self.pooling = pooling
+        self.score = nn.Linear(gpt.config.n_embd, n_labels)
+        nn.init.normal_(self.score.weight, std=gpt.config.init_std)
+        nn.init.zeros_(self.score.bias)
+        self._hidden: torch.Tensor | None = None
+        gpt.ln_f.register_forward_hook(self._keep_hidden)
+
+    def _keep_hidden(self, module, inputs, output) -> None:
+        self._hidden = output
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) right-padded, lengths (B,) real tokens per row -> logits (B, K)."""
+        self.gpt(idx, last_only=True)
+        h, self._hidden = self._hidden, None  # (B, T, C)
+        if self.pooling == "last":
+            pooled = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, C)
+        else:
+            keep = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None])  # (B, T)
+            pooled = (h * keep[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
+        return self.score(pooled)
+
+
+def _encode(tok: Tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids + end-of-text per text, cut to ``max_length``; also the number cut."""
+    out, cut = [], 0
+    for ids in tok.encode_batch(list(texts)):
+        if len(ids) > max_length - 1:
+            ids, cut = ids[: max_length - 1], cut + 1
+        out.append(ids + [tok.eot_id])
+    return out, cut
+
+
+def _batch(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    idx = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return idx.to(device), lengths.to(device)
+
+
+@torch.no_grad()
+def _predict(model: GPTClassifier, rows: list[list[int]], pad: int, device: torch.device,
+             batch_size: int) -> torch.Tensor:
+    """Softmax probabilities (N, K), batching rows of similar length together."""
+    was = model.training
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    probs = torch.empty(len(rows), model.score.out_features)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        idx, lengths = _batch([rows[i] for i in chunk], pad, device)
+        probs[chunk] = model(idx, lengths).float().softmax(-1).cpu()
+    model.train(was)
+    return probs
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def finetune_gpt_classifier(
+    run_dir: str | os.PathLike,
+    train_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    eval_file: str | os.PathLike | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    epochs: float = 3.0,
+    lr: float = 3e-4,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    seed: int = 0,
+    eval_fraction: float = 0.1,
+    early_stopping_patience: int | None = 2,
+    max_train_rows: int | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+    time_limit_s: float | None = None,
+    eval_steps: int | None = None,
+    bf16: bool = False,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.01,
+    pooling: str = "last",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Fine-tune a moorelm run (its newest checkpoint) with a classification head.
+
+    Arguments and the returned metrics mirror ``classify.finetune_classifier``; ``max_length``
+    defaults to the model's context length (texts are cut to it, end-of-text included, and
+    counted in one warning). Evaluation runs each epoch (or every ``eval_steps``); the best
+    state by macro-F1 is saved. All parameters are trained (AdamW, warmup then cosine to
+    lr/10; weight decay on the hidden matrices).
+    """
+    if batch_size < 1 or epochs <= 0 or lr <= 0:
+        raise MoorelmError("batch_size must be positive, epochs and lr > 0")
+    if pooling not in POOLINGS:
+        raise MoorelmError(f"pooling {pooling!r} is not valid; choose one of: {', '.join(POOLINGS)}")
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MoorelmError(f"{out} exists and is not a folder")
+    if out.exists() and out.resolve() == run_dir.resolve():
+        raise MoorelmError(f"--out {out} is the base run itself; choose a new folder")
+    if is_moorelm_run(out) and "classifier" not in ckpt.read_run_config(out):
+        raise MoorelmError(f"{out} holds a language-model run; choose a new folder for the classifier")
+
+    # ---- data: every check before any weights are loaded
+    train_all = read_labeled(train_file, text_column, label_column)
+    eval_data = read_labeled(eval_file, text_column, label_column) if eval_file else None
+    names = check_label_sets(train_all, eval_data)
+    train = train_all
+    if eval_data is None:
+        keep, held = stratified_split(train_all.labels, eval_fraction, seed)
+        if not held:
+            raise MoorelmError(f"{train_all.path}: too few rows to hold out an evaluation set; pass eval_file")
+        train, eval_data = train_all.subset(keep), train_all.subset(held)
+        eval_source = f"{eval_fraction:g} of {train_all.path.name} held out (stratified, seed {seed})"
+    else:
+        eval_source = str(eval_data.path)
+    if max_train_rows is not None and len(train) > max_train_rows:
+        if max_train_rows < len(names):
+            raise MoorelmError(f"max_train_rows={max_train_rows} is fewer than the {len(names)} classes")
+        train = train.subset(stratified_sample(train.labels, max_train_rows, seed))
+    if len(label_names(train.labels)) < 2:
+        raise MoorelmError(f"{train_all.path}: after holding out eval rows only one class is left")
+    balance = {"train": train.class_balance(names), "eval": eval_data.class_balance(names)}
+    _say(progress, f"train: {len(train)} rows ({format_balance(balance['train'])})")
+    _say(progress, f"eval:  {len(eval_data)} rows ({format_balance(balance['eval'])})")
+
+    # ---- base model
+    base_cfg, tensors, base_ck = plain_weights(run_dir)
+    if "classifier" in base_cfg:
+        raise MoorelmError(f"{run_dir} is already a classifier; start from a language-model run")
+    model_cfg = ModelConfig.from_dict(base_cfg["model"])
+    max_length = max_length or model_cfg.seq_len
+    if not 2 <= max_length <= model_cfg.seq_len:
+        raise MoorelmError(f"max_length must be between 2 and the model's context length "
+                           f"{model_cfg.seq_len}, got {max_length}")
+    tok = Tokenizer.load(run_dir / ckpt.TOKENIZER)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    gpt = GPT(model_cfg)
+    ckpt.load_weights(gpt, tensors, base_ck / "model.safetensors")
+    model = GPTClassifier(gpt, len(names), pooling).to(dev)
+    _, label2id = label_maps(names)
+
+    train_rows, train_cut = _encode(tok, train.texts, max_length)
+    eval_rows, eval_cut = _encode(tok, eval_data.texts, max_length)
+    for n_cut, n, what in ((train_cut, len(train), "train"), (eval_cut, len(eval_data), "eval")):
+        if n_cut:
+            warnings.warn(truncation_message(n_cut, n, max_length, what), TruncationWarning, stacklevel=2)
+    y_train = [label2id[y] for y in train.labels]
+    y_eval = [label2id[y] for y in eval_data.labels]
+
+    # ---- the loop
+    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+    total = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    every = eval_steps or steps_per_epoch
+    tcfg = TrainConfig(optimizer="adamw", lr=lr, min_lr=lr / 10, weight_decay=weight_decay,
+                       warmup_steps=int(warmup_ratio * total), schedule="cosine", max_steps=total)
+    opt = build_optimizer(model, tcfg, dev.type)
+    use_bf16 = bf16 and dev.type == "cuda"
+    rng = random.Random(seed)
+    order: list[int] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    evals_since_best, step, stopped_early, time_hit = 0, 0, False, False
+    started = time.perf_counter()
+    model.train()
+    while step < total:
+        if not order:
+            order = list(range(len(train_rows)))
+            rng.shuffle(order)
+        chunk, order = order[:batch_size], order[batch_size:]
+        opt.set_lr(lr_multiplier(step, decay_progress(step, 0, 0.0, tcfg, 0), tcfg))
+        idx, lengths = _batch([train_rows[i] for i in chunk], tok.eot_id, dev)
+        labels = torch.tensor([y_train[i] for i in chunk], device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = F.cross_entropy(model(idx, lengths).float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        time_hit = time_limit_s is not None and time.perf_counter() - started >= time_limit_s
+        if step % every == 0 or step == total or time_hit:
+            pred = _predict(model, eval_rows, tok.eot_id, dev, max(batch_size, 64)).argmax(-1)
+            f1 = classification_metrics(y_eval, pred.tolist(), names)["macro_f1"]
+            _say(progress, f"step {step}/{total}: loss {float(loss.detach()):.4f}, eval macro-F1 {f1:.4f}")
+            if best is None or f1 > best[0]:
+                best = (f1, step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                evals_since_best = 0
+            else:
+                evals_since_best += 1
+                if early_stopping_patience and evals_since_best >= early_stopping_patience:
+                    stopped_early = True
+                    break
+            if time_hit:
+                break
+    train_time = time.perf_counter() - started
+    assert best is not None
+    model.load_state_dict(best[2])
+
+    # ---- save the best state as a run folder, then score it
+    probs = _predict(model, eval_rows, tok.eot_id, dev, max(batch_size, 64))
+    metrics = classification_metrics(y_eval, probs.argmax(-1).tolist(), names)
+    config = {
+        "model": model_cfg.to_dict(),
+        "classifier": {"labels": names, "pooling": pooling, "max_length": max_length,
+                       "text_column": train.text_column},
+        "finetune": {"method": "classifier", "base_run": str(run_dir.resolve()),
+                     "base_step": ckpt.read_state(base_ck)["step"]},
+        "params": {"total": sum(p.numel() for p in model.parameters())},
+    }
+    ckpt.write_run_files(out, config, tok)
+    weights = {**ckpt.model_state(model.gpt),
+               **{f"score.{k}": v.detach().cpu().contiguous() for k, v in model.score.state_dict().items()}}
+    ckpt.save_checkpoint(out, best[1], weights, {"tokens": 0, "elapsed": train_time,
+                                                 "best_macro_f1": best[0]})
+    result: dict[str, Any] = {
+        "task": "text-classification",
+        "backend": "moorelm-gpt",
+        "model": str(run_dir),
+        "train_file": str(train_all.path),
+        "eval_file": str(eval_file) if eval_file else None,
+        "eval_source": eval_source,
+        "text_column": train.text_column,
+        "label_column": train.label_column,
+        "labels": names,
+        "rows": {"train": len(train), "eval": len(eval_data), "train_file": len(train_all)},
+        "class_balance": balance,
+        "max_length": max_length,
+        "truncated": {"train": train_cut, "eval": eval_cut},
+        **{k: metrics[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")},
+        "per_class": metrics["per_class"],
+        "confusion_matrix": metrics["confusion_matrix"],
+        "train_time_s": round(train_time, 2),
+        "steps": step,
+        "epochs_run": step / steps_per_epoch,
+        "best_metric_macro_f1": best[0],
+        "best_step": best[1],
+        "stopped_early": stopped_early,
+        "time_limit_hit": time_hit,
+        "hyperparameters": {
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
+            "seed": seed, "eval_fraction": None if eval_file else eval_fraction,
+            "early_stopping_patience": early_stopping_patience, "max_train_rows": max_train_rows,
+            "max_steps": max_steps, "time_limit_s": time_limit_s,
+            "eval_strategy": f"every {eval_steps} steps" if eval_steps else "every epoch",
+            "bf16": use_bf16, "warmup_ratio": warmup_ratio, "weight_decay": weight_decay,
+            "pooling": pooling, "torch_threads": torch.get_num_threads(),
+        },
+        "out_dir": str(out),
+    }
+    metrics_path = out / METRICS_FILE
+    ckpt.atomic_write_json(metrics_path, result)
+    png = save_confusion_png(metrics["confusion_matrix"], names, out / CONFUSION_FILE,
+                             title=f"accuracy {metrics['accuracy']:.3f}, macro-F1 "
+                             f"{metrics['macro_f1']:.3f} ({len(eval_data)} eval rows)")
+    result["metrics_path"] = str(metrics_path)
+    result["confusion_png"] = str(png)
+    _say(progress, format_summary(result))
+    return result
+
+
+def load_gpt_classifier(run_dir: str | os.PathLike, device: str = "auto") -> tuple[GPTClassifier, Tokenizer, dict]:
+    """(classifier in eval mode, tokenizer, run config) of a folder made by
+    ``finetune_gpt_classifier``."""
+    run_dir = Path(run_dir)
+    cfg = ckpt.read_run_config(run_dir)
+    spec = cfg.get("classifier")
+    if not spec:
+        raise MoorelmError(f"{run_dir} is a language-model run, not a classifier; fine-tune one "
+                           "first (moorelm finetune-classifier --model RUN)")
+    last = ckpt.latest_checkpoint(run_dir)
+    tensors = ckpt.read_tensors(last / "model.safetensors")
+    head = {k.split(".", 1)[1]: tensors.pop(k) for k in [k for k in tensors if k.startswith("score.")]}
+    gpt = GPT(ModelConfig.from_dict(cfg["model"]))
+    ckpt.load_weights(gpt, tensors, last / "model.safetensors")
+    model = GPTClassifier(gpt, len(spec["labels"]), spec.get("pooling", "last"))
+    try:
+        model.score.load_state_dict(head)
+    except RuntimeError:
+        raise MoorelmError(f"{last}/model.safetensors has no classification head matching "
+                           f"{len(spec['labels'])} labels") from None
+    return model.to(resolve_device(device)).eval(), Tokenizer.load(run_dir / ckpt.TOKENIZER), cfg
+
+
+def classify_gpt(
+    run_dir: str | os.PathLike,
+    texts: list[str],
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Label each text with a GPT classifier: ``[{"label": str, "score": float}, ...]``, the
+    top label and its softmax probability (as ``classify.classify`` returns)."""
+    if isinstance(texts, str):
+        raise MoorelmError("classify takes a list of texts, not a single string")
+    if batch_size < 1:
+        raise MoorelmError(f"batch_size must be positive, not {batch_size}")
+    model, tok, cfg = load_gpt_classifier(run_dir, device)
+    limit = model.gpt.config.seq_len
+    max_length = min(max_length or cfg["classifier"].get("max_length", limit), limit)
+    rows, _ = _encode(tok, texts, max_length)
+    if not rows:
+        return []
+    probs = _predict(model, rows, tok.eot_id, next(model.parameters()).device, batch_size)
+    score, top = probs.max(-1)
+    labels = cfg["classifier"]["labels"]
+    return [{"label": labels[c], "score": float(s)} for s, c in zip(score.tolist(), top.tolist())]
+
+
+__all__ = ["GPTClassifier", "POOLINGS", "classify_gpt", "finetune_gpt_classifier",
+           "is_moorelm_run", "load_gpt_classifier"]

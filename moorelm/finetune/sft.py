@@ -1,0 +1,552 @@
+"""Prompt -> completion fine-tuning (SFT) of moorelm GPTs, full or with LoRA adapters.
+
+    moorelm finetune RUN --data pairs.jsonl --out DIR [--lora-rank 8] [--max-steps 600]
+
+Data. ``{"prompt": ..., "completion": ...}`` rows in JSON Lines (or CSV/TSV with those two
+columns), read and checked by ``read_pairs``: a missing file, bytes that are not UTF-8, a line
+that is not a JSON object, a row without one of the fields or with a non-string one, and an
+empty completion each stop with one line naming the file and line. A held-out slice (the
+``--eval-data`` file, or ``eval_rows`` rows drawn with a seeded shuffle) gives the validation
+loss during training and the exact-match score at the end.
+
+The prompt template. A prompt reaches the model as ``template`` with ``{prompt}`` replaced by
+the prompt text; the default ``DEFAULT_TEMPLATE`` is ``"{prompt}\\n=> "`` (the prompt, a line
+break, an arrow and a space), so the completion starts on a line of its own after a clear cue.
+The template is stored in the run folder's config.json as ``prompt_template``;
+``LanguageModel.format_prompt`` (what ``moorelm generate`` and the server use) applies it, so
+a fine-tuned run is prompted exactly as it was trained.
+
+Examples and the loss. Each example is ``tokens(template(prompt)) + tokens(completion) +
+<|endoftext|>``: the formatted prompt is tokenized on its own, as it will be at inference, and
+the completion after it. Targets are -1 (ignored by the loss) on every prompt token, so only
+completion tokens and the closing end-of-text token are learned; generation then knows when to
+stop. An empty prompt becomes a single end-of-text token (what ``LanguageModel`` feeds for an
+empty prompt). An example longer than the context window (``seq_len + 1`` tokens) is cut:
+the prompt loses tokens from its start (down to half the window when the completion is long),
+then the completion from its end; the count is reported in one warning.
+
+Packing. Whole examples are packed, in a seeded random order, into rows of ``seq_len + 1``
+tokens; an example never straddles two rows and the tail of a row is padded with end-of-text
+tokens whose targets are -1. Attention is plain causal attention over the row, so an example
+can see the examples packed before it in the same row, exactly as pretraining sees the
+previous documents; the end-of-text token between them marks the boundary. (A per-example
+block-diagonal mask would isolate them but needs a mask per row; with short examples the
+shared context costs nothing measurable here.)
+
+Training reuses ``moorelm.train.train`` unchanged: ``SFTData`` has ``TokenData``'s sampling
+interface (rows of an epoch come in a permutation keyed by (seed, epoch), so the batch of a
+step is a pure function of the step and ``--resume`` is exact), the base run's weights are the
+initial weights, and for LoRA a model hook wraps the target layers and freezes the rest.
+The run folder is an ordinary moorelm run (config.json with a ``finetune`` section,
+``prompt_template`` and, for LoRA, ``lora``; tokenizer.json; checkpoints/) plus
+``finetune.json`` with the final metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moorelm import checkpoint as ckpt
+from moorelm.config import ModelConfig, TrainConfig
+from moorelm.errors import MoorelmError
+from moorelm.finetune.classify import TruncationWarning, read_table
+from moorelm.finetune.lora import (
+    LoRAConfig,
+    apply_lora,
+    finalize_checkpoint,
+    plain_weights,
+    to_training_checkpoint,
+)
+from moorelm.generate import LanguageModel, apply_template, check_template, generate_tokens
+from moorelm.tokenizer import Tokenizer
+from moorelm.train import TrainResult, train
+
+DEFAULT_TEMPLATE = "{prompt}\n=> "
+RESULT_FILE = "finetune.json"
+FIELDS = ("prompt", "completion")
+# Training defaults for fine-tuning (flags override them). AdamW for both methods: Muon's
+# orthogonalised update is meant for full hidden matrices, not rank-r adapter factors.
+SFT_TRAIN: dict[str, Any] = dict(
+    optimizer="adamw", lr=3e-4, warmup_steps=20, schedule="cosine", weight_decay=0.0,
+    decay_embeddings=False, beta1=0.9, beta2=0.99, grad_clip=1.0, batch_size=16,
+    eval_interval=100, log_interval=10, ckpt_interval=500, keep_checkpoints=1,
+)
+LORA_LR = 2e-3  # adapters start at zero and are small: a higher rate than full fine-tuning
+DEFAULT_EPOCHS = 3.0
+DEFAULT_EVAL_ROWS = 200
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    completion: str
+    line: int  # where the row starts in its file (1-based)
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Read and check prompt/completion rows from a .jsonl (or .csv/.tsv) file."""
+    table = read_table(path)  # missing file, folder, non-UTF-8, bad JSON, no rows
+    missing = [f for f in FIELDS if f not in table.columns]
+    if missing:
+        found = ", ".join(repr(c) for c in table.columns) or "none"
+        raise MoorelmError(
+            f"{table.path} has no {' or '.join(repr(m) for m in missing)} field (found: {found}); "
+            'every row needs {"prompt": ..., "completion": ...}'
+        )
+    pairs = []
+    for row, line in zip(table.rows, table.lines):
+        values = []
+        for f in FIELDS:
+            v = row.get(f)
+            if v is None:
+                raise MoorelmError(f"{table.path}, line {line}: the row has no {f!r}; every row "
+                                   'needs both "prompt" and "completion"')
+            if not isinstance(v, str):
+                raise MoorelmError(f"{table.path}, line {line}: {f!r} must be a string, got "
+                                   f"{type(v).__name__} {json.dumps(v)[:40]}")
+            values.append(v)
+        if not values[1].strip():
+            raise MoorelmError(f"{table.path}, line {line}: the completion is empty; fill it in "
+                               "or remove the row")
+        pairs.append(Pair(values[0], values[1], line))
+    return pairs
+
+
+def split_pairs(pairs: list[Pair], eval_rows: int, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """Hold out ``eval_rows`` rows chosen with a seeded shuffle; both parts keep file order."""
+    if not 1 <= eval_rows < len(pairs):
+        raise MoorelmError(
+            f"cannot hold out {eval_rows} of {len(pairs)} rows for evaluation; pass a smaller "
+            "--eval-rows or an --eval-data file"
+        )
+    held = set(np.random.default_rng(seed).permutation(len(pairs))[:eval_rows].tolist())
+    return ([p for i, p in enumerate(pairs) if i not in held],
+            [p for i, p in enumerate(pairs) if i in held])
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+def _example(prompt: list[int], completion: list[int], eot: int,
+             cap: int) -> tuple[list[int], list[bool], bool]:
+    """(tokens, is-target mask, was cut) of one example fitted into ``cap`` tokens."""
+    body = completion + [eot]
+    cut = len(prompt) + len(body) > cap
+    if cut:
+        keep = min(len(prompt), max(cap // 2, cap - len(body)))
+        prompt = prompt[len(prompt) - keep:]
+        body = body[: cap - len(prompt)]
+    return prompt + body, [False] * len(prompt) + [True] * len(body), cut
+
+
+class SFTData:
+    """Packed prompt/completion examples with ``TokenData``'s interface, for ``train()``.
+
+    ``train_batch``/``val_batch`` return ``(idx, targets)`` (B, T) with targets -1 on prompt
+    tokens and padding. Rows are packed lazily per context length.
+    """
+
+    def __init__(self, train_pairs: list[Pair], val_pairs: list[Pair], tokenizer_path: Path,
+                 template: str, source: Path, fingerprint: str, pack_seed: int = 0,
+                 pack: bool = True):
+        tok = Tokenizer.load(tokenizer_path)
+        self.tokenizer_path = Path(tokenizer_path)
+        self.vocab_size = tok.vocab_size
+        self.eot_id = tok.eot_id
+        self.folder = Path(source)
+        self.pack_seed = pack_seed
+        self.pack = pack
+        self.manifest = {"fingerprint": fingerprint, "tokenizer": tok.kind,
+                         "corpus": f"prompt/completion pairs from {source}"}
+        self._examples = {s: self._encode(tok, p, template)
+                          for s, p in (("train", train_pairs), ("val", val_pairs))}
+        self._bytes = {s: sum(len(x.completion.encode("utf-8")) for x in p)
+                       for s, p in (("train", train_pairs), ("val", val_pairs))}
+        self._rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._perm: tuple[tuple[int, int, int], np.ndarray] | None = None
+        self.truncated: dict[str, int] = {}
+
+    def _encode(self, tok: Tokenizer, pairs: list[Pair], template: str) -> list[tuple[list[int], list[int]]]:
+        prompts = tok.encode_batch([apply_template(template, p.prompt) for p in pairs])
+        completions = tok.encode_batch([p.completion for p in pairs])
+        return [(p or [self.eot_id], c) for p, c in zip(prompts, completions)]
+
+    def rows(self, split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Packed (tokens, is-target) arrays (N, seq_len + 1) of a split."""
+        return self._packed(split, seq_len)[:2]
+
+    def _packed(self, split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = (split, seq_len)
+        if key not in self._rows:
+            examples = self._examples[split]
+            order = (np.random.default_rng([self.pack_seed, 7]).permutation(len(examples))
+                     if split == "train" else range(len(examples)))
+            cap = seq_len + 1
+            rows: list[tuple[list[int], list[bool]]] = []
+            cur_t: list[int] = []
+            cur_m: list[bool] = []
+            n_cut = 0
+            for i in order:
+                t, m, cut = _example(*examples[i], self.eot_id, cap)
+                n_cut += cut
+                if cur_t and (not self.pack or len(cur_t) + len(t) > cap):
+                    rows.append((cur_t, cur_m))
+                    cur_t, cur_m = [], []
+                cur_t += t
+                cur_m += m
+            if cur_t:
+                rows.append((cur_t, cur_m))
+            tokens = np.full((len(rows), cap), self.eot_id, dtype=np.int64)
+            mask = np.zeros((len(rows), cap), dtype=bool)
+            for r, (t, m) in enumerate(rows):
+                tokens[r, : len(t)] = t
+                mask[r, : len(m)] = m
+            lengths = np.array([len(t) for t, _ in rows], dtype=np.int64)
+            self._rows[key] = (tokens, mask, lengths)
+            self.truncated[split] = n_cut
+            if n_cut:
+                warnings.warn(
+                    f"{n_cut} of {len(examples)} {split} examples were longer than the context "
+                    f"window ({cap} tokens with the completion's end-of-text) and were truncated",
+                    TruncationWarning, stacklevel=2,
+                )
+        return self._rows[key]
+
+    def examples(self, split: str) -> int:
+        return len(self._examples[split])
+
+    def tokens(self, split: str) -> int:
+        """Target (completion + end-of-text) tokens of a split, before any truncation."""
+        return sum(len(c) + 1 for _, c in self._examples[split])
+
+    def bytes_per_token(self, split: str = "val") -> float:
+        return self._bytes[split] / max(1, self.tokens(split))
+
+    def check_fits(self, seq_len: int) -> None:
+        for split in ("train", "val"):
+            if not self._examples[split]:
+                raise MoorelmError(f"the {split} split has no examples")
+            self.rows(split, seq_len)
+
+    @staticmethod
+    def _xy(tokens: np.ndarray, mask: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, mask = tokens[:, :n], mask[:, :n]
+        targets = np.where(mask[:, 1:], tokens[:, 1:], -1)
+        return torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(targets)  # (B, T) each
+
+    def _epoch_perm(self, seed: int, epoch: int, n: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != (seed, epoch, n):
+            self._perm = ((seed, epoch, n), np.random.default_rng([seed, epoch, 11]).permutation(n))
+        return self._perm[1]
+
+    def train_batch(self, step: int, seed: int, global_batch: int, seq_len: int,
+                    part: int = 0, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Part ``part`` of ``parts`` of the global batch of ``step``: rows ``step * B ...``
+        of the stream of epochs, each epoch a fresh permutation of the packed rows."""
+        tokens, mask, lengths = self._packed("train", seq_len)
+        n = len(tokens)
+        r = step * global_batch + np.arange(global_batch)
+        epoch, within = r // n, r % n
+        idx = np.empty(global_batch, dtype=np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            idx[sel] = self._epoch_perm(seed, int(e), n)[within[sel]]
+        # drop the columns that are padding in every row of the global batch (unpacked rows
+        # are short); every part of the step gets the same width
+        width = max(2, int(lengths[idx].max()))
+        per = global_batch // parts
+        idx = idx[part * per: (part + 1) * per]
+        return self._xy(tokens[idx], mask[idx], width)
+
+    def val_batch(self, i: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, mask, lengths = self._packed("val", seq_len)
+        idx = (i * batch_size + np.arange(batch_size)) % len(tokens)
+        return self._xy(tokens[idx], mask[idx], max(2, int(lengths[idx].max())))
+
+
+# ----------------------------------------------------------------------------- exact match
+
+
+@torch.no_grad()
+def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 64,
+                   max_new_tokens: int = 64) -> list[str]:
+    """Greedy completions of user prompts (the run's template applied), each stopped at
+    end-of-text. Prompts of equal token length are decoded together as one batch."""
+    tok, eot, limit = lm.tokenizer, lm.tokenizer.eot_id, lm.config.seq_len - 1
+    ids = [x[-limit:] or [eot] for x in tok.encode_batch([lm.format_prompt(p) for p in prompts])]
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(ids):
+        groups.setdefault(len(x), []).append(i)
+    got: list[str] = [""] * len(prompts)
+    for rows in groups.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            idx = torch.tensor([ids[i] for i in chunk], dtype=torch.long)  # (B, T)
+            out: list[list[int]] = [[] for _ in chunk]
+            done = [False] * len(chunk)
+            for nxt in generate_tokens(lm.model, idx, max_new_tokens, temperature=0.0,
+                                       stop_ids={eot}):
+                for b, t in enumerate(nxt.tolist()):
+                    if not done[b]:
+                        done[b] = t == eot
+                        if not done[b]:
+                            out[b].append(t)
+            for b, i in enumerate(chunk):
+                got[i] = tok.decode(out[b])
+    return got
+
+
+def exact_match(lm: LanguageModel, pairs: list[Pair], *, batch_size: int = 64,
+                max_new_tokens: int | None = None, show: int = 5) -> dict[str, Any]:
+    """Greedy completions (``complete_batch``) compared with the expected completions after
+    stripping surrounding whitespace. ``max_new_tokens`` defaults to the longest expected
+    completion + 8 tokens."""
+    if not pairs:
+        raise MoorelmError("no rows to evaluate")
+    if max_new_tokens is None:
+        longest = max(len(c) for c in lm.tokenizer.encode_batch([p.completion for p in pairs]))
+        max_new_tokens = min(lm.config.seq_len, longest + 8)
+    got = complete_batch(lm, [p.prompt for p in pairs], batch_size=batch_size,
+                         max_new_tokens=max_new_tokens)
+    ok = [g.strip() == p.completion.strip() for g, p in zip(got, pairs)]
+    wrong = [i for i, o in enumerate(ok) if not o]
+    shown = sorted(set(range(min(show, len(pairs)))) | set(wrong[:show]))
+    return {
+        "rows": len(pairs), "correct": sum(ok), "exact_match": sum(ok) / len(pairs),
+        "examples": [{"prompt": pairs[i].prompt, "expected": pairs[i].completion,
+                      "got": got[i], "ok": ok[i]} for i in shown],
+    }
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class SFTResult:
+    run_dir: Path
+    method: str  # "full" | "lora"
+    train: TrainResult
+    trainable_params: int
+    total_params: int
+    exact_match: dict[str, Any] | None
+    rows: dict[str, int]
+    wall_s: float
+
+
+def _fingerprint(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else p.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+BUDGETS = ("max_steps", "max_tokens", "max_time")
+
+
+def _train_config(saved: dict[str, Any] | None, overrides: dict[str, Any], lora: bool,
+                  epoch_steps: int, epochs: float | None) -> TrainConfig:
+    """SFT defaults (or a resumed run's saved config) < flags; the budget is the flags'
+    max_steps/max_tokens/max_time, else ``epochs`` x ``epoch_steps``, else (resume) the saved
+    one, else DEFAULT_EPOCHS."""
+    over = {k: v for k, v in overrides.items() if v is not None}
+    if saved is not None:
+        t = dict(saved)
+    else:
+        t = {**SFT_TRAIN, "lr": LORA_LR if lora else SFT_TRAIN["lr"]}
+        t["min_lr"] = over.get("lr", t["lr"]) / 10
+    t.update(over)
+    if any(k in over for k in BUDGETS):
+        for k in BUDGETS:
+            t[k] = over.get(k)
+    elif epochs is not None or saved is None:
+        if epochs is not None and epochs <= 0:
+            raise MoorelmError(f"--epochs must be > 0, got {epochs}")
+        t.update(max_steps=max(1, math.ceil((epochs or DEFAULT_EPOCHS) * epoch_steps)),
+                 max_tokens=None, max_time=None)
+    return TrainConfig.from_dict(t)
+
+
+def finetune(
+    base_run: str | Path | None,
+    data: str | Path | None,
+    out_dir: str | Path,
+    *,
+    eval_data: str | Path | None = None,
+    eval_rows: int | None = None,
+    template: str | None = None,
+    lora: LoRAConfig | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    epochs: float | None = None,
+    seed: int = 0,
+    pack: bool = True,
+    resume: bool = False,
+    exact_match_rows: int = DEFAULT_EVAL_ROWS,
+    progress: bool = True,
+) -> SFTResult:
+    """Fine-tune the newest checkpoint of ``base_run`` on prompt/completion pairs.
+
+    Full fine-tuning unless ``lora`` is given. ``pack=False`` puts one example per row
+    (each starting at position 0, as prompts do at inference) instead of packing them. Budget: ``train_overrides`` max_steps /
+    max_tokens / max_time, else ``epochs`` passes over the packed training rows (default 3).
+    Without ``eval_data``, ``eval_rows`` rows (default min(200, 10%)) are held out. With
+    ``resume``, the run in ``out_dir`` continues with its saved settings (base, data, template,
+    LoRA); only budgets and training flags may change. Returns the metrics also written to
+    ``out_dir/finetune.json``; ``exact_match_rows`` held-out rows are scored (0: skip).
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    overrides = dict(train_overrides or {})
+    saved_cfg: dict[str, Any] | None = None
+    if resume:
+        saved_cfg = ckpt.read_run_config(out)
+        ft = saved_cfg.get("finetune")
+        if not ft:
+            raise MoorelmError(f"{out} is not a fine-tuned run (config.json has no 'finetune' "
+                               "section); resume it with 'moorelm train --resume'")
+        latest = ckpt.latest_checkpoint(out)
+        saved_lora = LoRAConfig.from_dict(saved_cfg["lora"]) if saved_cfg.get("lora") else None
+        if lora is not None and lora != saved_lora:
+            raise MoorelmError(f"{out} was trained with LoRA settings {saved_cfg.get('lora')}; "
+                               "resume without changing --lora-* flags")
+        if template is not None and template != saved_cfg.get("prompt_template"):
+            raise MoorelmError(f"{out} was trained with the template "
+                               f"{saved_cfg.get('prompt_template')!r}; resume without --template")
+        lora, template = saved_lora, saved_cfg["prompt_template"]
+        base_run = Path(ft["base_run"])
+        data = Path(data) if data else Path(ft["data"])
+        eval_data = Path(eval_data) if eval_data else (Path(ft["eval_data"]) if ft.get("eval_data") else None)
+        eval_rows, seed, pack = ft.get("eval_rows"), ft["seed"], ft.get("packing", True)
+    else:
+        if base_run is None or data is None:
+            raise MoorelmError("fine-tuning needs a base run and --data")
+        if ckpt.list_checkpoints(out):
+            raise MoorelmError(f"{out} already holds a trained run; pass --resume to continue "
+                               "it or choose another --out")
+        template = check_template(DEFAULT_TEMPLATE if template is None else template)
+    base_run, data = Path(base_run), Path(data)
+    eval_data = Path(eval_data) if eval_data is not None else None
+
+    # ---- data: check everything before loading any weights
+    pairs = read_pairs(data)
+    if eval_data is not None:
+        train_pairs, eval_pairs = pairs, read_pairs(eval_data)
+        eval_rows = None
+    else:
+        eval_rows = eval_rows if eval_rows is not None else min(DEFAULT_EVAL_ROWS, max(1, len(pairs) // 10))
+        train_pairs, eval_pairs = split_pairs(pairs, eval_rows, seed)
+
+    # ---- base model
+    base_cfg = ckpt.read_run_config(base_run)
+    if "classifier" in base_cfg:
+        raise MoorelmError(f"{base_run} is a text classifier; fine-tune a language model run")
+    tok_path = base_run / ckpt.TOKENIZER
+    if not tok_path.exists():
+        raise MoorelmError(f"{base_run} has no {ckpt.TOKENIZER}")
+    model_cfg = ModelConfig.from_dict((saved_cfg or base_cfg)["model"])
+    fingerprint = _fingerprint(data.read_bytes(), eval_data.read_bytes() if eval_data else b"",
+                               str(eval_rows), str(seed), template, tok_path.read_bytes())
+    if saved_cfg is not None and fingerprint != saved_cfg["finetune"]["fingerprint"]:
+        raise MoorelmError(f"the data, template or tokenizer differ from what {out} was "
+                           "trained on; resume with the same files")
+    sft = SFTData(train_pairs, eval_pairs, tok_path, template, data.resolve(), fingerprint, seed,
+                  pack=pack)
+    sft.check_fits(model_cfg.seq_len)
+
+    # ---- training config and budget
+    n_rows = len(sft.rows("train", model_cfg.seq_len)[0])
+    batch = {**SFT_TRAIN, **(saved_cfg["train"] if saved_cfg else {}),
+             **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = _train_config(saved_cfg["train"] if saved_cfg else None, overrides, lora is not None,
+                        n_rows / (batch["batch_size"] * batch.get("grad_accum", 1)), epochs)
+    if saved_cfg is None and overrides.get("eval_iters") is None:
+        n_val = len(sft.rows("val", model_cfg.seq_len)[0])
+        cfg = TrainConfig.from_dict({**cfg.to_dict(),
+                                     "eval_iters": max(1, min(20, math.ceil(n_val / cfg.batch_size)))})
+
+    init = None
+    base_step = None
+    if not resume:
+        _, init, base_ck = plain_weights(base_run)
+        base_step = ckpt.read_state(base_ck)["step"]
+    else:
+        base_step = saved_cfg["finetune"].get("base_step")
+        if lora is not None:
+            to_training_checkpoint(latest, lora)
+
+    wrapped: list[tuple[int, int]] = []  # (trainable, adapter) parameter counts
+
+    def hook(model) -> None:
+        apply_lora(model, lora)
+        wrapped.append((sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)))
+
+    method = "lora" if lora is not None else "full"
+    run_meta: dict[str, Any] = {
+        "finetune": {
+            "method": method, "base_run": str(base_run.resolve()), "base_step": base_step,
+            "data": str(data.resolve()), "eval_data": str(eval_data.resolve()) if eval_data else None,
+            "eval_rows": eval_rows, "seed": seed, "packing": pack, "fingerprint": fingerprint,
+            "rows": {"train": len(train_pairs), "eval": len(eval_pairs)},
+        },
+        "prompt_template": template,
+    }
+    if lora is not None:
+        run_meta["lora"] = lora.to_dict()
+    result = train(model_cfg, cfg, sft, out, resume=resume, run_meta=run_meta, init_weights=init,
+                   progress=progress, model_hook=hook if lora is not None else None)
+    if lora is not None:
+        for ck in ckpt.list_checkpoints(out):
+            finalize_checkpoint(ck, lora)
+    trainable = wrapped[0][0] if wrapped else result.params["total"]
+    total = result.params["total"] - (wrapped[0][1] if wrapped else 0)  # the base model's
+
+    em = None
+    if exact_match_rows:
+        import moorelm
+
+        lm = moorelm.load(out, device=cfg.device)
+        em = exact_match(lm, eval_pairs[:exact_match_rows])
+    rows = {"train": len(train_pairs), "eval": len(eval_pairs)}
+    res = SFTResult(out, method, result, trainable, total, em, rows, time.perf_counter() - started)
+    ckpt.atomic_write_json(out / RESULT_FILE, result_dict(res))
+    return res
+
+
+def result_dict(r: SFTResult) -> dict[str, Any]:
+    t = r.train
+    return {
+        "method": r.method, "steps": t.step, "tokens": t.tokens, "train_time_s": round(t.elapsed, 2),
+        "wall_s": round(r.wall_s, 2), "train_loss": t.train_loss, "val_loss": t.val_loss,
+        "trainable_params": r.trainable_params, "total_params": r.total_params,
+        "rows": r.rows, "exact_match": r.exact_match,
+    }
+
+
+def describe(r: SFTResult) -> str:
+    """A few lines for the CLI."""
+    t = r.train
+    lines = [
+        f"{r.method} fine-tuning: {t.step} steps in {t.elapsed:.1f}s; val loss "
+        f"{t.val_loss:.4f} (completion tokens); {r.trainable_params:,} trainable of "
+        f"{r.total_params:,} parameters; {r.rows['train']} train / {r.rows['eval']} eval rows",
+    ]
+    if r.exact_match:
+        em = r.exact_match
+        lines.append(f"exact match {em['exact_match']:.3f} ({em['correct']}/{em['rows']} held-out rows)")
+        for ex in em["examples"][:6]:
+            mark = "ok " if ex["ok"] else "BAD"
+            lines.append(f"  {mark} {ex['prompt']!r} -> {ex['got']!r}"
+                         + ("" if ex["ok"] else f" (expected {ex['expected']!r})"))
+    lines.append(f"run folder: {r.run_dir}")
+    return "\n".join(lines)
