@@ -57,7 +57,7 @@ def wait_until(cond, timeout: float = 10.0) -> bool:
     return cond()
 
 
-def scripted_model(tokenizer: Tokenizer, chain: list[int]) -> GPT:
+def scripted_model(tokenizer: Tokenizer, chain: list[int], seq_len: int = 64) -> GPT:
     """A real GPT whose weights make it continue deterministically: after token chain[i]
     it predicts chain[i + 1]; after any other token, end of text.
 
@@ -66,7 +66,7 @@ def scripted_model(tokenizer: Tokenizer, chain: list[int]) -> GPT:
     """
     V = tokenizer.vocab_size
     C = (V + 63) // 64 * 64
-    cfg = ModelConfig(n_layer=1, n_head=1, n_embd=C, seq_len=64, vocab_size=V, pos="rope",
+    cfg = ModelConfig(n_layer=1, n_head=1, n_embd=C, seq_len=seq_len, vocab_size=V, pos="rope",
                       norm="rmsnorm", mlp="gelu", zero_init_proj=True, tie_embeddings=False)
     model = GPT(cfg).eval()
     successor = {t: tokenizer.eot_id for t in range(V)}

@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, ...]] = {
     "core": ("corpus", "prepare", "train", "generate", "evaluate"),
     "finetune": ("finetune", "finetune-eval", "finetune-demo-data"),
     "interop": ("export", "import"),
+    "serve": ("serve",),
     "scale": ("scale", "trend"),
 }
 

@@ -45,7 +45,7 @@ def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(run).resolve().name
     return create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes,
-                      prompt_template=getattr(lm, "prompt_template", None))
+                      prompt_template=lm.prompt_template)
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,

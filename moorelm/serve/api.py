@@ -1,0 +1,745 @@
+"""An OpenAI-compatible HTTP API over the engine (FastAPI on uvicorn), and the playground.
+
+Routes:
+
+    POST /v1/completions        text completion; "stream": true for server-sent events
+    POST /v1/chat/completions   chat, through the chat template below
+    GET  /v1/models             the one model served (also /v1/models/{id})
+    GET  /health                liveness and load (no API key needed)
+    GET  /                      the web playground (static HTML, no build step)
+
+Safe by default: ``serve`` binds 127.0.0.1; with an API key every /v1 route needs
+``Authorization: Bearer KEY`` (401 otherwise); bodies over ``max_body_bytes`` get 413; a full
+queue gets 429 with Retry-After; prompt + max_tokens beyond the context window gets 400; a
+client that goes away mid-request frees its batch rows at the engine's next step. Every error
+is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, without a traceback.
+
+Chat template for base models (pretrained on text such as plays): each message becomes a
+speech, ``ROLE:\\n{content}\\n\\n`` (the message's ``name``, upper-cased, replaces the role when
+given), then ``ASSISTANT:\\n`` asks for the reply, which ends at the first blank line or end of
+text. A fine-tuned run with a prompt template (``config.json`` ``prompt_template``) instead wraps
+each user message in its template and ends the reply at end of text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Literal
+
+import anyio
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moorelm.errors import MoorelmError
+from moorelm.generate import SamplingParams, apply_template
+from moorelm.serve import MAX_BODY_BYTES
+from moorelm.serve.engine import Engine, QueueFull, Request, RequestHandle, TokenEvent
+
+log = logging.getLogger("moorelm.serve")
+
+MAX_CHOICES = 64  # prompts x n in one request
+RETRY_AFTER_S = 1
+CHAT_STOP = "\n\n"  # a speech ends at a blank line
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type, self.headers = type_, headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.type,
+                              self.headers)
+
+
+def error_body(message: str, param: str | None = None, code: str | None = None,
+               type_: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   type_: str = "invalid_request_error",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, param, code, type_), status_code=status,
+                        headers=headers)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_UNION_HELP = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists "
+              "of token ids",
+    "stop": "must be a string or a list of at most 4 strings",
+    "content": "must be a string or a list of text parts",
+}
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0]
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        return error_response(400, f"request body is not valid JSON ({detail}); send a JSON "
+                              "object with Content-Type: application/json", code="invalid_json")
+    path: list[str] = []
+    for part in loc:
+        if isinstance(part, str) and (part.lower() in _TYPE_TAGS or "[" in part):
+            break  # the rest names a branch of a union type, not a field
+        path.append(str(part))
+    param = ".".join(path) or None
+    message = err.get("msg", "invalid value")
+    if path and path[-1] in _UNION_HELP and len(exc.errors()) > 1:
+        message = _UNION_HELP[path[-1]]
+    if not path:
+        message = f"request body: {message}; send a JSON object"
+    else:
+        message = f"{param}: {message}"
+    return error_response(400, message, param=param)
+
+
+# ----------------------------------------------------------------------------- request models
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Body):
+    model: StrictStr
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    top_k: StrictInt | None = Field(None, ge=1, description="moorelm extension: top-k sampling")
+    n: StrictInt = Field(1, ge=1, le=16)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
+    logit_bias: dict[str, float] | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    user: StrictStr | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: StrictInt | None = Field(16, ge=1)
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = Field(None, ge=1)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=5)
+
+
+# ----------------------------------------------------------------------------- turning requests into engine requests
+
+
+def _text(value: str, param: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)",
+                       param) from None
+    return value
+
+
+def render_chat(messages: list[Message], template: str | None) -> str:
+    """The documented chat template (see the module docstring)."""
+    parts = []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            content = "".join(p.text for p in m.content)
+        else:
+            content = m.content or ""
+        content = _text(content, f"messages.{i}.content")
+        if template is None:
+            speaker = (m.name or m.role).strip().upper() or m.role.upper()
+            parts.append(f"{_text(speaker, f'messages.{i}.name')}:\n{content}\n\n")
+        elif m.role == "user":
+            parts.append(apply_template(template, content))
+        else:
+            parts.append(content + "\n")
+    if template is None:
+        parts.append("ASSISTANT:\n")
+    return "".join(parts)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2) spells each byte as one printable character: printable
+    Latin-1 bytes as themselves, the rest as the characters from U+0100 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+class Service:
+    """What the routes share: the engine, the model's name, its prompt template."""
+
+    def __init__(self, engine: Engine, model_name: str, prompt_template: str | None = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.prompt_template = prompt_template
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    def token_text(self, tok: int) -> str:
+        """A token as text; one that is only part of a character reads ``bytes:\\xNN``."""
+        text = self._token_text.get(tok)
+        if text is None:
+            text = self.tokenizer.decode([tok])
+            if "\ufffd" in text:
+                raw = self.token_bytes(tok)
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            self._token_text[tok] = text
+        return text
+
+    def token_bytes(self, tok: int) -> bytes:
+        """The exact bytes a token stands for (byte-fallback and byte-level tokens too)."""
+        piece = self.tokenizer.hf.id_to_token(tok) or ""
+        if self.tokenizer.kind == "bpe":
+            return bytes(_BYTE_OF_CHAR.get(c, 0x3F) for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return self.tokenizer.decode([tok]).encode("utf-8")
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves "
+                           f"{self.model_name!r} (see GET /v1/models)", "model",
+                           "model_not_found")
+
+    async def encode(self, text: str) -> tuple[int, ...]:
+        if len(text) < 4096:
+            return tuple(self.tokenizer.encode(text))
+        return tuple(await asyncio.to_thread(self.tokenizer.encode, text))
+
+    def build(self, body: _Sampling, prompts: list[tuple[int, ...]], max_tokens: int | None,
+              max_param: str, prompt_param: str, logprobs: int | None,
+              extra_stop: tuple[str, ...] = ()) -> Request:
+        seq_len = self.engine.seq_len
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than "
+                           f"{MAX_CHOICES} completions in one request; split it", "n")
+        for p in prompts:
+            if not p:
+                raise ApiError(400, f"{prompt_param} is empty; send some text to continue",
+                               prompt_param)
+            bad = [t for t in p if not 0 <= t < self.engine.token_vocab]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} in {prompt_param} is not in the "
+                               f"vocabulary (0..{self.engine.token_vocab - 1})", prompt_param)
+        longest = max(len(p) for p in prompts)
+        if max_tokens is None:
+            max_tokens = seq_len - longest
+            if max_tokens < 1:
+                raise ApiError(400, f"the prompt is {longest} tokens and fills this model's "
+                               f"context window of {seq_len} tokens; shorten it",
+                               prompt_param, "context_length_exceeded")
+        if longest + max_tokens > seq_len:
+            raise ApiError(400, f"this model's context window is {seq_len} tokens, but the "
+                           f"prompt ({longest} tokens) + {max_param} ({max_tokens}) = "
+                           f"{longest + max_tokens}; shorten the prompt or lower {max_param}",
+                           max_param, "context_length_exceeded")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4:
+            raise ApiError(400, f"stop holds {len(stops)} sequences; at most 4 are allowed",
+                           "stop")
+        if any(not s for s in stops):
+            raise ApiError(400, "stop sequences must not be empty strings", "stop")
+        for s in stops:
+            _text(s, "stop")
+        bias: dict[int, float] = {}
+        for key, value in (body.logit_bias or {}).items():
+            try:
+                tok = int(key)
+            except ValueError:
+                raise ApiError(400, f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+            if not 0 <= tok < self.engine.token_vocab:
+                raise ApiError(400, f"logit_bias token id {tok} is not in the vocabulary "
+                               f"(0..{self.engine.token_vocab - 1})", "logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias value {value} for token {tok} must be in "
+                               "[-100, 100]", "logit_bias")
+            bias[tok] = value
+        try:
+            params = SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_k=body.top_k, top_p=body.top_p, max_new_tokens=max_tokens,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed)
+        except MoorelmError as e:
+            raise ApiError(400, str(e)) from None
+        return Request(tuple(prompts), params, body.n, tuple(stops) + extra_stop, logprobs,
+                       bias or None)
+
+    def submit(self, request: Request) -> RequestHandle:
+        try:
+            return self.engine.submit(request, asyncio.get_running_loop())
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry shortly", None,
+                           "queue_full", "server_overloaded",
+                           {"Retry-After": str(RETRY_AFTER_S)}) from None
+        except MoorelmError as e:
+            if not self.engine.alive:
+                raise ApiError(503, f"the model is not available ({e})", None,
+                               "engine_down", "server_error") from None
+            raise ApiError(400, str(e)) from None
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that notice a client going away at once, even between tokens,
+    and then run ``on_close`` (which frees the request's batch rows)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client closed the connection while we wrote
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self.on_close()
+
+
+def sse(obj: dict | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"),
+                                                       ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def usage(handle: RequestHandle, completion_tokens: int) -> dict:
+    return {"prompt_tokens": handle.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": handle.prompt_tokens + completion_tokens}
+
+
+def _raise_if_error(event: TokenEvent) -> None:
+    if event.finish_reason == "error":
+        raise ApiError(500, f"generation failed: {event.error}", None, "generation_failed",
+                       "server_error")
+
+
+async def collect(handle: RequestHandle, receive) -> list[list[TokenEvent]] | None:
+    """All of a request's events per choice; None when the client went away first."""
+    out: list[list[TokenEvent]] = [[] for _ in range(handle.request.num_choices)]
+
+    async def consume() -> None:
+        async for events in handle:
+            for e in events:
+                out[e.index].append(e)
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            handle.cancel()
+    if not work.done() or work.cancelled():
+        return None
+    work.result()
+    return out
+
+
+def _completion_logprobs(service: Service, events: list[TokenEvent], offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in events:
+        if e.token is None:
+            continue
+        text = service.token_text(e.token)
+        tokens.append(text)
+        lps.append(e.logprob)
+        tops.append(None if e.top_logprobs is None else
+                    {service.token_text(t): lp for t, lp in e.top_logprobs})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _chat_logprobs(service: Service, events: list[TokenEvent]) -> dict:
+    def entry(tok: int, lp: float) -> dict:
+        text = service.token_text(tok)
+        return {"token": text, "logprob": lp, "bytes": list(service.token_bytes(tok))}
+
+    content = []
+    for e in events:
+        if e.token is None:
+            continue
+        item = entry(e.token, e.logprob)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in e.top_logprobs or []]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+class Guard:
+    """ASGI middleware: API key on /v1 routes, then the body size limit (the body is read
+    here, up to the limit, and replayed to the app)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"].startswith("/v1"):
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                what = "an invalid API key" if given else "no API key"
+                return await error_response(
+                    401, f"the request has {what}; send the header 'Authorization: Bearer "
+                    "KEY' with the server's key", None, "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        too_big = error_response(413, f"the request body is larger than {self.max_body} "
+                                 "bytes; send a smaller one", None, "body_too_large")
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_body:
+            return await too_big(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return await too_big(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES,
+               prompt_template: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (started here if it is not running yet)."""
+    service = Service(engine, model_name, prompt_template)
+    engine.start()
+    app = FastAPI(title="moorelm", version="1", summary="OpenAI-compatible API of one moorelm model",
+                  docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        return _validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see GET /v1/models"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400:
+            message = ("the request body could not be read; send UTF-8 encoded JSON with "
+                       "Content-Type: application/json")
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal server error; the server logged the details",
+                              None, "internal_error", "server_error")
+
+    page = resources.files("moorelm.serve").joinpath("static/index.html").read_text("utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        stats = engine.stats()
+        if not engine.alive:
+            return error_response(503, f"the engine is down ({engine.failure or 'stopped'})",
+                                  None, "engine_down", "server_error")
+        return {"status": "ok", "model": model_name, "context_window": engine.seq_len, **stats}
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": service.created,
+                "owned_by": "moorelm", "context_window": engine.seq_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        service.check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: HTTPRequest):
+        service.check_model(body.model)
+        if body.echo:
+            raise ApiError(400, "echo is not supported; leave it false", "echo")
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported; leave it null", "suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(400, "best_of other than n is not supported", "best_of")
+        raw = body.prompt
+        if isinstance(raw, str):
+            prompts = [await service.encode(_text(raw, "prompt"))]
+        elif raw and all(isinstance(x, int) for x in raw):
+            prompts = [tuple(raw)]
+        elif raw and all(isinstance(x, str) for x in raw):
+            prompts = [await service.encode(_text(x, "prompt")) for x in raw]
+        else:
+            prompts = [tuple(x) for x in raw]
+        if not prompts:
+            raise ApiError(400, "prompt is an empty list; send some text", "prompt")
+        req = service.build(body, prompts, body.max_tokens, "max_tokens", "prompt", body.logprobs)
+        handle = service.submit(req)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+        want_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            return EventStream(_stream_completion(service, handle, head, want_usage),
+                               handle.cancel)
+        per_choice = await collect(handle, request.receive)
+        if per_choice is None:
+            return JSONResponse({}, status_code=499)
+        choices, total = [], 0
+        for i, events in enumerate(per_choice):
+            _raise_if_error(events[-1])
+            total += sum(1 for e in events if e.token is not None)
+            choices.append({"index": i, "text": "".join(e.text for e in events),
+                            "logprobs": None if body.logprobs is None else
+                            _completion_logprobs(service, events, 0),
+                            "finish_reason": events[-1].finish_reason})
+        return {**head, "choices": choices, "usage": usage(handle, total)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: HTTPRequest):
+        service.check_model(body.model)
+        if body.max_tokens is not None and body.max_completion_tokens is not None \
+                and body.max_tokens != body.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens differ; send one",
+                           "max_completion_tokens")
+        text = render_chat(body.messages, service.prompt_template)
+        prompt = await service.encode(text)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        extra = (CHAT_STOP,) if service.prompt_template is None else ()
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        req = service.build(body, [prompt], max_tokens, max_param, "messages", logprobs, extra)
+        handle = service.submit(req)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": model_name}
+        want_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            head["object"] = "chat.completion.chunk"
+            return EventStream(_stream_chat(service, handle, head, want_usage), handle.cancel)
+        per_choice = await collect(handle, request.receive)
+        if per_choice is None:
+            return JSONResponse({}, status_code=499)
+        choices, total = [], 0
+        for i, events in enumerate(per_choice):
+            _raise_if_error(events[-1])
+            total += sum(1 for e in events if e.token is not None)
+            choices.append({"index": i, "message": {"role": "assistant", "content":
+                                                    "".join(e.text for e in events)},
+                            "logprobs": _chat_logprobs(service, events) if body.logprobs else None,
+                            "finish_reason": events[-1].finish_reason})
+        return {**head, "choices": choices, "usage": usage(handle, total)}
+
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    return app
+
+
+async def _stream_completion(service: Service, handle: RequestHandle, head: dict,
+                             want_usage: bool) -> AsyncIterator[bytes]:
+    total = 0
+    want_logprobs = handle.request.logprobs is not None
+    offsets = [0] * handle.request.num_choices
+    async for events in handle:
+        for e in events:
+            if e.finish_reason == "error":
+                yield sse(error_body(f"generation failed: {e.error}", None, "generation_failed",
+                                     "server_error"))
+                return
+            total += e.token is not None
+            if not (e.text or e.finish_reason or want_logprobs):
+                continue
+            lp = None
+            if want_logprobs:
+                lp = _completion_logprobs(service, [e], offsets[e.index])
+                offsets[e.index] += len(e.text)
+            choice = {"index": e.index, "text": e.text, "logprobs": lp,
+                      "finish_reason": e.finish_reason}
+            yield sse({**head, "choices": [choice]})
+    if want_usage:
+        yield sse({**head, "choices": [], "usage": usage(handle, total)})
+    yield sse("[DONE]")
+
+
+async def _stream_chat(service: Service, handle: RequestHandle, head: dict,
+                       want_usage: bool) -> AsyncIterator[bytes]:
+    total = 0
+    want_logprobs = handle.request.logprobs is not None
+    for i in range(handle.request.num_choices):
+        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    async for events in handle:
+        for e in events:
+            if e.finish_reason == "error":
+                yield sse(error_body(f"generation failed: {e.error}", None, "generation_failed",
+                                     "server_error"))
+                return
+            total += e.token is not None
+            if e.text or (want_logprobs and e.token is not None):
+                yield sse({**head, "choices": [{
+                    "index": e.index, "delta": {"content": e.text},
+                    "logprobs": _chat_logprobs(service, [e]) if want_logprobs else None,
+                    "finish_reason": None}]})
+            if e.finish_reason:
+                yield sse({**head, "choices": [{"index": e.index, "delta": {}, "logprobs": None,
+                                                "finish_reason": e.finish_reason}]})
+    if want_usage:
+        yield sse({**head, "choices": [], "usage": usage(handle, total)})
+    yield sse("[DONE]")
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a one-line error when the address is taken or invalid."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise MoorelmError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
+                           "choose another --host or --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class BackgroundServer:
+    """A uvicorn server for ``app`` in a background thread (tests, benchmarks, notebooks).
+
+        with BackgroundServer(app) as server:
+            print(server.url)   # http://127.0.0.1:PORT
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = bind(host, port)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level,
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise MoorelmError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

@@ -1,0 +1,123 @@
+"""The web playground, end to end in headless Chromium: type a prompt, press Generate,
+watch the text stream in, read tokens/s."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+
+import httpx
+import pytest
+
+from moorelm.serve import BackgroundServer, Engine, create_app
+from moorelm.tokenizer import Tokenizer
+from tests.conftest import SMALL_TEXT
+from tests.test_serve_engine import scripted_model
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.skip("Chromium and chromedriver are not installed "
+                    "(apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def looping():
+    """A scripted model that writes 'ab' over and over: a long, known stream."""
+    tok = Tokenizer.train([SMALL_TEXT], "char")
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    return scripted_model(tok, [a, b, a], seq_len=512), tok
+
+
+def wait_for(cond, timeout: float = 30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the page")
+
+
+def set_value(driver, element_id: str, value: str) -> None:
+    driver.execute_script(
+        "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+        "e.dispatchEvent(new Event('input'));", element_id, value)
+
+
+# records, at every change of the output, how long the text was and what the status said
+WATCH = """
+window.seen = [];
+new MutationObserver(() => window.seen.push([
+  document.getElementById('output').textContent.length,
+  document.getElementById('status').textContent,
+])).observe(document.getElementById('output'), {childList: true, subtree: true,
+                                                 characterData: true});
+"""
+
+
+def test_playground_streams_tokens(browser, looping):
+    """Generate shows the completion growing while the request is still running, ends with
+    the same text the API returns for the same settings, and shows tokens/s."""
+    model, tok = looping
+    engine = Engine(model, tok, max_batch=4)
+    with BackgroundServer(create_app(engine, "looping")) as server:
+        browser.get(server.url + "/")
+        wait_for(lambda: "looping" in browser.find_element("id", "model").text)
+        set_value(browser, "prompt", "a")
+        set_value(browser, "temperature", "0")
+        set_value(browser, "max-tokens", "400")
+        browser.execute_script(WATCH)
+        browser.find_element("id", "generate").click()
+        wait_for(lambda: browser.find_element("id", "status").text == "done")
+        text = browser.find_element("id", "output").text
+        expected = httpx.post(server.url + "/v1/completions", json={
+            "model": "looping", "prompt": "a", "max_tokens": 400, "temperature": 0,
+        }).json()["choices"][0]["text"]
+        assert text == expected == "ba" * 200
+        seen = browser.execute_script("return window.seen;")
+        partial = {n for n, status in seen if status.startswith("generating") and 0 < n < 400}
+        assert len(partial) > 1  # shown piece by piece while the request was still running
+        assert int(browser.find_element("id", "output").get_attribute("data-chunks")) > 1
+        rate = browser.find_element("id", "rate").text
+        assert re.search(r"400 tokens · [\d.]+ tokens/s", rate), rate
+    engine.stop()
+
+
+def test_playground_reports_errors(browser, looping):
+    """A request the server refuses (here: no API key) shows the server's message instead
+    of output; with the key typed in, generation works."""
+    model, tok = looping
+    engine = Engine(model, tok, max_batch=2)
+    with BackgroundServer(create_app(engine, "looping", api_key="sesame")) as server:
+        browser.get(server.url + "/")
+        wait_for(lambda: "looping" in browser.find_element("id", "model").text)
+        set_value(browser, "prompt", "a")
+        set_value(browser, "max-tokens", "10")
+        browser.find_element("id", "generate").click()
+        status = wait_for(lambda: browser.find_element("id", "status").text.startswith("error")
+                          and browser.find_element("id", "status").text)
+        assert "API key" in status
+        set_value(browser, "api-key", "sesame")
+        browser.find_element("id", "generate").click()
+        wait_for(lambda: browser.find_element("id", "status").text == "done")
+        assert browser.find_element("id", "output").text == "ba" * 5
+    engine.stop()
