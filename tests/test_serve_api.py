@@ -371,7 +371,7 @@ def test_chunked_body_over_the_limit(server):
 
 @pytest.mark.slow
 def test_soak_with_random_disconnects(server):
-    """A few hundred mixed requests (completions and chat, streaming or not) from 16
+    """Two hundred mixed requests (completions and chat, streaming or not) from 16
     concurrent clients, a third of them abandoned at random points, leave no slot or
     queue place behind, and the server still answers."""
     engine = server.engine
@@ -411,10 +411,10 @@ def test_soak_with_random_disconnects(server):
             async def guarded(i):
                 async with sem:
                     return await one(c, i)
-            return await asyncio.gather(*(guarded(i) for i in range(300)))
+            return await asyncio.gather(*(guarded(i) for i in range(200)))
 
     results = asyncio.run(main())
-    assert results.count("abandoned") > 30
+    assert results.count("abandoned") > 20
     assert set(results) <= {"200", "429", "abandoned", "finished-anyway"}
     assert wait_until(lambda: engine.stats()["active"] == 0 and engine.stats()["waiting"] == 0)
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
@@ -437,7 +437,7 @@ def test_fuzz_from_openapi_schema(server):
             modes.append(schemathesis.GenerationMode.NEGATIVE)
         for mode in modes:
 
-            @settings(max_examples=20, deadline=None, database=None,
+            @settings(max_examples=15, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def check(case):
@@ -462,7 +462,7 @@ def test_port_in_use_is_a_clear_error():
         s.listen(1)
         port = s.getsockname()[1]
         from moorelm.errors import MoorelmError
-        from moorelm.serve.api import bind
+        from moorelm.serve import bind
 
         with pytest.raises(MoorelmError, match=f"127.0.0.1:{port}"):
             bind("127.0.0.1", port)

@@ -12,7 +12,10 @@ or, in a notebook or a test, a server in a background thread::
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from moorelm.errors import MoorelmError
@@ -21,7 +24,7 @@ from moorelm.serve.engine import Engine, QueueFull, Request, RequestHandle, Toke
 __all__ = ["BackgroundServer", "Engine", "QueueFull", "Request", "RequestHandle", "TokenEvent",
            "build_app", "create_app", "render_chat", "serve"]
 
-_API = ("BackgroundServer", "create_app", "render_chat")
+_API = ("create_app", "render_chat")
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -55,8 +58,6 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     """Serve a run folder until interrupted (Ctrl-C)."""
     import uvicorn
 
-    from moorelm.serve.api import bind
-
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"moorelm: warning: listening on {host} without --api-key: anyone who can reach "
               "this port can use the model", file=sys.stderr)
@@ -75,3 +76,54 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
         sock.close()
     if not server.started:
         raise MoorelmError(f"the server on {host}:{actual} failed to start; see the log above")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a one-line error when the address is taken or invalid."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise MoorelmError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
+                           "choose another --host or --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class BackgroundServer:
+    """A uvicorn server for ``app`` in a background thread (tests, benchmarks, notebooks).
+
+        with BackgroundServer(app) as server:
+            print(server.url)   # http://127.0.0.1:PORT
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = bind(host, port)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level,
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise MoorelmError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

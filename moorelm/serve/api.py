@@ -27,11 +27,9 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Literal
 
@@ -581,24 +579,27 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             raise ApiError(400, "prompt is an empty list; send some text", "prompt")
         req = service.build(body, prompts, body.max_tokens, "max_tokens", "prompt", body.logprobs)
         handle = service.submit(req)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
-        want_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            return EventStream(_stream_completion(service, handle, head, want_usage),
-                               handle.cancel)
-        per_choice = await collect(handle, request.receive)
-        if per_choice is None:
-            return JSONResponse({}, status_code=499)
-        choices, total = [], 0
-        for i, events in enumerate(per_choice):
-            _raise_if_error(events[-1])
-            total += sum(1 for e in events if e.token is not None)
-            choices.append({"index": i, "text": "".join(e.text for e in events),
-                            "logprobs": None if body.logprobs is None else
-                            _completion_logprobs(service, events, 0),
-                            "finish_reason": events[-1].finish_reason})
-        return {**head, "choices": choices, "usage": usage(handle, total)}
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name}
+        want_logprobs = body.logprobs is not None
+        offsets = [0] * req.num_choices
+
+        def whole(i: int, events: list[TokenEvent]) -> dict:
+            return {"index": i, "text": "".join(e.text for e in events),
+                    "logprobs": _completion_logprobs(service, events, 0) if want_logprobs else None,
+                    "finish_reason": events[-1].finish_reason}
+
+        def piece(e: TokenEvent) -> list[dict]:
+            if not (e.text or e.finish_reason or want_logprobs):
+                return []
+            lp = None
+            if want_logprobs:
+                lp = _completion_logprobs(service, [e], offsets[e.index])
+                offsets[e.index] += len(e.text)
+            return [{"index": e.index, "text": e.text, "logprobs": lp,
+                     "finish_reason": e.finish_reason}]
+
+        return await respond(handle, request, head, body, whole, piece)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
@@ -615,34 +616,60 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         req = service.build(body, [prompt], max_tokens, max_param, "messages", logprobs, extra)
         handle = service.submit(req)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion", "created": created, "model": model_name}
-        want_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                "created": int(time.time()), "model": model_name}
+
+        def whole(i: int, events: list[TokenEvent]) -> dict:
+            return {"index": i, "message": {"role": "assistant",
+                                            "content": "".join(e.text for e in events)},
+                    "logprobs": _chat_logprobs(service, events) if body.logprobs else None,
+                    "finish_reason": events[-1].finish_reason}
+
+        def piece(e: TokenEvent) -> list[dict]:
+            out = []
+            if e.text or (body.logprobs and e.token is not None):
+                out.append({"index": e.index, "delta": {"content": e.text}, "finish_reason": None,
+                            "logprobs": _chat_logprobs(service, [e]) if body.logprobs else None})
+            if e.finish_reason:
+                out.append({"index": e.index, "delta": {}, "logprobs": None,
+                            "finish_reason": e.finish_reason})
+            return out
+
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for i in range(req.num_choices)]
         if body.stream:
             head["object"] = "chat.completion.chunk"
-            return EventStream(_stream_chat(service, handle, head, want_usage), handle.cancel)
-        per_choice = await collect(handle, request.receive)
-        if per_choice is None:
-            return JSONResponse({}, status_code=499)
-        choices, total = [], 0
-        for i, events in enumerate(per_choice):
-            _raise_if_error(events[-1])
-            total += sum(1 for e in events if e.token is not None)
-            choices.append({"index": i, "message": {"role": "assistant", "content":
-                                                    "".join(e.text for e in events)},
-                            "logprobs": _chat_logprobs(service, events) if body.logprobs else None,
-                            "finish_reason": events[-1].finish_reason})
-        return {**head, "choices": choices, "usage": usage(handle, total)}
+        return await respond(handle, request, head, body, whole, piece, opening)
 
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
 
 
-async def _stream_completion(service: Service, handle: RequestHandle, head: dict,
-                             want_usage: bool) -> AsyncIterator[bytes]:
+async def respond(handle: RequestHandle, request: HTTPRequest, head: dict, body: _Sampling,
+                  whole: Callable[[int, list[TokenEvent]], dict],
+                  piece: Callable[[TokenEvent], list[dict]], opening: list[dict] = ()):
+    """The response to a submitted request: events as server-sent chunks (``piece`` spells
+    the choices of one event) or, once every choice has finished, one body (``whole`` spells
+    one choice from all its events)."""
+    if body.stream:
+        want_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStream(_chunks(handle, head, want_usage, piece, opening), handle.cancel)
+    per_choice = await collect(handle, request.receive)
+    if per_choice is None:  # the client went away; nobody reads this
+        return JSONResponse({}, status_code=499)
+    for events in per_choice:
+        _raise_if_error(events[-1])
+    total = sum(e.token is not None for events in per_choice for e in events)
+    return {**head, "choices": [whole(i, events) for i, events in enumerate(per_choice)],
+            "usage": usage(handle, total)}
+
+
+async def _chunks(handle: RequestHandle, head: dict, want_usage: bool,
+                  piece: Callable[[TokenEvent], list[dict]],
+                  opening: list[dict]) -> AsyncIterator[bytes]:
     total = 0
-    want_logprobs = handle.request.logprobs is not None
-    offsets = [0] * handle.request.num_choices
+    for choice in opening:
+        yield sse({**head, "choices": [choice]})
     async for events in handle:
         for e in events:
             if e.finish_reason == "error":
@@ -650,96 +677,8 @@ async def _stream_completion(service: Service, handle: RequestHandle, head: dict
                                      "server_error"))
                 return
             total += e.token is not None
-            if not (e.text or e.finish_reason or want_logprobs):
-                continue
-            lp = None
-            if want_logprobs:
-                lp = _completion_logprobs(service, [e], offsets[e.index])
-                offsets[e.index] += len(e.text)
-            choice = {"index": e.index, "text": e.text, "logprobs": lp,
-                      "finish_reason": e.finish_reason}
-            yield sse({**head, "choices": [choice]})
+            for choice in piece(e):
+                yield sse({**head, "choices": [choice]})
     if want_usage:
         yield sse({**head, "choices": [], "usage": usage(handle, total)})
     yield sse("[DONE]")
-
-
-async def _stream_chat(service: Service, handle: RequestHandle, head: dict,
-                       want_usage: bool) -> AsyncIterator[bytes]:
-    total = 0
-    want_logprobs = handle.request.logprobs is not None
-    for i in range(handle.request.num_choices):
-        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
-    async for events in handle:
-        for e in events:
-            if e.finish_reason == "error":
-                yield sse(error_body(f"generation failed: {e.error}", None, "generation_failed",
-                                     "server_error"))
-                return
-            total += e.token is not None
-            if e.text or (want_logprobs and e.token is not None):
-                yield sse({**head, "choices": [{
-                    "index": e.index, "delta": {"content": e.text},
-                    "logprobs": _chat_logprobs(service, [e]) if want_logprobs else None,
-                    "finish_reason": None}]})
-            if e.finish_reason:
-                yield sse({**head, "choices": [{"index": e.index, "delta": {}, "logprobs": None,
-                                                "finish_reason": e.finish_reason}]})
-    if want_usage:
-        yield sse({**head, "choices": [], "usage": usage(handle, total)})
-    yield sse("[DONE]")
-
-
-# ----------------------------------------------------------------------------- running it
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, or a one-line error when the address is taken or invalid."""
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError as e:
-        raise MoorelmError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
-                           "choose another --host or --port") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-class BackgroundServer:
-    """A uvicorn server for ``app`` in a background thread (tests, benchmarks, notebooks).
-
-        with BackgroundServer(app) as server:
-            print(server.url)   # http://127.0.0.1:PORT
-    """
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
-        self.sock = bind(host, port)
-        self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level,
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise MoorelmError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()

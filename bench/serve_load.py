@@ -1,0 +1,198 @@
+"""Load test of `moorelm serve`: concurrent streaming clients against a real server.
+
+Starts `moorelm serve RUN` on 127.0.0.1 (any free port) in its own process, then for each
+concurrency level runs that many clients, each sending the same fixed number of streaming
+completion requests one after another, and prints per level:
+
+    requests/s, output tokens/s (all clients together), time to first token p50/p99,
+    inter-token latency p50/p99 (gaps between streamed chunks of one response; one chunk
+    carries one token), and output tokens/s relative to one client (the baseline).
+
+Every response is exactly --max-tokens long (end of text is banned with logit_bias), so the
+levels do the same work per request. Usage:
+
+    moorelm train --preset shakespeare-char --max-steps 50 --out /tmp/shakes
+    python bench/serve_load.py /tmp/shakes                # 1, 8, 32, 64 clients
+    python bench/serve_load.py /tmp/shakes --clients 1,32 --requests 2 --threads 2
+    python bench/serve_load.py /tmp/shakes-rand --init shakespeare-char   # random weights
+
+The target on the shakespeare-char model and 2 CPU cores: output tokens/s at 32 clients at
+least 8x that at 1 client. Other processes on the machine skew the figures: the load average
+is printed next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Result:
+    ttft: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    ok: bool = False
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+async def one_request(client: httpx.AsyncClient, body: dict) -> Result:
+    res = Result()
+    start = time.perf_counter()
+    last = None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            print(f"request failed: {r.status_code} {r.text[:200]}", file=sys.stderr)
+            return res
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                res.tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                now = time.perf_counter()
+                if last is None:
+                    res.ttft = now - start
+                else:
+                    res.gaps.append(now - last)
+                last = now
+    res.ok = True
+    return res
+
+
+async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int,
+                    prompt: str) -> dict:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def worker(w: int) -> list[Result]:
+            out = []
+            for i in range(requests):
+                body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                        "temperature": 1.0, "seed": w * 1000 + i, "stream": True,
+                        "stream_options": {"include_usage": True}, "logit_bias": {"0": -100}}
+                out.append(await one_request(client, body))
+            return out
+
+        start = time.perf_counter()
+        per_worker = await asyncio.gather(*(worker(w) for w in range(clients)))
+        wall = time.perf_counter() - start
+    results = [r for rs in per_worker for r in rs]
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.tokens for r in ok)
+    gaps = [g for r in ok for g in r.gaps]
+    ttfts = [r.ttft for r in ok]
+    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok),
+            "wall": wall, "req_s": len(ok) / wall, "tok_s": tokens / wall,
+            "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+            "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
+
+
+def make_random_run(run: str, preset: str) -> None:
+    """A run folder with random weights of ``preset`` size and a character tokenizer of the
+    bundled Shakespeare: serving speed does not depend on what the weights learned."""
+    import torch
+
+    from moorelm import checkpoint
+    from moorelm.config import build_configs, with_vocab
+    from moorelm.corpus import load_corpus
+    from moorelm.model import GPT
+    from moorelm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(("".join(d.chunks()) for d in load_corpus(None).documents), "char")
+    model_cfg, train_cfg = build_configs(preset=preset)
+    model_cfg = with_vocab(model_cfg, tok.vocab_size)
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    checkpoint.write_run_files(Path(run), {"model": model_cfg.to_dict(),
+                                           "train": train_cfg.to_dict()}, tok)
+    checkpoint.save_checkpoint(Path(run), 0, checkpoint.model_state(model), {"tokens": 0})
+
+
+def start_server(run: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "moorelm", "serve", run, "--port", "0", "--max-batch",
+           str(max_batch), "--max-queue", "1024", "--log-level", "warning",
+           "--model-name", "bench"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    line = proc.stdout.readline()
+    m = re.search(r"at (http://\S+?) ", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"the server did not start: {line!r}")
+    url = m.group(1)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not answer /health")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="run folder to serve")
+    ap.add_argument("--init", metavar="PRESET", default=None,
+                    help="if RUN does not exist, create it with random weights of this size "
+                    "(e.g. shakespeare-char) instead of training one")
+    ap.add_argument("--clients", default="1,8,32,64", help="concurrency levels (default 1,8,32,64)")
+    ap.add_argument("--requests", type=int, default=3, help="requests per client (default 3)")
+    ap.add_argument("--max-tokens", type=int, default=100, help="tokens per response (default 100)")
+    ap.add_argument("--prompt", default="ROMEO:\n")
+    ap.add_argument("--max-batch", type=int, default=64, help="server --max-batch (default 64)")
+    ap.add_argument("--threads", type=int, default=2, help="server torch threads (default 2)")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+    if args.init and not Path(args.run).exists():
+        make_random_run(args.run, args.init)
+
+    proc, url = start_server(args.run, args.max_batch, args.threads)
+    try:
+        asyncio.run(run_level(url, "bench", 2, 1, 8, args.prompt))  # warm up
+        print(f"server {url}  run {args.run}  {args.requests} requests/client x "
+              f"{args.max_tokens} tokens  max-batch {args.max_batch}  threads {args.threads}")
+        print(f"load average before: {os.getloadavg()[0]:.2f} (2 CPU cores shared)")
+        header = (f"{'clients':>7} {'req/s':>7} {'tok/s':>8} {'vs 1':>6} {'TTFT p50':>9} "
+                  f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6} {'load':>5}")
+        print(header)
+        base = None
+        for n in levels:
+            r = asyncio.run(run_level(url, "bench", n, args.requests, args.max_tokens, args.prompt))
+            if n == 1 or base is None:
+                base = r["tok_s"]
+            print(f"{n:>7} {r['req_s']:>7.2f} {r['tok_s']:>8.1f} {r['tok_s'] / base:>5.1f}x "
+                  f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
+                  f"{r['itl_p50'] * 1e3:>6.1f}ms {r['itl_p99'] * 1e3:>6.1f}ms "
+                  f"{r['failed']:>6} {os.getloadavg()[0]:>5.1f}", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()
