@@ -247,8 +247,9 @@ def test_queue_full_gives_429(long_server):
 
     async def main():
         async with httpx.AsyncClient(base_url=long_server.url, timeout=30) as c:
-            queued = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(4)]
-            assert await asyncio.to_thread(wait_until, lambda: engine.stats()["waiting"] == 4)
+            # paused: 4 requests would take the free slots at the next step, 4 more may wait
+            queued = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(8)]
+            assert await asyncio.to_thread(wait_until, lambda: engine.stats()["waiting"] == 8)
             r = await c.post("/v1/completions", json=body)
             assert r.status_code == 429
             assert r.headers["retry-after"] == "1"
@@ -257,7 +258,7 @@ def test_queue_full_gives_429(long_server):
             return [(await t).status_code for t in queued]
 
     try:
-        assert asyncio.run(main()) == [200] * 4
+        assert asyncio.run(main()) == [200] * 8
     finally:
         engine.resume()
 

@@ -285,12 +285,14 @@ def test_cancel_frees_the_slot_at_once(long_lm):
 
 
 def test_bounded_queue(long_lm):
-    """With every slot taken and the queue full, submit raises QueueFull; cancelled waiting
-    requests leave the queue; once running again, everything queued completes."""
+    """With every slot busy and max_queue requests waiting, submit raises QueueFull;
+    cancelled waiting requests leave the queue; once slots free up, everything queued runs."""
     model, tok = long_lm
     eng = Engine(model, tok, max_batch=1, max_queue=2).start()
     try:
-        eng.pause()
+        busy = eng.submit(Request((tuple(tok.encode("It")),), SamplingParams(max_new_tokens=500),
+                                  logit_bias={tok.eot_id: -100.0}))
+        next(iter(busy))  # it holds the only slot
         req = Request((tuple(tok.encode("It")),), SamplingParams(max_new_tokens=4))
         a, b = eng.submit(req), eng.submit(req)
         with pytest.raises(QueueFull):
@@ -298,11 +300,12 @@ def test_bounded_queue(long_lm):
         b.cancel()
         assert wait_until(lambda: eng.stats()["waiting"] == 1)
         c = eng.submit(req)
-        eng.resume()
+        busy.cancel()
         for h in (a, c):
             events = [e for batch in h for e in batch]
             assert events[-1].finish_reason in ("stop", "length")
-        assert eng.stats()["rejected"] == 1 and eng.stats()["active"] == 0
+        assert eng.stats()["rejected"] == 1
+        assert wait_until(lambda: eng.stats()["active"] == 0)
     finally:
         eng.stop()
 

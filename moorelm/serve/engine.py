@@ -196,7 +196,7 @@ class Engine:
     """A model served with continuous batching by one background thread.
 
     ``max_batch``: rows decoded together (KV cache slots); ``max_queue``: requests allowed to
-    wait for a slot before ``submit`` raises ``QueueFull``.
+    wait while every slot is busy, beyond which ``submit`` raises ``QueueFull``.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
@@ -309,9 +309,12 @@ class Engine:
         with self._cond:
             if self._thread is None or self._stopping or self.failure:
                 raise MoorelmError("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
+            # requests that free slots will take at the next step do not count as queued
+            free = max(0, self.max_batch - len(self._rows))
+            if len(self._waiting) - free >= self.max_queue:
                 self.counters["rejected"] += 1
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+                raise QueueFull(f"every slot is busy and {self.max_queue} requests are "
+                                "already waiting")
             self._waiting.append(handle)
             self.counters["requests"] += 1
             self._cond.notify_all()
