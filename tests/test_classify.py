@@ -1,7 +1,7 @@
 """Tests for moorelm.finetune.classify (HF encoder classifiers) and moorelm.finetune.genre.
 
-Training tests use a tiny randomly initialised BERT (2 layers, width 32) with the MiniLM
-package's WordPiece tokenizer, so nothing downloads and each run takes seconds. One test loads
+Training tests use a tiny randomly initialised BERT (2 layers, width 32) with a WordPiece
+tokenizer over the toy words, so nothing downloads and each run takes seconds. One test loads
 the real bundled MiniLM-L6 with the network blocked, without training it.
 """
 
@@ -51,17 +51,39 @@ def _block_network(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and don't thrash a busy shared CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> Path:
-    """A tiny random BERT encoder folder (BertModel + the MiniLM WordPiece tokenizer)."""
+    """A tiny random BERT encoder folder: BertModel (2 layers, width 32) and a WordPiece
+    tokenizer whose vocabulary is just the toy words."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(C.default_encoder_path(), local_files_only=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + sorted(
+        set(NEUTRAL) | {"good", "bad"}
+    )
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64}
+        )
+    )
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.unk_token_id not in tok("the movie was good")["input_ids"]
     config = BertConfig(
-        vocab_size=tok.vocab_size,
+        vocab_size=len(vocab),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -73,7 +95,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def toy_run(tiny_encoder, tmp_path_factory) -> dict:
     """Fine-tune the tiny encoder once on the good/bad toy set (with 3 over-long texts)."""
     root = tmp_path_factory.mktemp("toy")
@@ -87,10 +109,24 @@ def toy_run(tiny_encoder, tmp_path_factory) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = C.finetune_classifier(
-            str(tiny_encoder), train, out, eval_file=evalf, epochs=10, lr=2e-3, batch_size=16,
-            max_length=16, seed=0, progress=False,
+            str(tiny_encoder),
+            train,
+            out,
+            eval_file=evalf,
+            epochs=6,
+            lr=5e-3,
+            batch_size=16,
+            max_length=16,
+            seed=0,
+            group_by_length=True,
+            progress=False,
         )
-    return {"result": result, "out": out, "root": root, "warnings": [str(w.message) for w in caught]}
+    return {
+        "result": result,
+        "out": out,
+        "root": root,
+        "warnings": [str(w.message) for w in caught],
+    }
 
 
 # ----------------------------------------------------------------------------- training
@@ -109,7 +145,12 @@ def test_finetune_toy_set_reaches_high_accuracy_and_saves_hf_folder(toy_run):
         assert (out / name).is_file(), name
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["rows"] == {"train": 123, "eval": 40, "train_file": 123}
+    assert metrics["rows"] == {
+        "train": 123,
+        "eval": 40,
+        "train_file": 123,
+        "train_seen": round(123 * metrics["epochs_run"]),
+    }
     assert metrics["class_balance"]["eval"] == {"bad": 20, "good": 20}
     assert set(metrics["per_class"]) == {"bad", "good"}
     assert sum(map(sum, metrics["confusion_matrix"])) == 40
@@ -154,7 +195,41 @@ def test_classify_file_writes_csv_and_jsonl(toy_run):
     assert all(0.5 <= float(r["score"]) <= 1 for r in got)
     C.classify_file(toy_run["out"], src, root / "pred.jsonl")
     lines = [json.loads(x) for x in (root / "pred.jsonl").read_text().splitlines()]
-    assert [(x["text"], x["label"]) for x in lines] == [("good movie", "good"), ("bad, very bad", "bad")]
+    assert [(x["text"], x["label"]) for x in lines] == [
+        ("good movie", "good"),
+        ("bad, very bad", "bad"),
+    ]
+
+
+def test_time_limit_stops_training_and_still_saves(tiny_encoder, tmp_path):
+    """With time_limit_s, training ends at the deadline (long before 500 epochs), the state
+    at that point is evaluated on the held-out share of train, and the folder is saved."""
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(40, 3))
+    result = C.finetune_classifier(
+        str(tiny_encoder),
+        train,
+        tmp_path / "m",
+        epochs=500,
+        lr=5e-3,
+        batch_size=8,
+        max_length=16,
+        time_limit_s=1.5,
+        lr_by_time=True,
+        early_stopping_patience=None,
+        progress=False,
+    )
+    assert result["time_limit_hit"] and not result["stopped_early"]
+    assert 0 < result["steps"] < 500 * 5
+    assert result["rows"] == {
+        "train": 36,
+        "eval": 4,
+        "train_file": 40,
+        "train_seen": result["rows"]["train_seen"],
+    }
+    assert result["hyperparameters"]["lr_schedule"] == "linear over time"
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (
+        tmp_path / "m" / "metrics.json"
+    ).is_file()
 
 
 def test_non_classifier_folders_are_rejected(tiny_encoder, tmp_path):
@@ -164,7 +239,7 @@ def test_non_classifier_folders_are_rejected(tiny_encoder, tmp_path):
         C.classify(tiny_encoder, ["hello"])
     with pytest.raises(MoorelmError, match="no config.json"):
         C.classify(tmp_path, ["hello"])
-    with pytest.raises(MoorelmError, match="not available locally"):
+    with pytest.raises(MoorelmError, match="does not exist"):
         C.classify(tmp_path / "no-such-folder", ["hello"])
 
 
@@ -187,13 +262,18 @@ def test_default_minilm_loads_offline_and_classifies(tmp_path, monkeypatch):
     source, local = C._resolve_model(None)
     assert local and Path(source) == path
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1},
+        source,
+        num_labels=2,
+        id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1},
         local_files_only=True,
     )
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(tmp_path)
     out = C.classify(tmp_path, ["a wonderful film", "a dull mess"])
-    assert len(out) == 2 and all(r["label"] in {"neg", "pos"} and 0.5 <= r["score"] <= 1 for r in out)
+    assert len(out) == 2 and all(
+        r["label"] in {"neg", "pos"} and 0.5 <= r["score"] <= 1 for r in out
+    )
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -219,7 +299,9 @@ def test_non_utf8_file(tmp_path):
 def test_missing_columns_name_the_columns_found(tmp_path):
     """Missing text/label columns are named together with the columns the file has."""
     p = _write_csv(tmp_path / "t.csv", [{"review": "x", "stars": "1"}], columns=("review", "stars"))
-    with pytest.raises(MoorelmError, match=r"no columns 'text', 'label' \(columns found: 'review', 'stars'\)"):
+    with pytest.raises(
+        MoorelmError, match=r"no columns 'text', 'label' \(columns found: 'review', 'stars'\)"
+    ):
         C.finetune_classifier(None, p, tmp_path / "o", progress=False)
     with pytest.raises(MoorelmError, match=r"no column 'label'"):
         C.read_labeled(p, text_column="review")
@@ -228,10 +310,16 @@ def test_missing_columns_name_the_columns_found(tmp_path):
 def test_empty_rows_are_counted_with_first_line(tmp_path):
     """Rows with blank text or no label are counted, and the first one's line is given."""
     p = tmp_path / "t.jsonl"
-    rows = [{"text": "ok", "label": "a"}, {"text": "   ", "label": "b"}, {"text": "x"},
-            {"text": "y", "label": "b"}]
+    rows = [
+        {"text": "ok", "label": "a"},
+        {"text": "   ", "label": "b"},
+        {"text": "x"},
+        {"text": "y", "label": "b"},
+    ]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with pytest.raises(MoorelmError, match=r"2 of 4 rows have an empty text or a missing label \(first on line 2\)"):
+    with pytest.raises(
+        MoorelmError, match=r"2 of 4 rows have an empty text or a missing label \(first on line 2\)"
+    ):
         C.finetune_classifier(None, p, tmp_path / "o", progress=False)
 
 
@@ -245,7 +333,9 @@ def test_single_class_training_set(tmp_path):
 def test_eval_labels_unseen_in_training(tmp_path):
     """Eval labels that training never saw are named, with their row count and first line."""
     train = _write_csv(tmp_path / "t.csv", _toy_rows(10, 0))
-    ev = _write_csv(tmp_path / "e.csv", [{"text": "a", "label": "good"}, {"text": "b", "label": "meh"}])
+    ev = _write_csv(
+        tmp_path / "e.csv", [{"text": "a", "label": "good"}, {"text": "b", "label": "meh"}]
+    )
     with pytest.raises(MoorelmError, match=r"label 'meh' \(1 rows, first on line 3\) never occur"):
         C.finetune_classifier(None, train, tmp_path / "o", eval_file=ev, progress=False)
 
@@ -278,7 +368,12 @@ def test_classification_metrics_by_hand():
     m = C.classification_metrics([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     assert m["accuracy"] == pytest.approx(4 / 6)
-    assert m["per_class"]["a"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8), "support": 3}
+    assert m["per_class"]["a"] == {
+        "precision": 1.0,
+        "recall": pytest.approx(2 / 3),
+        "f1": pytest.approx(0.8),
+        "support": 3,
+    }
     assert m["per_class"]["b"]["f1"] == pytest.approx(0.5)
     assert m["per_class"]["c"]["f1"] == pytest.approx(2 / 3)
     assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)

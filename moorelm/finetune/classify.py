@@ -180,7 +180,9 @@ def _parse_delimited(path: Path, text: str, fmt: str) -> Table:
             rows.append(row)
             lines.append(start)
     except csv.Error as e:
-        raise MoorelmError(f"{path}, line {reader.line_num}: malformed {fmt.upper()}: {e}") from None
+        raise MoorelmError(
+            f"{path}, line {reader.line_num}: malformed {fmt.upper()}: {e}"
+        ) from None
     if header is None:
         raise MoorelmError(f"{path} is empty; expected a header row and data rows")
     return Table(path, fmt, header, rows, lines)
@@ -320,7 +322,9 @@ def check_label_sets(train: LabeledData, eval_data: LabeledData | None = None) -
         )
     if eval_data is not None:
         known = set(names)
-        unseen_rows = [(y, line) for y, line in zip(eval_data.labels, eval_data.lines) if y not in known]
+        unseen_rows = [
+            (y, line) for y, line in zip(eval_data.labels, eval_data.lines) if y not in known
+        ]
         if unseen_rows:
             unseen = label_names([y for y, _ in unseen_rows])
             shown = ", ".join(repr(u) for u in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
@@ -460,7 +464,12 @@ def save_confusion_png(
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true label")
-    ax.set_xticks(range(k), [str(x) for x in labels], rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_xticks(
+        range(k),
+        [str(x) for x in labels],
+        rotation=45 if k > 4 else 0,
+        ha="right" if k > 4 else "center",
+    )
     ax.set_yticks(range(k), [str(x) for x in labels])
     ax.set_xlabel("predicted label")
     ax.set_ylabel("true label")
@@ -468,7 +477,12 @@ def save_confusion_png(
         for i in range(k):
             for j in range(k):
                 ax.text(
-                    j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=9,
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=9,
                     color="white" if share[i, j] > 0.6 else "black",
                 )
     ax.set_title(title or "confusion matrix")
@@ -544,20 +558,33 @@ def _resolve_model(model: str | os.PathLike | None) -> tuple[str, bool]:
         if not (path / "config.json").is_file():
             raise MoorelmError(f"{path} is not a Hugging Face model folder (no config.json)")
         return str(path), True
-    return str(model), False
+    text = str(model)
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise MoorelmError(
+            f"{text} does not exist (expected a model folder or a hub id like org/name)"
+        )
+    return text, False
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports (e.g. "classifier weights newly initialised")."""
+def _quiet_transformers(active: bool = True) -> Iterator[None]:
+    """Silence transformers' load reports (e.g. "classifier weights newly initialised") and
+    its loading/saving progress bars while active."""
+    if not active:
+        yield
+        return
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_error(source: str, local: bool, e: Exception) -> MoorelmError:
@@ -616,18 +643,33 @@ class _Rows:
         return self.items[i]
 
 
-def _time_limit_callback(seconds: float):
+def _time_limit_callback(seconds: float, lr_by_time: bool = False, warmup_ratio: float = 0.0):
+    """A Trainer callback that ends training after ``seconds`` (evaluating and checkpointing
+    the final state). With ``lr_by_time``, the learning rate follows the clock instead of the
+    step count: linear warm-up over the first ``warmup_ratio`` of the time, then linear decay
+    to zero at the deadline (use it with a constant Trainer schedule)."""
     from transformers import TrainerCallback
 
     class TimeLimit(TrainerCallback):
-        """Stop after ``seconds`` of training, evaluating (and checkpointing) the last state."""
-
         def __init__(self) -> None:
+            self.start = time.monotonic()
             self.deadline = math.inf
             self.hit = False
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.deadline = time.monotonic() + seconds
+            self.start = time.monotonic()
+            self.deadline = self.start + seconds
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            if not lr_by_time or optimizer is None:
+                return
+            frac = min(1.0, (time.monotonic() - self.start) / seconds)
+            if frac < warmup_ratio:
+                factor = frac / warmup_ratio
+            else:
+                factor = (1.0 - frac) / max(1e-9, 1.0 - warmup_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * max(factor, 0.0)
 
         def on_step_end(self, args, state, control, **kwargs):
             if time.monotonic() >= self.deadline and not control.should_training_stop:
@@ -668,7 +710,9 @@ def finetune_classifier(
     max_steps: int | None = None,
     time_limit_s: float | None = None,
     eval_steps: int | None = None,
+    lr_by_time: bool = False,
     bf16: bool = False,
+    group_by_length: bool = False,
     warmup_ratio: float = 0.1,
     weight_decay: float = 0.01,
 ) -> dict[str, Any]:
@@ -682,7 +726,12 @@ def finetune_classifier(
     after ``early_stopping_patience`` evaluations without improvement (None or 0: never).
     ``max_train_rows`` keeps a stratified, seeded sample of the training rows;
     ``max_steps`` caps optimizer steps; ``time_limit_s`` stops training after that many
-    seconds (the state at that point is evaluated too).
+    seconds (the state at that point is evaluated too); with ``lr_by_time`` as well, the
+    learning rate warms up and decays over those seconds rather than over steps, so a run
+    sized by time still ends its schedule (set ``epochs``/``max_steps`` generously).
+    ``bf16`` trains under bfloat16 autocast (fast on CPUs with AMX/AVX512-BF16 and on recent
+    GPUs); ``group_by_length`` batches texts of similar length together, which cuts padding
+    a lot when lengths vary.
 
     ``out_dir`` receives a standard Hugging Face folder (config with id2label/label2id,
     model.safetensors, tokenizer files), ``metrics.json`` and ``confusion_matrix.png``;
@@ -709,12 +758,16 @@ def finetune_classifier(
                 f"{train_all.path}: too few rows to hold out an evaluation set; pass eval_file"
             )
         train, eval_data = train_all.subset(keep), train_all.subset(held)
-        eval_source = f"{eval_fraction:g} of {train_all.path.name} held out (stratified, seed {seed})"
+        eval_source = (
+            f"{eval_fraction:g} of {train_all.path.name} held out (stratified, seed {seed})"
+        )
     else:
         eval_source = str(eval_data.path)
     if max_train_rows is not None and len(train) > max_train_rows:
         if max_train_rows < len(names):
-            raise MoorelmError(f"max_train_rows={max_train_rows} is fewer than the {len(names)} classes")
+            raise MoorelmError(
+                f"max_train_rows={max_train_rows} is fewer than the {len(names)} classes"
+            )
         train = train.subset(stratified_sample(train.labels, max_train_rows, seed))
     if len(label_names(train.labels)) < 2:
         raise MoorelmError(f"{train_all.path}: after holding out eval rows only one class is left")
@@ -753,14 +806,18 @@ def finetune_classifier(
     net.config.pad_token_id = tok.pad_token_id
     limit = getattr(net.config, "max_position_embeddings", None)
     if limit and max_length > limit:
-        raise MoorelmError(f"max_length={max_length} exceeds the model's limit of {limit} positions")
+        raise MoorelmError(
+            f"max_length={max_length} exceeds the model's limit of {limit} positions"
+        )
 
     # ---- tokenize (count truncations)
     train_enc, train_cut = _encode(tok, train.texts, max_length)
     eval_enc, eval_cut = _encode(tok, eval_data.texts, max_length)
     for n_cut, n, what in ((train_cut, len(train), "train"), (eval_cut, len(eval_data), "eval")):
         if n_cut:
-            warnings.warn(truncation_message(n_cut, n, max_length, what), TruncationWarning, stacklevel=2)
+            warnings.warn(
+                truncation_message(n_cut, n, max_length, what), TruncationWarning, stacklevel=2
+            )
     train_ds = _Rows(train_enc, [label2id[y] for y in train.labels])
     eval_ds = _Rows(eval_enc, [label2id[y] for y in eval_data.labels])
 
@@ -769,10 +826,17 @@ def finetune_classifier(
     if eval_steps is None and steps_per_epoch > BIG_EPOCH_STEPS:
         eval_steps = EVAL_EVERY
     strategy = "steps" if eval_steps else "epoch"
+    timed_lr = bool(lr_by_time and time_limit_s)
+
+    # global step -> (true, predicted) class ids of that evaluation. Labels are taken from
+    # Trainer's output, not file order, since a length-grouping sampler may reorder rows.
+    predictions_at: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def trainer_metrics(p) -> dict[str, float]:
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        m = classification_metrics(p.label_ids, np.argmax(logits, axis=-1), names)
+        y_hat = np.argmax(logits, axis=-1)
+        predictions_at[trainer.state.global_step] = (np.asarray(p.label_ids), y_hat)
+        m = classification_metrics(p.label_ids, y_hat, names)
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -782,7 +846,8 @@ def finetune_classifier(
             num_train_epochs=epochs,
             max_steps=max_steps if max_steps else -1,
             learning_rate=lr,
-            warmup_steps=warmup_ratio,
+            lr_scheduler_type="constant" if timed_lr else "linear",
+            warmup_steps=0 if timed_lr else warmup_ratio,
             weight_decay=weight_decay,
             per_device_train_batch_size=batch_size,
             per_device_eval_batch_size=max(batch_size, 64),
@@ -799,14 +864,19 @@ def finetune_classifier(
             seed=seed,
             data_seed=seed,
             bf16=bf16,
+            train_sampling_strategy="group_by_length" if group_by_length else "random",
+            use_cpu=bf16 and not torch.cuda.is_available(),  # bf16 autocast on CPU
             disable_tqdm=not progress,
             dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
             **({"eval_steps": eval_steps, "save_steps": eval_steps} if eval_steps else {}),
         )
         callbacks = []
         if early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
-        timer = _time_limit_callback(time_limit_s) if time_limit_s else None
+        timer = (
+            _time_limit_callback(time_limit_s, lr_by_time, warmup_ratio) if time_limit_s else None
+        )
         if timer is not None:
             callbacks.append(timer)
         trainer = Trainer(
@@ -821,23 +891,28 @@ def finetune_classifier(
         )
         if not progress:
             trainer.remove_callback(PrinterCallback)
-        started = time.perf_counter()
-        trainer.train()
-        train_time = time.perf_counter() - started
-        state = trainer.state
-        prediction = trainer.predict(eval_ds)
-        logits = prediction.predictions
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        y_pred = np.argmax(logits, axis=-1)
-        best_net = trainer.model
-        best_net.save_pretrained(out)
-        tok.save_pretrained(out)
-        del trainer
+        with _quiet_transformers(not progress):
+            started = time.perf_counter()
+            trainer.train()
+            train_time = time.perf_counter() - started
+            state = trainer.state
+            if state.best_global_step in predictions_at:
+                # the kept model is the one evaluated at that step: reuse its predictions
+                y_true, y_pred = predictions_at[state.best_global_step]
+            else:
+                final = trainer.predict(eval_ds)
+                logits = final.predictions
+                logits = logits[0] if isinstance(logits, tuple) else logits
+                y_true, y_pred = np.asarray(final.label_ids), np.argmax(logits, axis=-1)
+        with _quiet_transformers():
+            trainer.model.save_pretrained(out)
+            tok.save_pretrained(out)
     for stale in out.glob("checkpoint-*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
 
-    metrics = classification_metrics([label2id[y] for y in eval_data.labels], y_pred, names)
+    assert len(y_true) == len(eval_data)
+    metrics = classification_metrics(y_true, y_pred, names)
     result: dict[str, Any] = {
         "task": "text-classification",
         "backend": "hf-encoder",
@@ -852,6 +927,9 @@ def finetune_classifier(
             "train": len(train),
             "eval": len(eval_data),
             "train_file": len(train_all),
+            "train_seen": min(
+                len(train) * math.ceil(epochs), round(float(state.epoch or 0) * len(train))
+            ),
         },
         "class_balance": balance,
         "max_length": max_length,
@@ -876,8 +954,10 @@ def finetune_classifier(
             "max_train_rows": max_train_rows,
             "max_steps": max_steps,
             "time_limit_s": time_limit_s,
+            "lr_schedule": "linear over time" if timed_lr else "linear over steps",
             "eval_strategy": f"every {eval_steps} steps" if eval_steps else "every epoch",
             "bf16": bf16,
+            "group_by_length": group_by_length,
             "warmup_ratio": warmup_ratio,
             "weight_decay": weight_decay,
             "torch_threads": torch.get_num_threads(),
@@ -913,7 +993,9 @@ class _LoadedClassifier:
         source, local = _resolve_model(model_dir)
         try:
             with _quiet_transformers():
-                config = AutoConfig.from_pretrained(source, local_files_only=local or _hub_offline())
+                config = AutoConfig.from_pretrained(
+                    source, local_files_only=local or _hub_offline()
+                )
         except (OSError, ValueError, KeyError) as e:
             raise _load_error(source, local, e) from None
         if not _is_sequence_classifier(config):
@@ -950,7 +1032,9 @@ class _LoadedClassifier:
             raise MoorelmError(f"batch_size must be positive, not {batch_size}")
         max_length = min(max_length or self.max_length, self.max_length)
         device = next(self.model.parameters()).device
-        multi_label = getattr(self.model.config, "problem_type", None) == "multi_label_classification"
+        multi_label = (
+            getattr(self.model.config, "problem_type", None) == "multi_label_classification"
+        )
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batch similar lengths
         results: list[dict[str, Any] | None] = [None] * len(texts)
         with torch.inference_mode():

@@ -49,7 +49,9 @@ def _scenes(text: str) -> list[list[str]]:
     lines = text.splitlines()
     scenes: list[list[str]] = [[]]
     for i, line in enumerate(lines):
-        alone = (i == 0 or not lines[i - 1].strip()) and (i + 1 == len(lines) or not lines[i + 1].strip())
+        alone = (i == 0 or not lines[i - 1].strip()) and (
+            i + 1 == len(lines) or not lines[i + 1].strip()
+        )
         is_heading = i == 0 or (alone and _HEADING.match(line) and not line.rstrip().endswith(":"))
         if is_heading:
             if scenes[-1]:
