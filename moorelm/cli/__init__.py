@@ -20,6 +20,7 @@ from moorelm.errors import MoorelmError
 VERBS: dict[str, tuple[str, ...]] = {
     "core": ("corpus", "prepare", "train", "generate", "evaluate"),
     "finetune": ("finetune", "finetune-eval", "finetune-demo-data"),
+    "classify": ("finetune-classifier", "classify", "genre-data"),
     "interop": ("export", "import"),
     "serve": ("serve",),
     "scale": ("scale", "trend"),

@@ -1069,8 +1069,13 @@ def classify(
 
     Like ``transformers.pipeline("text-classification")``: the top label and its softmax
     probability (sigmoid for single-output or multi-label models). Texts are truncated to
-    ``max_length`` tokens (default: the model's limit).
+    ``max_length`` tokens (default: the model's limit). A moorelm run folder written by the
+    GPT backend is handled by ``gpt_classifier.classify_gpt``.
     """
+    from moorelm.finetune.gpt_classifier import classify_gpt, is_moorelm_run
+
+    if is_moorelm_run(model_dir):
+        return classify_gpt(model_dir, texts, batch_size=batch_size, max_length=max_length)
     return _LoadedClassifier(model_dir).predict(texts, batch_size=batch_size, max_length=max_length)
 
 
@@ -1101,8 +1106,7 @@ def classify_file(
     if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
         raise MoorelmError(f"{out_path} is the input file; choose another output file")
     texts, _ = read_texts(in_path, text_column)
-    clf = _LoadedClassifier(model_dir)
-    predictions = clf.predict(texts, batch_size=batch_size, max_length=max_length)
+    predictions = classify(model_dir, texts, batch_size=batch_size, max_length=max_length)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w", encoding="utf-8", newline="") as f:
         if fmt == "jsonl":
@@ -1119,5 +1123,5 @@ def classify_file(
             for text, p in zip(texts, predictions):
                 writer.writerow([text, p["label"], f"{p['score']:.6f}"])
     counts = Counter(p["label"] for p in predictions)
-    ordered = {name: counts[name] for name in clf.id2label.values() if counts.get(name)}
+    ordered = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return {"out_file": str(out_path), "rows": len(texts), "label_counts": ordered}
