@@ -67,7 +67,7 @@ from moorelm.finetune.lora import (
     plain_weights,
     to_training_checkpoint,
 )
-from moorelm.generate import LanguageModel, apply_template, check_template, generate_tokens
+from moorelm.generate import LanguageModel, apply_template, check_template
 from moorelm.tokenizer import Tokenizer
 from moorelm.train import TrainResult, train
 
@@ -277,33 +277,30 @@ class SFTData:
 # ----------------------------------------------------------------------------- exact match
 
 
-@torch.no_grad()
 def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 64,
-                   max_new_tokens: int = 64) -> list[str]:
-    """Greedy completions of user prompts (the run's template applied), each stopped at
-    end-of-text. Prompts of equal token length are decoded together as one batch."""
-    tok, eot, limit = lm.tokenizer, lm.tokenizer.eot_id, lm.config.seq_len - 1
-    ids = [x[-limit:] or [eot] for x in tok.encode_batch([lm.format_prompt(p) for p in prompts])]
-    groups: dict[int, list[int]] = {}
-    for i, x in enumerate(ids):
-        groups.setdefault(len(x), []).append(i)
-    got: list[str] = [""] * len(prompts)
-    for rows in groups.values():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start: start + batch_size]
-            idx = torch.tensor([ids[i] for i in chunk], dtype=torch.long)  # (B, T)
-            out: list[list[int]] = [[] for _ in chunk]
-            done = [False] * len(chunk)
-            for nxt in generate_tokens(lm.model, idx, max_new_tokens, temperature=0.0,
-                                       stop_ids={eot}):
-                for b, t in enumerate(nxt.tolist()):
-                    if not done[b]:
-                        done[b] = t == eot
-                        if not done[b]:
-                            out[b].append(t)
-            for b, i in enumerate(chunk):
-                got[i] = tok.decode(out[b])
-    return got
+                   max_new_tokens: int = 64, stop: tuple[str, ...] = ()) -> list[str]:
+    """Greedy completions of user prompts (the run's template applied), each ending at
+    end-of-text, a ``stop`` string, ``max_new_tokens`` or the context window.
+
+    Decoded by the serving engine (``moorelm.serve.engine``): prompts of any lengths share
+    the batch, each joining and leaving as it starts and finishes.
+    """
+    from moorelm.generate import SamplingParams
+    from moorelm.serve.engine import Engine, Request
+
+    limit = lm.config.seq_len - 1
+    ids = [x[-limit:] or [lm.tokenizer.eot_id]
+           for x in lm.tokenizer.encode_batch([lm.format_prompt(p) for p in prompts])]
+    engine = Engine(lm.model, lm.tokenizer, max_batch=batch_size, max_queue=len(ids)).start()
+    try:
+        handles = [engine.submit(Request(
+            prompts=(tuple(x),), stop=stop,
+            params=SamplingParams(temperature=0.0,
+                                  max_new_tokens=max(1, min(max_new_tokens, lm.config.seq_len - len(x))))))
+            for x in ids]
+        return ["".join(e.text for events in h for e in events) for h in handles]
+    finally:
+        engine.stop()
 
 
 def exact_match(lm: LanguageModel, pairs: list[Pair], *, batch_size: int = 64,
