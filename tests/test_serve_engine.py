@@ -113,7 +113,8 @@ SETTINGS = [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.9, 
 
 def test_batched_equals_alone(lm, engine):
     """A seeded (or greedy) request produces the same text alone as in a full batch of
-    requests with other prompts, lengths and settings that join at different steps."""
+    requests with other prompts, lengths and settings (prefilled together, leaving at
+    different steps, the waiting ones joining as slots free up)."""
     reqs = []
     for i in range(12):
         prompt = ids(lm, PROMPTS[i % len(PROMPTS)])
@@ -121,7 +122,9 @@ def test_batched_equals_alone(lm, engine):
                                 **SETTINGS[i % len(SETTINGS)])
         reqs.append(Request((prompt,), params, stop_at_eot=False))
     alone = [text_of(engine.generate(r)[0]) for r in reqs]
-    handles = [engine.submit(r) for r in reqs]  # all at once: batched together
+    engine.pause()  # all admitted in one step: prompts of one length share a prefill pass
+    handles = [engine.submit(r) for r in reqs]
+    engine.resume()
     batched = []
     for h in handles:
         batched.append("".join(e.text for events in h for e in events))

@@ -2,8 +2,9 @@
 
 One background thread owns the model and repeats one step:
 
-    admit    waiting sequences take free slots: a prompt is prefilled alone (B=1) straight
-             into its slot of the batched KV cache (copied to further slots when n > 1)
+    admit    waiting sequences take free slots: prompts are prefilled straight into their
+             slots of the batched KV cache, those of equal length in one pass (a prompt with
+             n > 1 choices once, then copied to its further slots)
     sample   every active row samples its next token from its own logits with its own
              settings and its own seeded generator (``generate.sample_next_token`` and
              ``generate.apply_penalties``: the server has no sampler of its own)
@@ -48,6 +49,7 @@ from moorelm.tokenizer import Tokenizer
 log = logging.getLogger("moorelm.serve")
 
 SEED_MASK = 2**64 - 1  # torch generators take seeds in [0, 2**64)
+PREFILL_TOKENS = 8192  # at most this many prompt tokens in one prefill pass
 
 
 class QueueFull(Exception):
@@ -388,41 +390,59 @@ class Engine:
                     self._waiting.remove(h)
 
     def _admit(self, out: dict[RequestHandle, list[TokenEvent]]) -> None:
-        while len(self._rows) < self.max_batch:
-            with self._cond:
-                if self._paused or not self._waiting:
-                    return
+        """Waiting sequences take the free slots; prompts of one length are prefilled together
+        (one forward pass of (k, T)), each once however many choices (n) it has."""
+        groups: list[tuple[RequestHandle, tuple[int, ...], list[int]]] = []
+        with self._cond:
+            free = self.max_batch - len(self._rows)
+            while free > 0 and self._waiting and not self._paused:
                 handle = self._waiting[0]
-                free = self.max_batch - len(self._rows)
-                choices = [handle._pending.popleft()
-                           for _ in range(min(free, len(handle._pending)))]
+                take = [handle._pending.popleft() for _ in range(min(free, len(handle._pending)))]
+                free -= len(take)
                 if not handle._pending:
                     self._waiting.popleft()
-            by_prompt: dict[int, list[int]] = {}
-            for c in choices:
-                by_prompt.setdefault(c // handle.request.n, []).append(c)
-            for p, group in by_prompt.items():
+                n = handle.request.n
+                for c in take:
+                    if groups and groups[-1][0] is handle and groups[-1][2][0] // n == c // n:
+                        groups[-1][2].append(c)
+                    else:
+                        groups.append((handle, handle.request.prompts[c // n], [c]))
+        by_length: dict[int, list] = {}
+        for g in groups:
+            by_length.setdefault(len(g[1]), []).append(g)
+        for T, same in by_length.items():
+            per_pass = max(1, PREFILL_TOKENS // T)
+            for start in range(0, len(same), per_pass):
+                chunk = same[start:start + per_pass]
                 try:
-                    self._prefill(handle, handle.request.prompts[p], group)
-                except Exception as e:  # fail this request only; the batch goes on
+                    self._prefill(chunk)
+                except Exception as e:  # fail these requests only; the batch goes on
                     log.exception("prefill failed")
                     self.counters["errors"] += 1
-                    out.setdefault(handle, []).extend(
-                        TokenEvent(c, "", None, finish_reason="error", error=str(e))
-                        for c in group)
+                    for handle, _, choices in chunk:
+                        out.setdefault(handle, []).extend(
+                            TokenEvent(c, "", None, finish_reason="error", error=str(e))
+                            for c in choices)
 
-    def _prefill(self, handle: RequestHandle, prompt: tuple[int, ...], choices: list[int]) -> None:
-        first = len(self._rows)
-        slot = self._cache.rows(first, first + 1)
-        slot.reset()
-        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, T)
-        logits, _ = self.model(idx, kv_cache=slot, last_only=True)  # (1, 1, V)
-        logits = self._clean(logits[:, -1, :])  # (1, V)
-        for k, c in enumerate(choices):
-            if k:
-                self._cache.insert(first + k, self._cache, first)
+    def _prefill(self, groups: list[tuple[RequestHandle, tuple[int, ...], list[int]]]) -> None:
+        """Prefill k prompts of equal length straight into the next k slots; further choices
+        of a prompt get copies of its slot."""
+        first, k = len(self._rows), len(groups)
+        slots = self._cache.rows(first, first + k)
+        slots.reset()
+        idx = torch.tensor([p for _, p, _ in groups], dtype=torch.long, device=self.device)  # (k, T)
+        logits, _ = self.model(idx, kv_cache=slots, last_only=True)  # (k, 1, V)
+        logits = self._clean(logits[:, -1, :])  # (k, V)
+        extra = []
+        for j, (handle, _, choices) in enumerate(groups):
+            row = _Row(handle, choices[0], self)
+            row.logits = logits[j : j + 1]
+            self._rows.append(row)
+            extra += [(j, handle, c) for c in choices[1:]]
+        for j, handle, c in extra:
+            self._cache.insert(len(self._rows), self._cache, first + j)
             row = _Row(handle, c, self)
-            row.logits = logits
+            row.logits = logits[j : j + 1]
             self._rows.append(row)
 
     def _decode(self) -> None:
