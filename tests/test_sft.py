@@ -287,15 +287,18 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_run, tmp_path, capsys):
 
 
 def test_cli_demo_data_finetune_and_eval(tiny_run, tmp_path, capsys):
-    """demo data -> finetune (LoRA) -> finetune-eval, all through the CLI."""
+    """demo data -> finetune (LoRA, a typed '\\n' in --template is a line break) ->
+    finetune-eval, all through the CLI."""
     data = tmp_path / "d.jsonl"
     assert main(["finetune-demo-data", "--task", "numbers", "--rows", "30", "--out", str(data)]) == 0
     out = tmp_path / "ft"
     assert main(["finetune", str(tiny_run), "--data", str(data), "--out", str(out), "--quiet",
                  "--lora-rank", "2", "--max-steps", "3", "--batch-size", "4", "--threads", "1",
-                 "--eval-rows", "5", "--exact-match-rows", "2", "--device", "cpu"]) == 0
+                 "--eval-rows", "5", "--exact-match-rows", "2", "--device", "cpu",
+                 "--template", "Q: {prompt}\\nA: "]) == 0
     text = capsys.readouterr().out
     assert "lora fine-tuning: 3 steps" in text and "exact match" in text
+    assert ckpt.read_run_config(out)["prompt_template"] == "Q: {prompt}\nA: "
     assert main(["finetune-eval", str(out), "--data", str(data), "--rows", "3", "--json",
                  "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 3

@@ -20,6 +20,11 @@ SKIP_TRAIN = {"device", "fsdp", "muon_lr", "muon_momentum", "decay_frac", "peak_
               "embed_lr_scale", "decay_embeddings"}
 
 
+def _template(text: str | None) -> str | None:
+    """Shell-friendly escapes: a typed backslash-n is a line break, backslash-t a tab."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def cmd_finetune(args) -> int:
     from moorelm.finetune.lora import LoRAConfig, parse_targets
     from moorelm.finetune.sft import describe, finetune
@@ -44,7 +49,7 @@ def cmd_finetune(args) -> int:
     overrides["device"] = args.device
     result = finetune(
         args.run, args.data, args.out, eval_data=args.eval_data, eval_rows=args.eval_rows,
-        template=args.template, lora=lora, train_overrides=overrides, epochs=args.epochs,
+        template=_template(args.template), lora=lora, train_overrides=overrides, epochs=args.epochs,
         seed=args.split_seed, pack=args.packing, resume=args.resume, exact_match_rows=args.exact_match_rows,
         progress=not args.quiet,
     )
@@ -63,7 +68,7 @@ def cmd_finetune_eval(args) -> int:
     if args.template is not None:
         from moorelm.generate import check_template
 
-        lm.prompt_template = check_template(args.template)
+        lm.prompt_template = check_template(_template(args.template))
     r = exact_match(lm, pairs, batch_size=args.batch_size, show=args.show)
     if args.json:
         print(json.dumps(r, indent=2, ensure_ascii=False))
@@ -106,7 +111,8 @@ def add_parser(sub) -> None:
                    help=f"rows of --data to hold out (default min({DEFAULT_EVAL_ROWS}, 10%%))")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split and packing")
     p.add_argument("--template", default=None,
-                   help=f"prompt template with {{prompt}} (default {DEFAULT_TEMPLATE!r})")
+                   help=f"prompt template with {{prompt}}; \\n is a line break (default "
+                   f"{DEFAULT_TEMPLATE!r})")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several examples per context window (default on); --no-packing "
                    "trains one example per row, each at position 0 as at inference")
