@@ -135,6 +135,8 @@ class TrainConfig:
     seed: int = 1337
     eval_interval: int = 250  # steps between evaluations (0: only at the end)
     eval_iters: int = 20  # val batches per evaluation
+    eval_batch_size: int | None = None  # sequences per val batch (None: batch_size); fix it to
+    # compare runs of different batch sizes on the same val windows
     log_interval: int = 10
     ckpt_interval: int = 1000  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 1
@@ -162,6 +164,8 @@ class TrainConfig:
             raise MoorelmError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.eval_iters < 1:
             raise MoorelmError(f"eval_iters must be >= 1, got {self.eval_iters}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise MoorelmError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,12 +218,14 @@ RECIPES: dict[str, Recipe] = {
     ),
     "moorelm": Recipe(
         "moorelm",
-        "moorelm's default: rotary positions, RMSNorm, QK-norm, ReLU^2 MLP, untied zero-init "
-        "head, zero-init projections, Muon on hidden matrices + AdamW elsewhere, "
-        "warmup-stable-decay schedule",
-        model=dict(pos="rope", norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=False,
+        "moorelm's default: rotary positions, LayerNorm, QK-norm, exact-GELU MLP, untied "
+        "zero-init head, zero-init projections, Muon 0.04 on hidden matrices + AdamW 6e-3 "
+        "elsewhere, warmup-stable-decay schedule (measured in docs/recipe.md)",
+        # LayerNorm and GELU rather than RMSNorm and ReLU^2: on CPU they are fused kernels
+        # (the step ran 1.36-1.45x the baseline's instead of 1.56x) and trained no worse
+        model=dict(pos="rope", norm="layernorm", mlp="gelu", bias=False, tie_embeddings=False,
                    qk_norm=True, zero_init_proj=True, logit_softcap=None),
-        train=dict(optimizer="muon", lr=3e-3, min_lr=0.0, muon_lr=0.02, warmup_steps=50,
+        train=dict(optimizer="muon", lr=6e-3, min_lr=0.0, muon_lr=0.04, warmup_steps=50,
                    schedule="wsd", decay_frac=0.3, weight_decay=0.0, beta1=0.9, beta2=0.95,
                    grad_clip=1.0, dtype="auto", embed_lr_scale=1.0),
     ),

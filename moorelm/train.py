@@ -216,7 +216,7 @@ def estimate_loss(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, seq
     rounds = -(-cfg.eval_iters // d.world) if _is_sharded(model) else None
     stop = rounds * d.world if rounds else cfg.eval_iters
     for i in range(d.rank, stop, d.world):
-        x, y = data.val_batch(i % cfg.eval_iters, cfg.batch_size, seq_len)
+        x, y = data.val_batch(i % cfg.eval_iters, cfg.eval_batch_size or cfg.batch_size, seq_len)
         with autocast(device, precision):
             _, loss = model(x.to(device), y.to(device))
         if i < cfg.eval_iters:

@@ -1,0 +1,144 @@
+"""Muon's orthogonalisation, parameter groups and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moorelm.config import ModelConfig, TrainConfig
+from moorelm.model import GPT
+from moorelm.optim import (
+    Muon,
+    build_optimizer,
+    decay_progress,
+    lr_multiplier,
+    newton_schulz,
+    param_groups,
+)
+
+TINY = dict(vocab_size=50, seq_len=16, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (96, 32), (32, 128), (200, 48)])
+def test_newton_schulz_singular_values_near_one(shape):
+    """Five Newton-Schulz steps push every singular value of a random matrix into about
+    [0.6, 1.25] (the quintic's target band), whatever the shape."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(shape, generator=g) * 3.0
+    X = newton_schulz(G)
+    assert X.shape == G.shape and X.dtype == G.dtype
+    s = torch.linalg.svdvals(X.float())
+    assert s.min() > 0.6 and s.max() < 1.25, s
+
+
+def test_newton_schulz_keeps_singular_vectors():
+    """The result points where U V^T (the exact orthogonal polar factor) points."""
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(64, 24, generator=g)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    X = newton_schulz(G)
+    cos = float((X * polar).sum() / (X.norm() * polar.norm()))
+    assert cos > 0.97
+
+
+def test_newton_schulz_ill_conditioned():
+    """Small singular values are lifted too: a matrix with condition number 1e3 comes out
+    with every singular value in the band, which plain normalisation would not give."""
+    g = torch.Generator().manual_seed(2)
+    U, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+    G = U @ torch.diag(torch.logspace(0, -3, 48)) @ V.T
+    s = torch.linalg.svdvals(newton_schulz(G, steps=8).float())
+    assert s.min() > 0.5 and s.max() < 1.25
+
+
+def test_muon_step_is_orthogonal_update():
+    """One Muon step (no momentum history) moves a weight by lr x an orthogonalised
+    gradient: the change's singular values sit near lr (times the shape scale)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    before = w.detach().clone()
+    opt = Muon([w], lr=0.01, momentum=0.0, nesterov=False)
+    w.grad = torch.randn(64, 32)
+    opt.step()
+    s = torch.linalg.svdvals(w.detach() - before)
+    scale = math.sqrt(64 / 32)
+    assert s.min() > 0.6 * 0.01 * scale and s.max() < 1.25 * 0.01 * scale
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(tie_embeddings=False, pos="rope", norm="rmsnorm", mlp="swiglu"),
+    dict(bias=True, n_kv_head=1),
+])
+def test_param_groups_partition_every_tensor(variant):
+    """Every trainable tensor lands in exactly one group; hidden holds only 2-D block
+    matrices, embed the embeddings/head, scalar the 1-D tensors."""
+    model = GPT(ModelConfig(**TINY, **variant))
+    groups = param_groups(model)
+    ids = [id(p) for g in groups.values() for _, p in g]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+    assert all(p.dim() == 2 and n.startswith("blocks.") for n, p in groups["hidden"])
+    assert all(p.dim() < 2 for _, p in groups["scalar"])
+    assert {n.split(".")[0] for n, _ in groups["embed"]} <= {"wte", "wpe", "lm_head"}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_groups_cover_parameters_once(optimizer):
+    """build_optimizer hands every parameter to exactly one optimizer group, with Muon
+    taking exactly the hidden matrices when chosen."""
+    model = GPT(ModelConfig(**TINY, tie_embeddings=False))
+    opt = build_optimizer(model, TrainConfig(optimizer=optimizer))
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    hidden = {id(p) for _, p in param_groups(model)["hidden"]}
+    if optimizer == "muon":
+        muon = [o for o in opt.opts if isinstance(o, Muon)]
+        assert len(muon) == 1
+        assert {id(p) for g in muon[0].param_groups for p in g["params"]} == hidden
+
+
+def test_weight_decay_targets():
+    """Decay applies to hidden matrices, to embeddings only with decay_embeddings (nanoGPT
+    decays every 2-D tensor), never to norm gains."""
+    model = GPT(ModelConfig(**TINY))
+    for decay_embed in (False, True):
+        opt = build_optimizer(model, TrainConfig(weight_decay=0.1, decay_embeddings=decay_embed))
+        wd = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+        assert wd["hidden"] == 0.1 and wd["scalar"] == 0.0
+        assert wd["embed"] == (0.1 if decay_embed else 0.0)
+
+
+def test_cosine_schedule_matches_nanogpt():
+    """Warmup then cosine to min_lr equals nanoGPT's get_lr (lr_decay_iters = max_iters)."""
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000, schedule="cosine")
+
+    def nanogpt(it):
+        if it < 100:
+            return 1e-3 * (it + 1) / 101
+        ratio = (it - 100) / (2000 - 100)
+        return 1e-4 + 0.5 * (1 + math.cos(math.pi * ratio)) * (1e-3 - 1e-4)
+
+    for it in (0, 50, 99, 100, 500, 1500, 1999, 2000):
+        got = cfg.lr * lr_multiplier(it, decay_progress(it, 0, 0.0, cfg, 1), cfg)
+        assert got == pytest.approx(nanogpt(it), rel=1e-9)
+
+
+def test_wsd_schedule_shape():
+    """Warmup-stable-decay: flat at the peak, then linear down to min_lr over the last
+    decay_frac of the budget."""
+    cfg = TrainConfig(lr=1e-2, min_lr=0.0, warmup_steps=0, schedule="wsd", decay_frac=0.4)
+    assert lr_multiplier(10, 0.3, cfg) == 1.0
+    assert lr_multiplier(10, 0.6, cfg) == 1.0
+    assert lr_multiplier(10, 0.8, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(10, 1.0, cfg) == pytest.approx(0.0)
+
+
+def test_time_budget_drives_decay():
+    """With a time budget, progress is the fraction of seconds used."""
+    cfg = TrainConfig(max_time=100.0, warmup_steps=10)
+    assert decay_progress(50, 0, 25.0, cfg, 1) == pytest.approx(0.25)
