@@ -19,7 +19,7 @@ TINY = LD.LadderSpec(shapes=((1, 8), (1, 16), (2, 16)), head_dim=8, seq_len=16, 
 TINY_FLAGS = ["--shapes", "1x8,1x16,2x16", "--head-dim", "8", "--seq-len", "16",
               "--batch-size", "2", "--levels", "3", "--sizes-per-level", "2", "--level-ratio", "3",
               "--min-steps", "3", "--eval-iters", "2", "--bootstrap", "5", "--threads", "1",
-              "--device", "cpu", "--quiet"]
+              "--device", "cpu", "--quiet", "--no-trends"]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -190,7 +190,8 @@ def test_tiny_ladder_end_to_end_resumes_and_rebuilds(capsys, tmp_path):
     lost = plan[0]["name"]
     del doc["results"][lost]
     (out / "ladder.json").write_text(json.dumps(doc))
-    code, log, err = run_cli(capsys, "scale", "--out", str(out), "--corpus", str(corpus), "--quiet")
+    code, log, err = run_cli(capsys, "scale", "--out", str(out), "--corpus", str(corpus), "--quiet",
+                             "--no-trends", "--bootstrap", "5")
     assert code == 0, err
     assert log.count("done, skipped") == 5
     again = json.loads((out / "ladder.json").read_text())["results"][lost]
@@ -198,6 +199,7 @@ def test_tiny_ladder_end_to_end_resumes_and_rebuilds(capsys, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("model.safetensors")} == stamps
 
     (out / "report.html").unlink()
-    code, log, err = run_cli(capsys, "scale", "--report-only", str(out), "--bootstrap", "5")
+    code, log, err = run_cli(capsys, "scale", "--report-only", str(out), "--bootstrap", "5",
+                            "--no-trends")
     assert code == 0, err
     assert (out / "report.html").exists() and "report:" in log

@@ -22,7 +22,7 @@ def cmd_scale(args) -> int:
     if args.report_only:
         if args.budget or args.budget_flops or args.out:
             raise MoorelmError("--report-only DIR rebuilds a report; drop --budget/--budget-flops/--out")
-        path = LD.write_report(args.report_only, n_bootstrap=args.bootstrap)
+        path = LD.write_report(args.report_only, n_bootstrap=args.bootstrap, trends=args.trends)
         print(f"report: {path}")
         return 0
     if not args.out:
@@ -48,7 +48,7 @@ def cmd_scale(args) -> int:
     data = prepare_data(args.corpus, args.tokenizer, args.vocab_size, args.val_frac, args.data,
                         args.text_field, _exts(args), _plays(args), progress=not args.quiet)
     LD.scale(out, data, spec, budget_s=seconds, budget_flops=args.budget_flops,
-             n_bootstrap=args.bootstrap, progress=not args.quiet)
+             n_bootstrap=args.bootstrap, trends=args.trends, progress=not args.quiet)
     return 0
 
 
@@ -101,6 +101,8 @@ def add_parser(sub) -> None:
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="predict and train the 10x-compute verification run (default on)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples per fit")
+    p.add_argument("--trends", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the historical trends of landmark models (default on)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)

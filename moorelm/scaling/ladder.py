@@ -196,6 +196,11 @@ def probe(spec: LadderSpec, data: TokenData, *, progress: bool = True) -> dict[s
                     "step_s": step_s, "overhead_s": max(0.0, wall - r.elapsed)}
                 if progress:
                     print(f"probe {recipe:>14} {shape_name(shape):>8}: {step_s * 1e3:8.1f} ms/step")
+    # per-run overhead (building the model, checkpoint, plot) hardly depends on the shape, and
+    # the first probe also pays for imports; the median is the fairer estimate
+    overhead = float(np.median([r["overhead_s"] for r in out.values()]))
+    for r in out.values():
+        r["overhead_s"] = overhead
     return out
 
 
@@ -543,8 +548,9 @@ def _plot_comparison(path: Path, records: list[dict], cmp: dict) -> Path:
 # ----------------------------------------------------------------------------- report
 
 
-def write_report(out: str | Path, *, n_bootstrap: int = 100) -> Path:
-    """(Re)build DIR's report from the finished runs in ladder.json (or runs.csv)."""
+def write_report(out: str | Path, *, n_bootstrap: int = 100, trends: bool = True) -> Path:
+    """(Re)build DIR's report from the finished runs in ladder.json (or runs.csv);
+    ``trends=False`` leaves out the historical section."""
     from moorelm.scaling.report import build_report, load_records
 
     out = Path(out)
@@ -566,7 +572,7 @@ def write_report(out: str | Path, *, n_bootstrap: int = 100) -> Path:
     if prediction and not any(r["name"] == pred["name"] for r in records):
         prediction = None
     path = build_report(out, records, prediction=prediction, n_bootstrap=n_bootstrap,
-                        param_key="n_params_nonembed")
+                        param_key="n_params_nonembed", trends=trends)
     if spec is not None and spec.compare and others:
         cmp = compare_recipes(list(state.results.values()), spec.recipe, spec.baseline)
         state.doc["comparison"] = cmp
@@ -611,6 +617,7 @@ def scale(
     budget_s: float | None = None,
     budget_flops: float | None = None,
     n_bootstrap: int = 100,
+    trends: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -685,7 +692,7 @@ def scale(
             log(f"verification: measured {rec['val_loss']:.4f} vs predicted {pred['val_loss']:.4f}"
                 f" ({100 * err:+.2f}%), in {rec['wall_s']:.0f}s")
 
-    path = write_report(out, n_bootstrap=n_bootstrap)
+    path = write_report(out, n_bootstrap=n_bootstrap, trends=trends)
     state = LadderState(out)
     if "comparison" in state.doc:
         log(comparison_sentence(state.doc["comparison"]))
