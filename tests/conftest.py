@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+# Spinning OpenMP workers burn the cores other test processes need (torchrun ranks, servers).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

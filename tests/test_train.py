@@ -154,7 +154,13 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", KILLER, str(run), str(step)],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.15 + 0.13 * attempt)
+        # wait for the first checkpoint of this attempt, then kill at a varying instant
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(
+            int(p.name.split("-")[1]) > step for p in ckpt.list_checkpoints(run)
+        ):
+            time.sleep(0.01)
+        time.sleep(0.05 + 0.07 * attempt)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         last = ckpt.latest_checkpoint(run)
