@@ -1,7 +1,7 @@
 """Benchmark: English -> German by SFT of a small moorelm GPT, LoRA and full fine-tuning side by side.
 
     python bench/translate.py --data ../shared/data/multi30k [--pretrain-time 360]
-        [--finetune-time 300] [--test-rows 500] [--threads 2] [--out DIR]
+        [--finetune-time 300] [--test-rows 500] [--threads 1] [--out DIR]
 
 DATA must hold Multi30k's ``train.en`` and ``train.de`` (one sentence per line, aligned).
 
@@ -84,7 +84,8 @@ def main() -> int:
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--full-lr", type=float, default=1e-3)
     ap.add_argument("--lora-lr", type=float, default=3e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared machine more threads can be much slower)")
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
