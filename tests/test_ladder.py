@@ -95,6 +95,23 @@ def test_compare_recipes_recovers_a_known_compute_factor():
         LD.compare_recipes(_frontier_records("moorelm", 1.0), "moorelm", "gpt2-baseline")
 
 
+def test_compare_recipes_reports_a_bound_when_one_recipe_is_better_everywhere():
+    """When the new recipe's cheapest compute level already beats the baseline's best loss, the
+    compute it needs is only an upper bound, so the factor is reported as 'at least' the ratio
+    of the levels, not as an exact figure."""
+    recs = []
+    for j, level in enumerate((1e9, 4e9, 1.6e10)):
+        for k, (flops, extra) in enumerate(((0.99, 0.3), (1.0, 0.0))):
+            recs.append({"name": f"new-{j}-{k}", "recipe": "moorelm", "compute_level": level,
+                         "flops": level * flops, "val_loss": 2.0 - 0.2 * j + extra})
+            recs.append({"name": f"old-{j}-{k}", "recipe": "gpt2-baseline", "compute_level": level,
+                         "flops": level * flops, "val_loss": 3.0 - 0.2 * j + extra})
+    cmp = LD.compare_recipes(recs, "moorelm", "gpt2-baseline")
+    assert cmp["factor_kind"] == "at least"
+    assert cmp["factor"] == pytest.approx(16.0)
+    assert "at least 16.00x" in LD.comparison_sentence(cmp)
+
+
 def test_verification_is_predicted_by_the_fitted_law():
     """Rungs drawn from a known L(N, D) (1% noise) give a verification prediction within 3% of
     the true law at the chosen shape and budget, and the shape chosen is the one the true law
@@ -203,3 +220,26 @@ def test_tiny_ladder_end_to_end_resumes_and_rebuilds(capsys, tmp_path):
                             "--no-trends")
     assert code == 0, err
     assert (out / "report.html").exists() and "report:" in log
+
+
+@pytest.mark.slow
+def test_compare_recipes_end_to_end(capsys, tmp_path):
+    """--compare-recipes trains the baseline recipe on the same rungs, writes its own report
+    under baseline/, and puts the algorithmic-progress factor in ladder.json and report.html."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SMALL_TEXT, encoding="utf-8")
+    out = tmp_path / "cmp"
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--levels") + 1] = "2"
+    flags[flags.index("--sizes-per-level") + 1] = "1"
+    code, log, err = run_cli(capsys, "scale", "--out", str(out), "--budget-flops", "1e8",
+                             "--compare-recipes", "--no-verify", "--corpus", str(corpus), *flags)
+    assert code == 0, err
+    doc = json.loads((out / "ladder.json").read_text())
+    recipes = sorted(r["recipe"] for r in doc["results"].values())
+    assert recipes == ["gpt2-baseline"] * 2 + ["moorelm"] * 2
+    cmp = doc["comparison"]
+    assert cmp["factor"] > 0 and set(cmp["compute"]) == {"moorelm", "gpt2-baseline"}
+    assert "algorithmic-progress factor" in log
+    assert "Our own algorithmic progress" in (out / "report.html").read_text()
+    assert (out / "baseline" / "report.html").exists() and (out / "compare_recipes.png").exists()

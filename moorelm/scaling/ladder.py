@@ -468,21 +468,28 @@ def compare_recipes(records: list[dict], recipe: str, baseline: str) -> dict:
     """Compute each recipe needs to reach one loss, and their ratio (the algorithmic-progress
     factor of ``recipe`` over ``baseline``).
 
-    Along each recipe's compute frontier (the lower envelope of loss against compute), log C is
-    interpolated linearly in loss. The target is the lowest loss both frontiers reach. When one
-    recipe's cheapest run is already below the target, its compute is an upper bound and the
-    factor a bound too; ``bound`` says so.
+    Each recipe's frontier is its best run per compute level (runs of one level share a budget,
+    so their small differences in FLOPs are not progress), reduced to the lower envelope of loss
+    against compute; log C is interpolated linearly in loss along it. The target is the lowest
+    loss both frontiers reach. When one recipe's cheapest level is already below the target,
+    its compute is an upper bound and the factor a bound too; ``factor_kind`` says which.
     """
     from moorelm.scaling import fit as F
 
     fronts = {}
     for name in (recipe, baseline):
-        rs = [r for r in records if r.get("recipe") == name and not r.get("verification")]
-        if len(rs) < 2:
-            raise MoorelmError(f"need at least 2 finished runs of recipe {name!r} to compare "
-                               f"recipes; got {len(rs)}")
-        C = np.array([r["flops"] for r in rs], dtype=float)
-        L = np.array([r["val_loss"] for r in rs], dtype=float)
+        best: dict[float, dict] = {}
+        for r in records:
+            if r.get("recipe") != name or r.get("verification"):
+                continue
+            level = float(r.get("compute_level") or r["flops"])
+            if level not in best or r["val_loss"] < best[level]["val_loss"]:
+                best[level] = r
+        if len(best) < 2:
+            raise MoorelmError(f"need finished runs of recipe {name!r} at 2 or more compute "
+                               f"levels to compare recipes; got {len(best)}")
+        C = np.array([r["flops"] for r in best.values()], dtype=float)
+        L = np.array([r["val_loss"] for r in best.values()], dtype=float)
         idx = F.compute_frontier(C, L)
         fronts[name] = (C[idx], L[idx])
     target = max(float(L.min()) for _, L in fronts.values())
@@ -507,14 +514,18 @@ def compare_recipes(records: list[dict], recipe: str, baseline: str) -> dict:
                           for k, v in fronts.items()}}
 
 
-def comparison_sentence(cmp: dict) -> str:
+def _factor_text(cmp: dict) -> str:
     qual = {"exact": "", "at least": "at least ", "at most": "at most ",
             "undetermined": "(bounded on both sides, so undetermined) "}[cmp["factor_kind"]]
+    return f"{qual}{cmp['factor']:.2f}x"
+
+
+def comparison_sentence(cmp: dict) -> str:
     c = cmp["compute"]
     return (f"To reach a validation loss of {cmp['target_loss']:.4g}, the {cmp['baseline']} recipe "
             f"needed {c[cmp['baseline']]:.3g} FLOPs and the {cmp['recipe']} recipe "
-            f"{c[cmp['recipe']]:.3g}: an algorithmic-progress factor of {qual}"
-            f"{cmp['factor']:.2f}x, measured on this machine along each recipe's compute frontier.")
+            f"{c[cmp['recipe']]:.3g}: an algorithmic-progress factor of {_factor_text(cmp)}, "
+            "measured on this machine along each recipe's compute frontier.")
 
 
 def _plot_comparison(path: Path, records: list[dict], cmp: dict) -> Path:
@@ -536,7 +547,7 @@ def _plot_comparison(path: Path, records: list[dict], cmp: dict) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"compute to reach the same loss: factor {cmp['factor']:.2f}x")
+    ax.set_title(f"compute to reach the same loss: factor {_factor_text(cmp)}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
