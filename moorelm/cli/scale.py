@@ -114,7 +114,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "trend", help="growth of landmark language models beside Moore's law",
-        description="Fit exponential trends (doubling times with 95%% intervals) to the bundled "
+        description="Fit exponential trends (doubling times with 95% intervals) to the bundled "
         "table of landmark models since 2018 and set them beside Moore's law and published "
         "estimates; writes trends.png.")
     p.add_argument("--out", default=".", help="folder for trends.png (default: here)")
