@@ -13,7 +13,7 @@ moorelm decodes with ``generate.generate_tokens``; transformers with ``model.gen
 (do_sample=False, its own KV cache). Each figure is the best of --repeats runs. Usage:
 
     python bench/generate.py                          # shakespeare-char size, batch 1 and 16
-    python bench/generate.py --run runs/demo --batch 1,16 --threads 2
+    python bench/generate.py --run runs/demo --batch 1,16 --threads 1
 
 Targets: decode >= 2x transformers at batch 1 and >= 1x at batch 16 (2 CPU cores).
 """
@@ -84,7 +84,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine two OpenMP "
+                    "threads stall whenever another process runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -162,7 +162,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=100, help="tokens per response (default 100)")
     ap.add_argument("--prompt", default="ROMEO:\n")
     ap.add_argument("--max-batch", type=int, default=64, help="server --max-batch (default 64)")
-    ap.add_argument("--threads", type=int, default=2, help="server torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="server torch threads (default 1: leaves the second core to the "
+                    "HTTP side and the clients)")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     if args.init and not Path(args.run).exists():
