@@ -8,8 +8,19 @@ import sys
 import time
 from pathlib import Path
 
-from moorelm.config import (DTYPES, MLPS, NORMS, OPTIMIZERS, POSITIONS, PRESET_HELP, PRESETS,
-                            RECIPES, SCHEDULES, ModelConfig, TrainConfig)
+from moorelm.config import (
+    DTYPES,
+    MLPS,
+    NORMS,
+    OPTIMIZERS,
+    POSITIONS,
+    PRESET_HELP,
+    PRESETS,
+    RECIPES,
+    SCHEDULES,
+    ModelConfig,
+    TrainConfig,
+)
 from moorelm.errors import MoorelmError
 
 CHOICES = {"pos": POSITIONS, "norm": NORMS, "mlp": MLPS, "optimizer": OPTIMIZERS,
