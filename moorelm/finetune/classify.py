@@ -524,6 +524,51 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Splits:
+    """The rows a classifier trains and evaluates on, after every check."""
+
+    train_all: LabeledData  # the whole training file
+    train: LabeledData  # what is trained on (minus held-out rows, maybe subsampled)
+    eval: LabeledData
+    names: list[str]  # label order
+    eval_source: str  # where the eval rows came from, in words
+    balance: dict[str, dict[str, int]]  # class counts of train and eval
+
+
+def prepare_splits(train_file, eval_file, text_column: str, label_column: str, *,
+                   eval_fraction: float, seed: int, max_train_rows: int | None,
+                   progress: bool) -> Splits:
+    """Read and check the files, hold out a stratified eval slice when no eval file is given,
+    subsample to ``max_train_rows``; shared by every classification backend."""
+    train_all = read_labeled(train_file, text_column, label_column)
+    eval_data = read_labeled(eval_file, text_column, label_column) if eval_file else None
+    names = check_label_sets(train_all, eval_data)
+    train = train_all
+    if eval_data is None:
+        keep, held = stratified_split(train_all.labels, eval_fraction, seed)
+        if not held:
+            raise MoorelmError(
+                f"{train_all.path}: too few rows to hold out an evaluation set; pass eval_file"
+            )
+        train, eval_data = train_all.subset(keep), train_all.subset(held)
+        eval_source = f"{eval_fraction:g} of {train_all.path.name} held out (stratified, seed {seed})"
+    else:
+        eval_source = str(eval_data.path)
+    if max_train_rows is not None and len(train) > max_train_rows:
+        if max_train_rows < len(names):
+            raise MoorelmError(
+                f"max_train_rows={max_train_rows} is fewer than the {len(names)} classes"
+            )
+        train = train.subset(stratified_sample(train.labels, max_train_rows, seed))
+    if len(label_names(train.labels)) < 2:
+        raise MoorelmError(f"{train_all.path}: after holding out eval rows only one class is left")
+    balance = {"train": train.class_balance(names), "eval": eval_data.class_balance(names)}
+    _say(progress, f"train: {len(train)} rows ({format_balance(balance['train'])})")
+    _say(progress, f"eval:  {len(eval_data)} rows ({format_balance(balance['eval'])})")
+    return Splits(train_all, train, eval_data, names, eval_source, balance)
+
+
 # ============================================================================ HF backend: models
 
 
@@ -747,33 +792,11 @@ def finetune_classifier(
         raise MoorelmError(f"{out} exists and is not a folder")
 
     # ---- data (backend-independent checks first, before loading any model)
-    train_all = read_labeled(train_file, text_column, label_column)
-    eval_data = read_labeled(eval_file, text_column, label_column) if eval_file else None
-    names = check_label_sets(train_all, eval_data)
-    train = train_all
-    if eval_data is None:
-        keep, held = stratified_split(train_all.labels, eval_fraction, seed)
-        if not held:
-            raise MoorelmError(
-                f"{train_all.path}: too few rows to hold out an evaluation set; pass eval_file"
-            )
-        train, eval_data = train_all.subset(keep), train_all.subset(held)
-        eval_source = (
-            f"{eval_fraction:g} of {train_all.path.name} held out (stratified, seed {seed})"
-        )
-    else:
-        eval_source = str(eval_data.path)
-    if max_train_rows is not None and len(train) > max_train_rows:
-        if max_train_rows < len(names):
-            raise MoorelmError(
-                f"max_train_rows={max_train_rows} is fewer than the {len(names)} classes"
-            )
-        train = train.subset(stratified_sample(train.labels, max_train_rows, seed))
-    if len(label_names(train.labels)) < 2:
-        raise MoorelmError(f"{train_all.path}: after holding out eval rows only one class is left")
-    balance = {"train": train.class_balance(names), "eval": eval_data.class_balance(names)}
-    _say(progress, f"train: {len(train)} rows ({format_balance(balance['train'])})")
-    _say(progress, f"eval:  {len(eval_data)} rows ({format_balance(balance['eval'])})")
+    d = prepare_splits(train_file, eval_file, text_column, label_column,
+                       eval_fraction=eval_fraction, seed=seed, max_train_rows=max_train_rows,
+                       progress=progress)
+    train_all, train, eval_data, names = d.train_all, d.train, d.eval, d.names
+    eval_source, balance = d.eval_source, d.balance
 
     # ---- model
     import torch

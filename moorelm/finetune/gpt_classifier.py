@@ -56,16 +56,11 @@ from moorelm.finetune.classify import (
     CONFUSION_FILE,
     METRICS_FILE,
     TruncationWarning,
-    check_label_sets,
     classification_metrics,
-    format_balance,
     format_summary,
     label_maps,
-    label_names,
-    read_labeled,
+    prepare_splits,
     save_confusion_png,
-    stratified_sample,
-    stratified_split,
     truncation_message,
 )
 from moorelm.finetune.lora import plain_weights
@@ -206,27 +201,11 @@ def finetune_gpt_classifier(
         raise MoorelmError(f"{out} holds a language-model run; choose a new folder for the classifier")
 
     # ---- data: every check before any weights are loaded
-    train_all = read_labeled(train_file, text_column, label_column)
-    eval_data = read_labeled(eval_file, text_column, label_column) if eval_file else None
-    names = check_label_sets(train_all, eval_data)
-    train = train_all
-    if eval_data is None:
-        keep, held = stratified_split(train_all.labels, eval_fraction, seed)
-        if not held:
-            raise MoorelmError(f"{train_all.path}: too few rows to hold out an evaluation set; pass eval_file")
-        train, eval_data = train_all.subset(keep), train_all.subset(held)
-        eval_source = f"{eval_fraction:g} of {train_all.path.name} held out (stratified, seed {seed})"
-    else:
-        eval_source = str(eval_data.path)
-    if max_train_rows is not None and len(train) > max_train_rows:
-        if max_train_rows < len(names):
-            raise MoorelmError(f"max_train_rows={max_train_rows} is fewer than the {len(names)} classes")
-        train = train.subset(stratified_sample(train.labels, max_train_rows, seed))
-    if len(label_names(train.labels)) < 2:
-        raise MoorelmError(f"{train_all.path}: after holding out eval rows only one class is left")
-    balance = {"train": train.class_balance(names), "eval": eval_data.class_balance(names)}
-    _say(progress, f"train: {len(train)} rows ({format_balance(balance['train'])})")
-    _say(progress, f"eval:  {len(eval_data)} rows ({format_balance(balance['eval'])})")
+    d = prepare_splits(train_file, eval_file, text_column, label_column,
+                       eval_fraction=eval_fraction, seed=seed, max_train_rows=max_train_rows,
+                       progress=progress)
+    train_all, train, eval_data, names = d.train_all, d.train, d.eval, d.names
+    eval_source, balance = d.eval_source, d.balance
 
     # ---- base model
     base_cfg, tensors, base_ck = plain_weights(run_dir)
