@@ -331,6 +331,9 @@ def _encode_task(task: list[tuple[str, str, bool]]) -> list[tuple[str, np.ndarra
 
 def _init_worker(tokenizer_json: str, kind: str) -> None:
     global _TOK
+    # A forked child has no copy of the parent's Rust thread pool: parallel encoding would wait
+    # forever for it. One thread per worker process is the point of workers anyway.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer as HFTokenizer
 
     _TOK = Tokenizer(HFTokenizer.from_str(tokenizer_json), kind)

@@ -37,8 +37,11 @@ def _docs(tmp_path: Path, n: int = 24) -> Path:
 @pytest.mark.parametrize("kind, source", [("bpe", "docs"), ("char", "file")])
 def test_workers_write_identical_datasets(tmp_path, monkeypatch, kind, source):
     """Two workers write byte-identical shards and manifest to one worker's, for a document
-    split (folder) and a positional split (one file), across many small tasks and shards."""
+    split (folder) and a positional split (one file), across many small tasks and shards,
+    also when the parent has used the tokenizers thread pool before forking (which once hung
+    the workers)."""
     monkeypatch.setattr(data, "TASK_CHARS", 1500)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     if source == "docs":
         corpus = load_corpus(_docs(tmp_path))
     else:
