@@ -15,6 +15,7 @@ Every source is validated where it enters: missing, empty, binary and non-UTF-8 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -62,13 +63,20 @@ class Document:
     name: str
     source: Path | None = None  # file to read; None when ``text`` holds it
     text: str | None = None
-    kind: str = "txt"  # txt | gz | play
+    kind: str = "txt"  # txt | gz | play | jsonl (one row of a JSONL file, read at ``offset``)
+    offset: int = 0
+    field: str = "text"
 
     def chunks(self) -> Iterator[str]:
         if self.text is not None:
             yield self.text
             return
         assert self.source is not None
+        if self.kind == "jsonl":
+            f = _open_jsonl(str(self.source))
+            f.seek(self.offset)
+            yield json.loads(f.readline().decode("utf-8"))[self.field]
+            return
         if self.kind == "play":
             yield markdown_to_play_text(self.source.read_text(encoding="utf-8"))
             return
@@ -215,10 +223,12 @@ class Corpus:
 
     def approx_bytes(self) -> int:
         total = 0
+        files: set[Path] = set()  # JSONL rows share their file: count its size once
         for doc in self.documents:
             if doc.text is not None:
                 total += len(doc.text.encode("utf-8"))
-            elif doc.source is not None:
+            elif doc.source is not None and doc.source not in files:
+                files.add(doc.source)
                 total += doc.source.stat().st_size
         return total
 
@@ -236,13 +246,25 @@ def _file_sig(path: Path) -> tuple[str, int, int]:
     return (str(path.resolve()), st.st_size, int(st.st_mtime_ns))
 
 
+@functools.lru_cache(maxsize=4)
+def _open_jsonl(path: str):
+    """One open handle per JSONL file for reading rows by offset (read-only, reused)."""
+    return open(path, "rb")  # noqa: SIM115 (kept open on purpose: many small reads)
+
+
 def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
+    """One document per non-empty row. Every row is parsed and checked here, in one streaming
+    pass; a plain .jsonl keeps only each row's byte offset (its text is read again when the
+    corpus is tokenized), so files larger than memory work. A .jsonl.gz cannot be seeked
+    cheaply, so its rows' texts are kept."""
     gz = path.name.endswith(".gz")
-    opener = gzip.open if gz else open
     docs = []
     try:
-        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-            for lineno, line in enumerate(f, 1):
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                start, offset = offset, offset + len(raw)
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
                 try:
@@ -257,8 +279,14 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
                 text = row[text_field]
                 if not isinstance(text, str):
                     raise MoorelmError(f"{path}:{lineno}: field {text_field!r} is not a string")
-                if text:
-                    docs.append(Document(f"{path.name}:{lineno}", text=text))
+                if not text:
+                    continue
+                name = f"{path.name}:{lineno}"
+                if gz:
+                    docs.append(Document(name, text=text))
+                else:
+                    docs.append(Document(name, source=path, kind="jsonl", offset=start,
+                                         field=text_field))
     except UnicodeDecodeError:
         raise MoorelmError(f"{path} is not valid UTF-8; re-encode it as UTF-8") from None
     except (gzip.BadGzipFile, EOFError, OSError) as e:

@@ -135,3 +135,17 @@ def test_corpus_too_small_for_context(tmp_path):
     data = TokenData(prepare(load_corpus(p), tmp_path / "data", progress=False))
     with pytest.raises(MoorelmError, match="corpus too small"):
         data.check_fits(64)
+
+
+def test_jsonl_rows_are_read_lazily(tmp_path):
+    """A plain .jsonl keeps only row offsets in memory; its rows read back exactly, and a
+    prepared dataset holds every row's text."""
+    rows = [{"text": f"row {i}: caf\u00e9 \U0001f642\n" * (i + 1)} for i in range(30)]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    c = load_corpus(p)
+    assert all(d.text is None for d in c.documents)
+    assert [d.read() for d in c.documents] == [r["text"] for r in rows]
+    m = read_manifest(prepare(c, tmp_path / "data", progress=False))
+    total = sum(len(r["text"].encode("utf-8")) for r in rows)
+    assert m["splits"]["train"]["bytes"] + m["splits"]["val"]["bytes"] == total
