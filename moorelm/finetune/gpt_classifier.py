@@ -37,7 +37,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ from moorelm.finetune.classify import (
     CONFUSION_FILE,
     METRICS_FILE,
     TruncationWarning,
+    _say,
     classification_metrics,
     format_summary,
     label_maps,
@@ -147,11 +147,6 @@ def _predict(model: GPTClassifier, rows: list[list[int]], pad: int, device: torc
         probs[chunk] = model(idx, lengths).float().softmax(-1).cpu()
     model.train(was)
     return probs
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
 
 
 def finetune_gpt_classifier(
