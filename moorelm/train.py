@@ -304,8 +304,6 @@ def train(
         opt_file = last / "optimizer.safetensors"
         if not opt_file.exists():
             raise MoorelmError(f"{last} has no optimizer state, so it cannot be resumed")
-        from moorelm.checkpoint import load_optimizer_state
-
         tensors = ckpt.read_tensors(opt_file, "cpu" if sharded else device)
         metas = state["optimizer"]
         by_opt: list[dict[str, torch.Tensor]] = [{} for _ in opt.opts]
@@ -313,7 +311,7 @@ def train(
             i, rest = name.split("/", 1)
             by_opt[int(i)][rest] = t
         for o, ts, meta in zip(opt.opts, by_opt, metas):
-            load_optimizer_state(o, _shard_like_params(o, ts) if sharded else ts, meta)
+            ckpt.load_optimizer_state(o, _shard_like_params(o, ts) if sharded else ts, meta)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         saved_batch = state.get("global_batch")
         now_batch = cfg.batch_size * cfg.grad_accum * d.world
