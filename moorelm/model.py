@@ -105,16 +105,69 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables (S, D) in the form ``_rotate`` uses: [cos, cos] and [-sin, sin].
+
+    Pairs are (i, i + D/2), the first and second halves of a head (Llama's layout)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (S, D/2)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head: x (B, H, T, D), cos/sin (B, 1, T, D/2)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the last dim: [x1 c - x2 s, x1 s + x2 c].
+
+    With tables from ``rope_tables`` that is x * [c, c] + [x2, x1] * [-s, s]: a roll and a
+    fused multiply-add instead of slices, four products, two sums and a concatenation.
+    The inverse rotation is the same with ``-sin``.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _NormRotate(torch.autograd.Function):
+    """Queries and keys together, (B, T, H + K, D): optional per-head RMS norm, then optional
+    rotary rotation (tables from ``rope_tables``, broadcast as (.., T, 1, D)).
+
+    A hand-written backward: the rotation's gradient is the inverse rotation and the RMS
+    norm's is r * (g - y * mean(g * y)), a handful of kernels where autograd's composite
+    graph (pow, mean, rsqrt, slices padded back with zeros, ...) runs several times as many.
+    fp16/bf16 inputs are computed in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, norm: bool, eps: float):
+        dtype = x.dtype
+        y, r = _upcast(x), None
+        if norm:
+            r = torch.rsqrt(y.square().mean(-1, keepdim=True).add_(eps))
+            y = y * r
+        out = _rotate(y, cos, sin) if cos is not None else y
+        ctx.norm = norm
+        ctx.save_for_backward(y if norm else None, r, cos, sin)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, r, cos, sin = ctx.saved_tensors
+        g = _upcast(grad)
+        if cos is not None:
+            g = _rotate(g, cos, -sin)
+        if ctx.norm:
+            g = r * (g - y * (g * y).mean(-1, keepdim=True))
+        return g.to(grad.dtype), None, None, None, None
+
+
+def norm_rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                norm: bool, eps: float = 1e-6) -> torch.Tensor:
+    """x (B, T, N, D) -> RMS-normalised per head when ``norm``, rotated when ``rope``."""
+    if rope is None and not norm:
+        return x
+    cos, sin = rope if rope is not None else (None, None)
+    return _NormRotate.apply(x, cos, sin, norm, eps)
 
 
 class Attention(nn.Module):
@@ -130,14 +183,10 @@ class Attention(nn.Module):
                 cache: KVCache | None, pos: torch.Tensor, uniform_start: int | None) -> torch.Tensor:
         B, T, C = x.shape
         H, K, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
-        q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        if self.cfg.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # split, not slicing: a slice's backward pads its gradient with zeros, split's concatenates
+        qk, v = self.c_attn(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
+        q, k = norm_rotate(qk, rope, self.cfg.qk_norm).split([H, K], dim=2)  # one pass for both
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
 
         mask, is_causal = None, True
         if cache is not None:
@@ -211,7 +260,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (S, D/2)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (S, D)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
@@ -287,19 +336,24 @@ class GPT(nn.Module):
             first = int(lengths[0])
             uniform_start = first if bool((lengths == first).all()) else None
             pos = lengths[:, None] + torch.arange(T, device=idx.device)[None, :]  # (B, T)
-            limit = kv_cache.max_len
+            last = first + T - 1 if uniform_start is not None else int(pos.max())
+            limit = min(kv_cache.max_len, cfg.seq_len)
         else:
-            pos = torch.arange(T, device=idx.device)[None, :].expand(B, T)  # (B, T)
-            limit = cfg.seq_len
-        if int(pos.max()) >= min(limit, cfg.seq_len):
-            raise ValueError(f"positions up to {int(pos.max())} exceed the context window {cfg.seq_len}")
+            pos = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+            last, limit = T - 1, cfg.seq_len
+        if last >= limit:
+            raise ValueError(f"positions up to {last} exceed the context window {cfg.seq_len}")
 
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(pos)
         rope = None
         if cfg.pos == "rope":
-            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D/2)
+            if kv_cache is None or uniform_start is not None:
+                start = uniform_start or 0  # every row at the same positions: a slice
+                rope = (self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None])
+            else:
+                rope = (self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, kv_cache, pos, uniform_start)

@@ -48,25 +48,40 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 @torch.no_grad()
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise a matrix (singular values -> ~1) without an SVD."""
-    assert G.ndim == 2
+    """Approximately orthogonalise a matrix (singular values -> ~1) without an SVD.
+
+    ``G`` is one matrix (r, c) or a stack of same-shape matrices (n, r, c); a stack runs as
+    batched matmuls, which on CPU costs about a third of looping over its members.
+    """
+    assert G.ndim in (2, 3)
     a, b, c = NS_COEFFS
     X = G.to(torch.bfloat16)
-    transposed = X.size(0) > X.size(1)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
-        X = X.T
-    X = X / (X.norm() + eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        A = X @ X.T
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    if X.ndim == 2:
+        for _ in range(steps):
+            A = X @ X.T
+            B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            X = torch.addmm(X, B, X, beta=a)  # a X + B X
+    else:
+        for _ in range(steps):
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
     if transposed:
-        X = X.T
+        X = X.mT
     return X.to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum + Newton-Schulz orthogonalised updates, for 2-D hidden weight matrices."""
+    """Momentum + Newton-Schulz orthogonalised updates, for 2-D hidden weight matrices.
+
+    Per step: momentum buffers updated in one foreach call, then the updates of every
+    same-shape group (a model has few distinct shapes: q/k/v, projections, MLP in and out)
+    orthogonalised together as one batch.
+    """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0):
@@ -77,22 +92,35 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - group["momentum"])
-                update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"])
-                # scale so the update's RMS matches across shapes (tall matrices get more)
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                bufs.append(state["momentum_buffer"])
+            momentum = group["momentum"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            # batch by shape, tall matrices transposed to wide so (r, c) and (c, r) share a batch
+            by_shape: dict[tuple[int, int], list[int]] = {}
+            for i, u in enumerate(updates):
+                by_shape.setdefault((min(u.shape), max(u.shape)), []).append(i)
+            for idx in by_shape.values():
+                stack = torch.stack([updates[i].mT if updates[i].size(0) > updates[i].size(1)
+                                     else updates[i] for i in idx])
+                ortho = newton_schulz(stack, group["ns_steps"]).unbind(0)
+                for i, o in zip(idx, ortho):
+                    p = params[i]
+                    tall = p.size(0) > p.size(1)
+                    # scale so the update's RMS matches across shapes (tall matrices get more)
+                    scale = (p.size(0) / p.size(1)) ** 0.5 if tall else 1.0
+                    p.add_(o.mT if tall else o, alpha=-group["lr"] * scale)
         return loss
 
 
