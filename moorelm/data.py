@@ -35,6 +35,7 @@ import shutil
 import sys
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +177,39 @@ def prepare(
     existing = read_manifest(out, missing_ok=True)
     if existing is not None and existing.get("fingerprint") == fp:
         return out
+    with _exclusive(out, progress):
+        existing = read_manifest(out, missing_ok=True)  # another process may have just made it
+        if existing is not None and existing.get("fingerprint") == fp:
+            return out
+        return _prepare(corpus, out, fp, options, progress, shard_tokens, workers, tokenizer)
 
+
+@contextmanager
+def _exclusive(out: Path, progress: bool) -> Iterator[None]:
+    """One prepare per dataset folder at a time (a lock file beside it): two processes asking
+    for the same data do not write the same temp folder; the second waits, then reuses."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded, as before
+        yield
+        return
+    with open(out.with_name(out.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process preparing {out} ...", file=sys.stderr,
+                      flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(corpus: Corpus, out: Path, fp: str, options: PrepareOptions, progress: bool,
+             shard_tokens: int, workers: int, tokenizer: Tokenizer | None) -> Path:
     # Build in a temp folder next to the target, then swap it in: a killed prepare never
     # leaves a half-written dataset that looks complete.
     tmp = out.with_name(out.name + ".preparing")

@@ -149,3 +149,24 @@ def test_jsonl_rows_are_read_lazily(tmp_path):
     m = read_manifest(prepare(c, tmp_path / "data", progress=False))
     total = sum(len(r["text"].encode("utf-8")) for r in rows)
     assert m["splits"]["train"]["bytes"] + m["splits"]["val"]["bytes"] == total
+
+
+def test_concurrent_prepares_of_the_same_data_wait_for_each_other(small_corpus, tmp_path):
+    """A second process asking for data being prepared waits on the lock, then reuses it
+    (they used to write the same temp folder and one crashed)."""
+    fcntl = pytest.importorskip("fcntl")
+    import threading
+
+    out = tmp_path / "data"
+    holder = open(tmp_path / "data.lock", "a")  # another preparer, mid-way
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault(
+        "path", prepare(small_corpus, out, PrepareOptions(tokenizer="char"), progress=False)))
+    worker.start()
+    worker.join(timeout=1.0)
+    assert worker.is_alive() and not out.exists()  # blocked, wrote nothing
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    worker.join(timeout=60)
+    assert result["path"] == out and read_manifest(out)["splits"]["train"]["tokens"] > 0
