@@ -10,7 +10,8 @@ give the same logits and the same greedy tokens, then times, at each batch size:
                        generating 1 (so prefill and setup cancel out); greedy, no early stop
 
 moorelm decodes with ``generate.generate_tokens``; transformers with ``model.generate``
-(do_sample=False, its own KV cache). Each figure is the best of --repeats runs. Usage:
+(do_sample=False, its own KV cache). Each figure is the best of --repeats runs, the two
+libraries taking turns. Usage:
 
     python bench/generate.py                          # shakespeare-char size, batch 1 and 16
     python bench/generate.py --run runs/demo --batch 1,16 --threads 1
@@ -121,15 +122,22 @@ def main() -> None:
     print(f"{'batch':>5} {'':>9} {'moorelm':>10} {'transformers':>13} {'ratio':>6}")
     for b in [int(x) for x in args.batch.split(",")]:
         x = torch.randint(1, cfg.vocab_size, (b, args.prompt_len), generator=g)
-        rows = {}
-        for name, decode, prefill, m in (("moorelm", moorelm_decode, moorelm_prefill, model),
-                                         ("transformers", hf_decode, hf_prefill, hf)):
+        sides = (("moorelm", moorelm_decode, moorelm_prefill, model),
+                 ("transformers", hf_decode, hf_prefill, hf))
+        times = {name: {"pre": [], "n": [], "1": []} for name, *_ in sides}
+        for _name, decode, _, m in sides:
             decode(m, x, 2)  # warm up
-            t_pre = best_of(args.repeats, lambda m=m, f=prefill, x=x: f(m, x))
-            t_n = best_of(args.repeats, lambda m=m, f=decode, x=x: f(m, x, args.new_tokens))
-            t_1 = best_of(args.repeats, lambda m=m, f=decode, x=x: f(m, x, 1))
-            rows[name] = (b * args.prompt_len / t_pre,
-                          b * (args.new_tokens - 1) / max(t_n - t_1, 1e-9))
+        # repeats alternate between the two, so a burst of load on a shared machine lands on
+        # both; each figure is the best of its repeats
+        for _ in range(args.repeats):
+            for name, decode, prefill, m in sides:
+                t = times[name]
+                t["pre"].append(best_of(1, lambda m=m, f=prefill, x=x: f(m, x)))
+                t["n"].append(best_of(1, lambda m=m, f=decode, x=x: f(m, x, args.new_tokens)))
+                t["1"].append(best_of(1, lambda m=m, f=decode, x=x: f(m, x, 1)))
+        rows = {name: (b * args.prompt_len / min(t["pre"]),
+                       b * (args.new_tokens - 1) / max(min(t["n"]) - min(t["1"]), 1e-9))
+                for name, t in times.items()}
         for k, label in ((1, "decode"), (0, "prefill")):
             ours_v, theirs_v = rows["moorelm"][k], rows["transformers"][k]
             print(f"{b:>5} {label:>9} {ours_v:>8.0f}/s {theirs_v:>11.0f}/s {ours_v / theirs_v:>5.2f}x",

@@ -125,25 +125,30 @@ def generate_tokens(
     if idx.shape[1] > seq_len:
         idx = idx[:, -seq_len:]
     gen = generator or make_generator(seed, device)
-    history = idx
+    recent = [idx[:, -(seq_len // 2):]]  # enough history to rebuild the cache from
     cache = model.new_cache(idx.shape[0])
     logits, _ = model(idx, kv_cache=cache, last_only=True)
+    cached = idx.shape[1]  # every row has the same length here: no need to read the cache's
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
     try:
         for _ in range(max_new_tokens):
             nxt = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, gen)  # (B,)
             yield nxt
-            if stop_ids:
-                done |= torch.isin(nxt, torch.tensor(sorted(stop_ids), device=device))
+            if stop is not None:
+                done |= torch.isin(nxt, stop)
                 if bool(done.all()):
                     return
-            history = torch.cat([history, nxt[:, None]], dim=1)
-            if int(cache.lengths[0]) >= seq_len:
-                keep = history[:, -(seq_len // 2):]
+            recent.append(nxt[:, None])
+            if cached >= seq_len:
+                keep = torch.cat(recent, dim=1)[:, -(seq_len // 2):]
+                recent = [keep]
                 cache.reset()
                 logits, _ = model(keep, kv_cache=cache, last_only=True)
+                cached = keep.shape[1]
             else:
                 logits, _ = model(nxt[:, None], kv_cache=cache, last_only=True)
+                cached += 1
     finally:
         model.train(was_training)
 

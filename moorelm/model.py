@@ -170,6 +170,23 @@ def norm_rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
     return _NormRotate.apply(x, cos, sin, norm, eps)
 
 
+def _linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A plain Linear without its module call; subclasses (LoRA) keep their own forward.
+
+    ``x @ W.t()`` rather than ``F.linear``: for a single row on CPU it measured ~20% faster
+    (same result)."""
+    if type(mod) is not nn.Linear:
+        return mod(x)
+    y = x @ mod.weight.t()
+    return y if mod.bias is None else y + mod.bias
+
+
+def _norm(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.LayerNorm):
+        return F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+    return F.rms_norm(x, mod.normalized_shape, mod.weight, mod.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -329,6 +346,9 @@ class GPT(nn.Module):
         With a cache, positions continue from each row's cached length.
         """
         B, T = idx.shape
+        if kv_cache is not None and T == 1 and targets is None and not self.training \
+                and not torch.is_grad_enabled():
+            return self._decode_one(idx[:, 0], kv_cache)[:, None], None
         cfg = self.config
         uniform_start: int | None = 0
         if kv_cache is not None:
@@ -373,11 +393,73 @@ class GPT(nn.Module):
         return self._logits(x), None
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x)
+        return self._softcap(self.lm_head(x))
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    # -- one-token decoding
+
+    def _decode_one(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, V) for one new token per row after its cached prefix: ``forward``'s
+        computation for T = 1 in inference, written flat on (B, C) tensors.
+
+        Generation spends its life here, and at batch 1 on a CPU a step is a dozen small
+        matmuls: module calls, the (B, T, ...) reshapes, position tensors and cache
+        bookkeeping cost as much again as the arithmetic. Same weights and kernels as
+        ``forward`` (tests compare the two for every variant); Linear subclasses such as
+        LoRA's are called as modules.
+        """
+        cfg = self.config
+        H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        B = tok.shape[0]
+        lengths = cache.lengths
+        first = int(lengths[0])
+        uniform = bool((lengths == first).all())
+        last = first if uniform else int(lengths.max())
+        if last >= min(cache.max_len, cfg.seq_len):
+            raise ValueError(f"positions up to {last} exceed the context window {cfg.seq_len}")
+        x = self.wte.weight[tok]  # (B, C)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[lengths]
+        rope = None
+        if cfg.pos == "rope":
+            rope = (self.rope_cos[lengths][:, None], self.rope_sin[lengths][:, None])  # (B, 1, D)
+        mask = None
+        if not uniform:  # row b sees keys 0..lengths[b] (its new one included)
+            mask = (torch.arange(last + 1, device=tok.device)[None, :] <= lengths[:, None])
+            mask = mask[:, None, None, :]  # (B, 1, 1, S)
+            rows = torch.arange(B, device=tok.device)
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            qkv = _linear(attn.c_attn, _norm(block.ln_1, x)).view(B, H + 2 * K, D)
+            if rope is None and not cfg.qk_norm:
+                q, k, v = qkv.split([H, K, K], dim=1)  # (B, H|K, D)
+            else:
+                qk, v = qkv.split([H + K, K], dim=1)
+                q, k = norm_rotate(qk, rope, cfg.qk_norm).split([H, K], dim=1)
+            ck, cv = cache.k[i], cache.v[i]
+            if uniform:
+                ck[:, :, first] = k
+                cv[:, :, first] = v
+            else:
+                ck[rows, :, lengths] = k
+                cv[rows, :, lengths] = v
+            y = F.scaled_dot_product_attention(
+                q[:, :, None].to(ck.dtype), ck[:, :, :last + 1], cv[:, :, :last + 1],
+                attn_mask=mask, enable_gqa=K != H)  # (B, H, 1, D)
+            x = x + _linear(attn.c_proj, y.view(B, H * D).to(x.dtype))
+            h = _norm(block.ln_2, x)
+            if mlp.kind == "gelu":
+                h = F.gelu(_linear(mlp.c_fc, h))
+            elif mlp.kind == "relu2":
+                h = F.relu(_linear(mlp.c_fc, h)).square()
+            else:
+                h = F.silu(_linear(mlp.c_gate, h)) * _linear(mlp.c_fc, h)
+            x = x + _linear(mlp.c_proj, h)
+        cache.lengths += 1
+        return self._softcap(_linear(self.lm_head, _norm(self.ln_f, x)))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.wte.weight

@@ -46,26 +46,43 @@ def test_causality(variant, device):
     assert not torch.allclose(logits[:, 10:], logits2[:, 10:], atol=1e-3)
 
 
+def _mode(inference: bool):
+    """Inference mode takes the one-token decoding path (``GPT._decode_one``); with autograd
+    on, ``forward`` runs its general path: both must agree with a full forward pass."""
+    import contextlib
+
+    return torch.inference_mode() if inference else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["general", "decode-path"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_kv_cache_matches_full_recompute(variant, device):
+def test_kv_cache_matches_full_recompute(variant, device, inference):
     """Prefill + one-token-at-a-time decoding gives the logits of a full forward pass."""
     model = make(variant, device)
     idx = torch.randint(0, 50, (3, 20), device=device)
     full, _ = model(idx)
-    cache = model.new_cache(3)
-    out, _ = model(idx[:, :7], kv_cache=cache)
-    steps = [out]
-    for t in range(7, 20):
-        o, _ = model(idx[:, t : t + 1], kv_cache=cache)
-        steps.append(o)
-    inc = torch.cat(steps, dim=1)
+    with _mode(inference):
+        cache = model.new_cache(3)
+        out, _ = model(idx[:, :7], kv_cache=cache)
+        steps = [out]
+        for t in range(7, 20):
+            o, _ = model(idx[:, t : t + 1], kv_cache=cache)
+            steps.append(o)
+        inc = torch.cat(steps, dim=1)
     assert torch.allclose(full, inc, atol=1e-4), (full - inc).abs().max()
+    assert int(cache.lengths[0]) == 20
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "gqa"])
-def test_kv_cache_rows_at_different_lengths(variant):
+@pytest.mark.parametrize("inference", [False, True], ids=["general", "decode-path"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_rows_at_different_lengths(variant, inference):
     """Rows with different cached lengths (continuous batching) decode as if alone."""
+    with _mode(inference):
+        _rows_at_different_lengths(variant)
+
+
+def _rows_at_different_lengths(variant):
     model = make(variant)
     a = torch.randint(0, 50, (1, 9))
     b = torch.randint(0, 50, (1, 4))
