@@ -142,3 +142,34 @@ def test_time_budget_drives_decay():
     """With a time budget, progress is the fraction of seconds used."""
     cfg = TrainConfig(max_time=100.0, warmup_steps=10)
     assert decay_progress(50, 0, 25.0, cfg, 1) == pytest.approx(0.25)
+
+
+def test_newton_schulz_batch_matches_one_at_a_time():
+    """A stack runs as one batch and gives each member what it gets alone."""
+    g = torch.Generator().manual_seed(3)
+    stack = torch.randn(5, 24, 40, generator=g) * torch.logspace(-1, 1, 5)[:, None, None]
+    together = newton_schulz(stack)
+    alone = torch.stack([newton_schulz(m) for m in stack])
+    torch.testing.assert_close(together, alone, atol=2e-2, rtol=0)
+    tall = newton_schulz(stack.mT)  # tall members orientate like their transposes
+    torch.testing.assert_close(tall, together.mT, atol=2e-2, rtol=0)
+
+
+def test_muon_batches_shapes_and_scales_like_the_per_matrix_rule():
+    """Muon groups tall and wide matrices of the same shape pair into one batch; each
+    parameter still moves by -lr x scale x its own orthogonalised (Nesterov) momentum."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(48, 16), (16, 48), (48, 16), (16, 16)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    before = [p.detach().clone() for p in params]
+    lr, mom = 0.05, 0.9
+    opt = Muon(params, lr=lr, momentum=mom)
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    opt.step()
+    for p, p0, gr in zip(params, before, grads):
+        buf = (1 - mom) * gr  # first step: momentum from zero
+        update = newton_schulz(gr.lerp(buf, mom))
+        scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+        torch.testing.assert_close(p.detach(), p0 - lr * scale * update, atol=3e-3, rtol=0)
