@@ -170,6 +170,10 @@ def norm_rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
     return _NormRotate.apply(x, cos, sin, norm, eps)
 
 
+def _call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mod(x)
+
+
 def _linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A plain Linear without its module call; subclasses (LoRA) keep their own forward.
 
@@ -238,15 +242,16 @@ class MLP(nn.Module):
             self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
+    def forward(self, x: torch.Tensor, linear=_call) -> torch.Tensor:
+        """``linear(module, x)`` applies each projection (the decode path passes ``_linear``)."""
+        h = linear(self.c_fc, x)
         if self.kind == "gelu":
             h = F.gelu(h)  # exact erf GELU, as GPT-2's paper defines it
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
-            h = F.silu(self.c_gate(x)) * h
-        return self.c_proj(h)
+            h = F.silu(linear(self.c_gate, x)) * h
+        return linear(self.c_proj, h)
 
 
 class Block(nn.Module):
@@ -361,8 +366,7 @@ class GPT(nn.Module):
         else:
             pos = torch.arange(T, device=idx.device)[None, :]  # (1, T)
             last, limit = T - 1, cfg.seq_len
-        if last >= limit:
-            raise ValueError(f"positions up to {last} exceed the context window {cfg.seq_len}")
+        self._check_window(last, limit)
 
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -392,6 +396,11 @@ class GPT(nn.Module):
             x = x[:, -1:, :]
         return self._logits(x), None
 
+    def _check_window(self, last: int, limit: int) -> None:
+        if last >= limit:
+            raise ValueError(f"positions up to {last} exceed the context window "
+                             f"{self.config.seq_len}")
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._softcap(self.lm_head(x))
 
@@ -418,8 +427,7 @@ class GPT(nn.Module):
         first = int(lengths[0])
         uniform = bool((lengths == first).all())
         last = first if uniform else int(lengths.max())
-        if last >= min(cache.max_len, cfg.seq_len):
-            raise ValueError(f"positions up to {last} exceed the context window {cfg.seq_len}")
+        self._check_window(last, min(cache.max_len, cfg.seq_len))
         x = self.wte.weight[tok]  # (B, C)
         if self.wpe is not None:
             x = x + self.wpe.weight[lengths]
@@ -432,7 +440,7 @@ class GPT(nn.Module):
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
             rows = torch.arange(B, device=tok.device)
         for i, block in enumerate(self.blocks):
-            attn, mlp = block.attn, block.mlp
+            attn = block.attn
             qkv = _linear(attn.c_attn, _norm(block.ln_1, x)).view(B, H + 2 * K, D)
             if rope is None and not cfg.qk_norm:
                 q, k, v = qkv.split([H, K, K], dim=1)  # (B, H|K, D)
@@ -450,14 +458,7 @@ class GPT(nn.Module):
                 q[:, :, None].to(ck.dtype), ck[:, :, :last + 1], cv[:, :, :last + 1],
                 attn_mask=mask, enable_gqa=K != H)  # (B, H, 1, D)
             x = x + _linear(attn.c_proj, y.view(B, H * D).to(x.dtype))
-            h = _norm(block.ln_2, x)
-            if mlp.kind == "gelu":
-                h = F.gelu(_linear(mlp.c_fc, h))
-            elif mlp.kind == "relu2":
-                h = F.relu(_linear(mlp.c_fc, h)).square()
-            else:
-                h = F.silu(_linear(mlp.c_gate, h)) * _linear(mlp.c_fc, h)
-            x = x + _linear(mlp.c_proj, h)
+            x = x + block.mlp.forward(_norm(block.ln_2, x), _linear)  # no module call
         cache.lengths += 1
         return self._softcap(_linear(self.lm_head, _norm(self.ln_f, x)))
 

@@ -56,22 +56,20 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     assert G.ndim in (2, 3)
     a, b, c = NS_COEFFS
     X = G.to(torch.bfloat16)
+    if G.ndim == 2:
+        X = X[None]  # a batch of one
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
-    if X.ndim == 2:
-        for _ in range(steps):
-            A = X @ X.T
-            B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-            X = torch.addmm(X, B, X, beta=a)  # a X + B X
-    else:
-        for _ in range(steps):
-            A = X @ X.mT
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
     if transposed:
         X = X.mT
+    if G.ndim == 2:
+        X = X[0]
     return X.to(G.dtype)
 
 
