@@ -42,6 +42,30 @@ def test_seeded_sampling_is_reproducible():
     assert a == b
 
 
+def test_sampling_follows_the_distribution_and_never_picks_a_zero():
+    """Inverse-CDF draws match the probabilities; a token of probability 0 never comes up."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = torch.log(probs).expand(4000, 5)  # 4000 rows: one draw each
+    toks = sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(toks, minlength=5).float() / 4000
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs, atol=0.03), freq
+
+
+def test_per_row_generators_make_rows_independent():
+    """With one generator per row, a row's token depends on its own seed only, not on the
+    rows beside it (what lets the server batch seeded requests)."""
+    logits = torch.randn(3, 40)
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+    together = sample_next_token(logits, 0.8, top_k=20, generator=gens([1, 2, 3]))
+    for row, seed in enumerate([1, 2, 3]):
+        alone = sample_next_token(logits[row:row + 1], 0.8, top_k=20, generator=gens([seed]))
+        assert int(alone) == int(together[row])
+    shuffled = sample_next_token(logits[[2, 0]], 0.8, top_k=20, generator=gens([3, 1]))
+    assert shuffled.tolist() == together[[2, 0]].tolist()
+
+
 def test_penalties():
     """Presence subtracts once per seen token, frequency once per occurrence."""
     logits = torch.zeros(1, 3)

@@ -74,6 +74,27 @@ def test_kv_cache_matches_full_recompute(variant, device, inference):
     assert int(cache.lengths[0]) == 20
 
 
+def test_decode_plan_follows_the_model_using_the_cache():
+    """The decode path binds a model's weights to the cache once (shared by its row views);
+    another model decoding with the same cache gets its own weights, not the first's."""
+    a, b = make("gpt2"), make("gpt2")
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(1.5)
+    idx = torch.randint(0, 50, (2, 6))
+    with torch.inference_mode():
+        cache = a.new_cache(2)
+        a(idx, kv_cache=cache)
+        a(idx[:, :1], kv_cache=cache.rows(0, 2))  # builds the plan through a view
+        assert cache.plan is not None and cache.plan.model is a
+        cache.reset()
+        b(idx, kv_cache=cache)
+        out, _ = b(idx[:, :1], kv_cache=cache)
+        assert cache.plan.model is b
+    full, _ = b(torch.cat([idx, idx[:, :1]], dim=1))
+    assert torch.allclose(out[:, -1], full[:, -1], atol=1e-4)
+
+
 @pytest.mark.parametrize("inference", [False, True], ids=["general", "decode-path"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kv_cache_rows_at_different_lengths(variant, inference):

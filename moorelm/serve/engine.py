@@ -361,7 +361,9 @@ class Engine:
         self._drop_cancelled()
         try:
             self._admit(out)
-            leaving = [i for i, row in enumerate(self._rows) if self._sample(row, out)]
+            tokens = self._sample()
+            leaving = [i for i, (row, tok) in enumerate(zip(self._rows, tokens))
+                       if self._emit(row, tok, out)]
             self._leave(leaving)
             if self._rows:
                 self._decode()
@@ -467,15 +469,30 @@ class Engine:
             vec[int(tok)] = float(value)
         return vec
 
-    def _sample(self, row: _Row, out: dict[RequestHandle, list[TokenEvent]]) -> bool:
-        """Sample row's next token and emit it; True when the row has finished."""
+    def _sample(self) -> list[int]:
+        """Every active row's next token: rows with the same temperature, top-k and top-p in
+        one ``sample_next_token`` call, each drawing from its own generator."""
+        logits, groups = [], {}
+        for i, row in enumerate(self._rows):
+            p, lg = row.params, row.logits  # (1, V)
+            if row.bias is not None:
+                lg = lg + row.bias
+            if row.counts is not None:
+                lg = apply_penalties(lg, row.counts, p.presence_penalty, p.frequency_penalty)
+            logits.append(lg)
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        logits = torch.cat(logits)  # (B, V)
+        tokens = [0] * len(self._rows)
+        for (temperature, top_k, top_p), rows in groups.items():
+            part = logits if len(rows) == len(self._rows) else logits[rows]
+            gens = [self._rows[i].generator for i in rows]
+            for i, tok in zip(rows, sample_next_token(part, temperature, top_k, top_p, gens).tolist()):
+                tokens[i] = tok
+        return tokens
+
+    def _emit(self, row: _Row, tok: int, out: dict[RequestHandle, list[TokenEvent]]) -> bool:
+        """Record row's sampled token and emit its text; True when the row has finished."""
         p = row.params
-        logits = row.logits  # (1, V)
-        if row.bias is not None:
-            logits = logits + row.bias
-        if row.counts is not None:
-            logits = apply_penalties(logits, row.counts, p.presence_penalty, p.frequency_penalty)
-        tok = int(sample_next_token(logits, p.temperature, p.top_k, p.top_p, row.generator))
         row.last = tok
         row.generated += 1
         self.counters["tokens"] += 1
