@@ -418,6 +418,7 @@ def test_soak_with_random_disconnects(server):
     assert results.count("abandoned") > 30
     assert set(results) <= {"200", "429", "abandoned", "finished-anyway"}
     assert wait_until(lambda: engine.stats()["active"] == 0 and engine.stats()["waiting"] == 0)
+    assert engine.counters["errors"] == 0  # no step failed along the way
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert httpx.post(server.url + "/v1/completions", json=GOOD).status_code == 200
 

@@ -472,6 +472,8 @@ class Engine:
     def _sample(self) -> list[int]:
         """Every active row's next token: rows with the same temperature, top-k and top-p in
         one ``sample_next_token`` call, each drawing from its own generator."""
+        if not self._rows:
+            return []
         logits, groups = [], {}
         for i, row in enumerate(self._rows):
             p, lg = row.params, row.logits  # (1, V)
