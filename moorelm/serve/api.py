@@ -31,143 +31,34 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
-from typing import Literal
 
 import anyio
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moorelm.errors import MoorelmError
 from moorelm.generate import SamplingParams, apply_template
 from moorelm.serve import MAX_BODY_BYTES
 from moorelm.serve.engine import Engine, QueueFull, Request, RequestHandle, TokenEvent
+from moorelm.serve.schema import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Message,
+    SamplingBody,
+    error_body,
+    error_response,
+    validation_error_response,
+)
 
 log = logging.getLogger("moorelm.serve")
 
 MAX_CHOICES = 64  # prompts x n in one request
 RETRY_AFTER_S = 1
 CHAT_STOP = "\n\n"  # a speech ends at a blank line
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type, self.headers = type_, headers
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.type,
-                              self.headers)
-
-
-def error_body(message: str, param: str | None = None, code: str | None = None,
-               type_: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   type_: str = "invalid_request_error",
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, param, code, type_), status_code=status,
-                        headers=headers)
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-_UNION_HELP = {
-    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists "
-              "of token ids",
-    "stop": "must be a string or a list of at most 4 strings",
-    "content": "must be a string or a list of text parts",
-}
-
-
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    err = exc.errors()[0]
-    loc = [p for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        detail = (err.get("ctx") or {}).get("error", "")
-        return error_response(400, f"request body is not valid JSON ({detail}); send a JSON "
-                              "object with Content-Type: application/json", code="invalid_json")
-    path: list[str] = []
-    for part in loc:
-        if isinstance(part, str) and (part.lower() in _TYPE_TAGS or "[" in part):
-            break  # the rest names a branch of a union type, not a field
-        path.append(str(part))
-    param = ".".join(path) or None
-    message = err.get("msg", "invalid value")
-    if path and path[-1] in _UNION_HELP and len(exc.errors()) > 1:
-        message = _UNION_HELP[path[-1]]
-    if not path:
-        message = f"request body: {message}; send a JSON object"
-    else:
-        message = f"{param}: {message}"
-    return error_response(400, message, param=param)
-
-
-# ----------------------------------------------------------------------------- request models
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-
-class StreamOptions(_Body):
-    include_usage: StrictBool = False
-
-
-class _Sampling(_Body):
-    model: StrictStr
-    temperature: float | None = Field(None, ge=0, le=2, strict=True)
-    top_p: float | None = Field(None, gt=0, le=1, strict=True)
-    top_k: StrictInt | None = Field(None, ge=1, description="moorelm extension: top-k sampling")
-    n: StrictInt = Field(1, ge=1, le=16)
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
-    logit_bias: dict[str, float] | None = None
-    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    user: StrictStr | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = Field(16, ge=1)
-    logprobs: StrictInt | None = Field(None, ge=0, le=5)
-    echo: StrictBool = False
-    suffix: StrictStr | None = None
-    best_of: StrictInt | None = Field(None, ge=1)
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: StrictStr
-
-
-class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=5)
 
 
 # ----------------------------------------------------------------------------- turning requests into engine requests
@@ -264,7 +155,7 @@ class Service:
             return tuple(self.tokenizer.encode(text))
         return tuple(await asyncio.to_thread(self.tokenizer.encode, text))
 
-    def build(self, body: _Sampling, prompts: list[tuple[int, ...]], max_tokens: int | None,
+    def build(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
               max_param: str, prompt_param: str, logprobs: int | None,
               extra_stop: tuple[str, ...] = ()) -> Request:
         seq_len = self.engine.seq_len
@@ -509,7 +400,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        return _validation_error(exc)
+        return validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
@@ -645,7 +536,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     return app
 
 
-async def respond(handle: RequestHandle, request: HTTPRequest, head: dict, body: _Sampling,
+async def respond(handle: RequestHandle, request: HTTPRequest, head: dict, body: SamplingBody,
                   whole: Callable[[int, list[TokenEvent]], dict],
                   piece: Callable[[TokenEvent], list[dict]], opening: list[dict] = ()):
     """The response to a submitted request: events as server-sent chunks (``piece`` spells
