@@ -85,11 +85,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a shared 2-core machine two OpenMP "
-                    "threads stall whenever another process runs)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both libraries (default: torch's own, one per core; "
+                    "on a busy shared machine --threads 1 varies less)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
 
     from moorelm.interop.hf import to_transformers
 
@@ -116,7 +118,7 @@ def main() -> None:
           f"{params / 1e6:.1f}M params  {cfg.n_layer} layers  width {cfg.n_embd}  "
           f"context {cfg.seq_len}  vocab {cfg.vocab_size}")
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  "
-          f"threads {args.threads}  load average {os.getloadavg()[0]:.2f} (2 CPU cores shared)")
+          f"threads {args.threads}  load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPU cores)")
     print(f"same logits: max |diff| {diff:.1e};  same greedy tokens: {same}")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}")
     print(f"{'batch':>5} {'':>9} {'moorelm':>10} {'transformers':>13} {'ratio':>6}")

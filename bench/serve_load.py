@@ -162,9 +162,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=100, help="tokens per response (default 100)")
     ap.add_argument("--prompt", default="ROMEO:\n")
     ap.add_argument("--max-batch", type=int, default=64, help="server --max-batch (default 64)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="server torch threads (default 1: leaves the second core to the "
-                    "HTTP side and the clients)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="server --threads (default: the server's own, torch's one per core; "
+                    "--threads 1 leaves the second core to the HTTP side and the clients)")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     if args.init and not Path(args.run).exists():
@@ -174,8 +174,8 @@ def main() -> None:
     try:
         asyncio.run(run_level(url, "bench", 2, 1, 8, args.prompt))  # warm up
         print(f"server {url}  run {args.run}  {args.requests} requests/client x "
-              f"{args.max_tokens} tokens  max-batch {args.max_batch}  threads {args.threads}")
-        print(f"load average before: {os.getloadavg()[0]:.2f} (2 CPU cores shared)")
+              f"{args.max_tokens} tokens  max-batch {args.max_batch}  threads {args.threads or 'default'}")
+        print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPU cores)")
         header = (f"{'clients':>7} {'req/s':>7} {'tok/s':>8} {'vs 1':>6} {'TTFT p50':>9} "
                   f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6} {'load':>5}")
         print(header)

@@ -454,8 +454,27 @@ class GPT(nn.Module):
     # -- one-token decoding
 
     def _decode_one(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, V) for one new token per row after its cached prefix: ``forward``'s
-        computation for T = 1 in inference, written flat on (B, C) tensors.
+        """Logits (B, V) for one new token per row after its cached prefix (``_decode_step``).
+
+        On CPU in fp32 the step runs with oneDNN switched off: its per-call set-up (GELU
+        goes through it) costs ~10-50 us a call at decode sizes, more than the arithmetic,
+        where ATen's own kernels compute the same formulas without it (a measured 7-12% of a
+        batch-1 step; results agree to ~1e-6). bf16 keeps oneDNN, whose matmuls it wants.
+        The switch is process-wide for the step's duration: another thread computing at the
+        same moment only takes ATen's kernels too.
+        """
+        if tok.device.type != "cpu" or self.wte.weight.dtype != torch.float32:
+            return self._decode_step(tok, cache)
+        onednn = torch.backends.mkldnn
+        before = onednn.enabled
+        onednn.enabled = False
+        try:
+            return self._decode_step(tok, cache)
+        finally:
+            onednn.enabled = before
+
+    def _decode_step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """``forward``'s computation for T = 1 in inference, written flat on (B, C) tensors.
 
         Generation spends its life here, and at batch 1 on a CPU a step is a dozen small
         matmuls: module calls, the (B, T, ...) reshapes, position tensors and cache
