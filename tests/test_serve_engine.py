@@ -332,3 +332,30 @@ def test_invalid_requests(lm, engine):
             engine.submit(req)
     with pytest.raises(MoorelmError, match="max batch"):
         Engine(lm.model, lm.tokenizer, max_batch=0)
+    with pytest.raises(MoorelmError, match="threads"):
+        Engine(lm.model, lm.tokenizer, threads=0)
+
+
+def test_engine_thread_uses_its_thread_count(lm):
+    """The thread count reaches the engine's own thread (torch's setting is per thread for
+    MKL), whatever the calling thread has set."""
+    import threading
+
+    seen = []
+    real = Engine._decode
+
+    def spy(self):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(self)
+
+    before = torch.get_num_threads()
+    eng = Engine(lm.model, lm.tokenizer, threads=1)
+    try:
+        Engine._decode = spy
+        eng.start()
+        eng.generate(Request((ids(lm, "ROMEO:"),), SamplingParams(max_new_tokens=3)))
+    finally:
+        Engine._decode = real
+        eng.stop()
+    assert seen and all(s == ("moorelm-engine", 1) for s in seen)
+    assert torch.get_num_threads() == before  # the caller's own setting is untouched

@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
                    help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--model-name", default=None, help="model id clients use (default: run folder name)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one per core)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)

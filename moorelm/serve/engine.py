@@ -199,10 +199,15 @@ class Engine:
 
     ``max_batch``: rows decoded together (KV cache slots); ``max_queue``: requests allowed to
     wait while every slot is busy, beyond which ``submit`` raises ``QueueFull``.
+
+    ``threads``: torch CPU threads for the engine's computations (default: torch's count
+    when the engine is made). The engine's own thread applies it when it starts: torch's
+    setting is per thread for MKL's matrix products, so a count set elsewhere would
+    otherwise not reach them.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
-                 max_queue: int = 64):
+                 max_queue: int = 64, threads: int | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise MoorelmError(f"max batch must be an integer >= 1, got {max_batch}")
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -210,6 +215,9 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise MoorelmError(f"threads must be an integer >= 1, got {threads}")
+        self.threads = threads or torch.get_num_threads()
         self.device = model.wte.weight.device
         self.seq_len = model.config.seq_len
         self.vocab_size = model.config.vocab_size
@@ -339,6 +347,8 @@ class Engine:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
         try:
             with torch.no_grad():
                 while True:
