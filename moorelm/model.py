@@ -229,9 +229,9 @@ def _bind_linear(mod: nn.Linear):
 def _bind_norm(mod: nn.Module):
     if isinstance(mod, nn.LayerNorm):
         shape, w, b, eps = mod.normalized_shape, mod.weight, mod.bias, mod.eps
-        return lambda x: F.layer_norm(x, shape, w, b, eps)
+        return lambda x: torch.layer_norm(x, shape, w, b, eps)  # F's wrapper costs as much
     shape, w, eps = mod.normalized_shape, mod.weight, mod.eps
-    return lambda x: F.rms_norm(x, shape, w, eps)
+    return lambda x: torch.rms_norm(x, shape, w, eps)
 
 
 class Attention(nn.Module):
@@ -508,11 +508,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             attn = block.attn
             qkv = lin[attn.c_attn](norm[block.ln_1](x)).view(B, H + 2 * K, D)
-            if rope is None and not cfg.qk_norm:
-                q, k, v = qkv.split([H, K, K], dim=1)  # (B, H|K, D)
+            if rope is None and not cfg.qk_norm:  # split_with_sizes: no Python wrapper
+                q, k, v = qkv.split_with_sizes([H, K, K], dim=1)  # (B, H|K, D)
             else:
-                qk, v = qkv.split([H + K, K], dim=1)
-                q, k = norm_rotate(qk, rope, cfg.qk_norm).split([H, K], dim=1)
+                qk, v = qkv.split_with_sizes([H + K, K], dim=1)
+                q, k = norm_rotate(qk, rope, cfg.qk_norm).split_with_sizes([H, K], dim=1)
             ck, cv = cache.k[i], cache.v[i]
             if uniform:
                 ck[:, :, first] = k
