@@ -198,9 +198,10 @@ class DecodePlan:
 
     A plain ``nn.Linear`` becomes a matrix product with its transposed weight bound (a view:
     in-place weight updates show through); any subclass (LoRA's) stays its own module. A norm
-    becomes ``F.layer_norm``/``F.rms_norm`` with its arguments bound. At batch 1 on a CPU a
-    step is a few dozen small kernels, and the module lookups, transposes and type checks
-    this saves measured about a fifth of it. The plan assumes the weights are not replaced
+    becomes ``torch.layer_norm``/``torch.rms_norm`` with its arguments bound. ``layers``
+    holds each block's pieces in the order a step uses them. At batch 1 on a CPU a step is
+    a few dozen small kernels, and the module lookups, transposes and type checks this
+    saves measured about a fifth of it. The plan assumes the weights are not replaced
     (``model.to(...)``, a swapped module) while a cache built before is still decoding.
     """
 
@@ -209,6 +210,10 @@ class DecodePlan:
         self.linear = {m: _bind_linear(m) for m in model.modules() if isinstance(m, nn.Linear)}
         self.norm = {m: _bind_norm(m) for m in model.modules()
                      if isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
+        lin, norm = self.linear, self.norm
+        self.layers = [(norm[b.ln_1], lin[b.attn.c_attn], lin[b.attn.c_proj], norm[b.ln_2],
+                        b.mlp) for b in model.blocks]  # (norm, qkv, proj, norm, mlp)
+        self.head = (norm[model.ln_f], lin[model.lm_head])
 
     def apply(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``linear(module, x)`` for ``MLP.forward``."""
@@ -485,7 +490,6 @@ class GPT(nn.Module):
         plan = cache.plan
         if plan is None or plan.model is not self:
             plan = cache.plan = DecodePlan(self)
-        lin, norm = plan.linear, plan.norm
         cfg = self.config
         H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
         B = tok.shape[0]
@@ -505,9 +509,8 @@ class GPT(nn.Module):
             mask = (torch.arange(last + 1, device=tok.device)[None, :] <= lengths[:, None])
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
             rows = torch.arange(B, device=tok.device)
-        for i, block in enumerate(self.blocks):
-            attn = block.attn
-            qkv = lin[attn.c_attn](norm[block.ln_1](x)).view(B, H + 2 * K, D)
+        for i, (norm_1, qkv_proj, out_proj, norm_2, mlp) in enumerate(plan.layers):
+            qkv = qkv_proj(norm_1(x)).view(B, H + 2 * K, D)
             if rope is None and not cfg.qk_norm:  # split_with_sizes: no Python wrapper
                 q, k, v = qkv.split_with_sizes([H, K, K], dim=1)  # (B, H|K, D)
             else:
@@ -523,10 +526,11 @@ class GPT(nn.Module):
             y = F.scaled_dot_product_attention(
                 q[:, :, None].to(ck.dtype), ck[:, :, :last + 1], cv[:, :, :last + 1],
                 attn_mask=mask, enable_gqa=K != H)  # (B, H, 1, D)
-            x = x + lin[attn.c_proj](y.view(B, H * D).to(x.dtype))
-            x = x + block.mlp.forward(norm[block.ln_2](x), plan.apply)  # no module call
+            x = x + out_proj(y.view(B, H * D).to(x.dtype))
+            x = x + mlp.forward(norm_2(x), plan.apply)  # no module call
         cache.lengths += 1
-        return self._softcap(lin[self.lm_head](norm[self.ln_f](x)))
+        norm_f, head = plan.head
+        return self._softcap(head(norm_f(x)))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.wte.weight
