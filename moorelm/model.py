@@ -22,6 +22,7 @@ length, so a serving engine can decode requests that started at different times 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn as nn
@@ -190,6 +191,33 @@ def norm_rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
 
 def _call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod(x)
+
+
+class _OneDnnOff:
+    """Switches oneDNN off while any thread is inside, and back to what it was when the last
+    one leaves (counted, so that overlapping decoders in several threads cannot leave it
+    off)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._before = True
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._before = torch.backends.mkldnn.enabled
+                torch.backends.mkldnn.enabled = False
+            self._inside += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                torch.backends.mkldnn.enabled = self._before
+
+
+_ONEDNN_OFF = _OneDnnOff()
 
 
 class DecodePlan:
@@ -470,13 +498,8 @@ class GPT(nn.Module):
         """
         if tok.device.type != "cpu" or self.wte.weight.dtype != torch.float32:
             return self._decode_step(tok, cache)
-        onednn = torch.backends.mkldnn
-        before = onednn.enabled
-        onednn.enabled = False
-        try:
+        with _ONEDNN_OFF:
             return self._decode_step(tok, cache)
-        finally:
-            onednn.enabled = before
 
     def _decode_step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """``forward``'s computation for T = 1 in inference, written flat on (B, C) tensors.

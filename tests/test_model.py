@@ -74,6 +74,38 @@ def test_kv_cache_matches_full_recompute(variant, device, inference):
     assert int(cache.lengths[0]) == 20
 
 
+def test_decode_step_switches_onednn_off_only_while_it_runs(monkeypatch):
+    """On CPU in fp32 a decode step runs with oneDNN off and puts it back after, also when
+    several threads decode at once (the switch is process-wide)."""
+    import threading
+
+    model = make("gpt2")
+    seen = []
+    real = GPT._decode_step
+
+    def spy(self, tok, cache):
+        seen.append(torch.backends.mkldnn.enabled)
+        return real(self, tok, cache)
+
+    monkeypatch.setattr(GPT, "_decode_step", spy)
+    assert torch.backends.mkldnn.enabled
+
+    def decode():
+        with torch.inference_mode():
+            cache = model.new_cache(1)
+            model(torch.randint(0, 50, (1, 4)), kv_cache=cache)
+            for _ in range(15):
+                model(torch.randint(0, 50, (1, 1)), kv_cache=cache)
+
+    threads = [threading.Thread(target=decode) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 60 and not any(seen)
+    assert torch.backends.mkldnn.enabled
+
+
 def test_decode_plan_follows_the_model_using_the_cache():
     """The decode path binds a model's weights to the cache once (shared by its row views);
     another model decoding with the same cache gets its own weights, not the first's."""
