@@ -102,6 +102,9 @@ def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
     kernels for the whole batch, where ``torch.multinomial`` costs ~30 us a row on a CPU.
     """
     cdf = probs.cumsum(dim=-1)  # (B, V)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise MoorelmError("the model's next-token probabilities are not finite (NaN or inf "
+                           "logits): the checkpoint or its inputs are broken")
     if isinstance(generator, (list, tuple)):
         r = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generator])
     else:

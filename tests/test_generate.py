@@ -52,6 +52,12 @@ def test_sampling_follows_the_distribution_and_never_picks_a_zero():
     assert torch.allclose(freq, probs, atol=0.03), freq
 
 
+def test_non_finite_logits_are_a_clear_error():
+    """NaN logits (a broken checkpoint) raise a MoorelmError rather than picking a token."""
+    with pytest.raises(MoorelmError, match="not finite"):
+        sample_next_token(torch.full((1, 5), float("nan")), 1.0)
+
+
 def test_per_row_generators_make_rows_independent():
     """With one generator per row, a row's token depends on its own seed only, not on the
     rows beside it (what lets the server batch seeded requests)."""
