@@ -236,12 +236,10 @@ class DecodePlan:
     def __init__(self, model: nn.Module):
         self.model = model
         self.linear = {m: _bind_linear(m) for m in model.modules() if isinstance(m, nn.Linear)}
-        self.norm = {m: _bind_norm(m) for m in model.modules()
-                     if isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
-        lin, norm = self.linear, self.norm
-        self.layers = [(norm[b.ln_1], lin[b.attn.c_attn], lin[b.attn.c_proj], norm[b.ln_2],
+        lin, norm = self.linear, _bind_norm
+        self.layers = [(norm(b.ln_1), lin[b.attn.c_attn], lin[b.attn.c_proj], norm(b.ln_2),
                         b.mlp) for b in model.blocks]  # (norm, qkv, proj, norm, mlp)
-        self.head = (norm[model.ln_f], lin[model.lm_head])
+        self.head = (norm(model.ln_f), lin[model.lm_head])
 
     def apply(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``linear(module, x)`` for ``MLP.forward``."""

@@ -106,19 +106,18 @@ class Muon(torch.optim.Optimizer):
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             # batch by shape, tall matrices transposed to wide so (r, c) and (c, r) share a batch
+            tall = [p.size(0) > p.size(1) for p in params]
             by_shape: dict[tuple[int, int], list[int]] = {}
             for i, u in enumerate(updates):
                 by_shape.setdefault((min(u.shape), max(u.shape)), []).append(i)
             for idx in by_shape.values():
-                stack = torch.stack([updates[i].mT if updates[i].size(0) > updates[i].size(1)
-                                     else updates[i] for i in idx])
+                stack = torch.stack([updates[i].mT if tall[i] else updates[i] for i in idx])
                 ortho = newton_schulz(stack, group["ns_steps"]).unbind(0)
                 for i, o in zip(idx, ortho):
                     p = params[i]
-                    tall = p.size(0) > p.size(1)
                     # scale so the update's RMS matches across shapes (tall matrices get more)
-                    scale = (p.size(0) / p.size(1)) ** 0.5 if tall else 1.0
-                    p.add_(o.mT if tall else o, alpha=-group["lr"] * scale)
+                    scale = (p.size(0) / p.size(1)) ** 0.5 if tall[i] else 1.0
+                    p.add_(o.mT if tall[i] else o, alpha=-group["lr"] * scale)
         return loss
 
 
