@@ -6,7 +6,12 @@ completion requests one after another, and prints per level:
 
     requests/s, output tokens/s (all clients together), time to first token p50/p99,
     inter-token latency p50/p99 (gaps between streamed chunks of one response; one chunk
-    carries one token), and output tokens/s relative to one client (the baseline).
+    carries one token), output tokens/s relative to one client (the baseline), and the
+    server's CPU use in cores (Linux).
+
+The sweep over the levels runs --rounds times (default 3) and a summary gives each level's
+median and the ratio to one client taken within each round (a paired ratio: both figures
+from the same minutes, so a slow spell of the machine hits both), as median and range.
 
 Every response is exactly --max-tokens long (end of text is banned with logit_bias), so the
 levels do the same work per request. Usage:
@@ -28,6 +33,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -151,6 +157,16 @@ def start_server(run: str, max_batch: int, threads: int | None) -> tuple[subproc
     raise SystemExit("the server did not answer /health")
 
 
+def server_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", help="run folder to serve")
@@ -160,34 +176,60 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32,64", help="concurrency levels (default 1,8,32,64)")
     ap.add_argument("--requests", type=int, default=3, help="requests per client (default 3)")
     ap.add_argument("--max-tokens", type=int, default=100, help="tokens per response (default 100)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="sweeps over the levels; the summary takes medians (default 3)")
     ap.add_argument("--prompt", default="ROMEO:\n")
     ap.add_argument("--max-batch", type=int, default=64, help="server --max-batch (default 64)")
     ap.add_argument("--threads", type=int, default=None,
                     help="server --threads (default: the server's own, torch's one per core; "
                     "--threads 1 leaves the second core to the HTTP side and the clients)")
     args = ap.parse_args()
-    levels = [int(x) for x in args.clients.split(",")]
+    try:
+        levels = [int(x) for x in args.clients.split(",")]
+    except ValueError:
+        raise SystemExit(f"--clients must be comma-separated integers, got {args.clients!r}") from None
+    if not levels or min(levels) < 1 or args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
+        raise SystemExit("--clients, --requests, --max-tokens and --rounds must be >= 1")
     if args.init and not Path(args.run).exists():
         make_random_run(args.run, args.init)
 
     proc, url = start_server(args.run, args.max_batch, args.threads)
+    base_level = 1 if 1 in levels else levels[0]
+    tok_s: dict[int, list[float]] = {n: [] for n in levels}
+    ratios: dict[int, list[float]] = {n: [] for n in levels}
     try:
         asyncio.run(run_level(url, "bench", 2, 1, 8, args.prompt))  # warm up
         print(f"server {url}  run {args.run}  {args.requests} requests/client x "
-              f"{args.max_tokens} tokens  max-batch {args.max_batch}  threads {args.threads or 'default'}")
+              f"{args.max_tokens} tokens  max-batch {args.max_batch}  "
+              f"threads {args.threads or 'default'}  {args.rounds} rounds")
         print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPU cores)")
-        header = (f"{'clients':>7} {'req/s':>7} {'tok/s':>8} {'vs 1':>6} {'TTFT p50':>9} "
-                  f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6} {'load':>5}")
+        header = (f"{'round':>5} {'clients':>7} {'req/s':>7} {'tok/s':>8} {f'vs {base_level}':>6} "
+                  f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6} "
+                  f"{'cpu':>5} {'load':>5}")
         print(header)
-        base = None
+        for rnd in range(1, args.rounds + 1):
+            base = None
+            for n in levels:
+                cpu0 = server_cpu_seconds(proc.pid)
+                r = asyncio.run(run_level(url, "bench", n, args.requests, args.max_tokens,
+                                          args.prompt))
+                cpu1 = server_cpu_seconds(proc.pid)
+                cores = f"{(cpu1 - cpu0) / r['wall']:>5.2f}" if cpu0 is not None and cpu1 else "    -"
+                if n == base_level:
+                    base = r["tok_s"]
+                tok_s[n].append(r["tok_s"])
+                ratio = r["tok_s"] / base if base else float("nan")
+                ratios[n].append(ratio)
+                print(f"{rnd:>5} {n:>7} {r['req_s']:>7.2f} {r['tok_s']:>8.1f} {ratio:>5.1f}x "
+                      f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
+                      f"{r['itl_p50'] * 1e3:>6.1f}ms {r['itl_p99'] * 1e3:>6.1f}ms "
+                      f"{r['failed']:>6} {cores} {os.getloadavg()[0]:>5.1f}", flush=True)
+        print(f"\nsummary over {args.rounds} rounds: median output tokens/s, and the ratio to "
+              f"{base_level} client(s) within each round (median, min-max)")
         for n in levels:
-            r = asyncio.run(run_level(url, "bench", n, args.requests, args.max_tokens, args.prompt))
-            if n == 1 or base is None:
-                base = r["tok_s"]
-            print(f"{n:>7} {r['req_s']:>7.2f} {r['tok_s']:>8.1f} {r['tok_s'] / base:>5.1f}x "
-                  f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
-                  f"{r['itl_p50'] * 1e3:>6.1f}ms {r['itl_p99'] * 1e3:>6.1f}ms "
-                  f"{r['failed']:>6} {os.getloadavg()[0]:>5.1f}", flush=True)
+            rs = ratios[n]
+            print(f"{n:>7} clients {statistics.median(tok_s[n]):>8.1f} tok/s   "
+                  f"{statistics.median(rs):>5.1f}x  ({min(rs):.1f}-{max(rs):.1f}x)")
     finally:
         proc.terminate()
         try:
