@@ -198,7 +198,10 @@ def main() -> None:
     tok_s: dict[int, list[float]] = {n: [] for n in levels}
     ratios: dict[int, list[float]] = {n: [] for n in levels}
     try:
-        asyncio.run(run_level(url, "bench", 2, 1, 8, args.prompt))  # warm up
+        # warm up at every level (one short request per client): first-time costs (thread
+        # pools, allocations, packed weights for a batch size) stay out of the figures
+        for n in levels:
+            asyncio.run(run_level(url, "bench", n, 1, min(args.max_tokens, 32), args.prompt))
         print(f"server {url}  run {args.run}  {args.requests} requests/client x "
               f"{args.max_tokens} tokens  max-batch {args.max_batch}  "
               f"threads {args.threads or 'default'}  {args.rounds} rounds")
