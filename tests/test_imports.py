@@ -12,7 +12,7 @@ LAYERS = [
     {"errors", "atomic"},
     {"config", "corpus", "device"},
     {"tokenizer"},
-    {"data", "model"},
+    {"data", "decode_plan", "model"},
     {"optim", "checkpoint", "plots"},
     {"generate", "evaluate", "train"},
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moorelm import model as model_module
+from moorelm import decode_plan
 from moorelm.config import ModelConfig
 from moorelm.model import GPT
 from tests.conftest import DEVICES
@@ -128,15 +128,15 @@ def test_decode_plan_follows_the_model_using_the_cache():
     assert torch.allclose(out[:, -1], full[:, -1], atol=1e-4)
 
 
-@pytest.mark.skipif(model_module._MKL_OPS is None, reason="this torch build has no MKL")
+@pytest.mark.skipif(decode_plan._MKL_OPS is None, reason="this torch build has no MKL")
 def test_packed_projection_matches_the_plain_product():
     """The decode path's packed GEMM (rows padded to a power of two) gives x @ W.t() + b for
     every row count, follows in-place weight updates, keeps at most two packs, and leaves
     products that autograd records to the plain op."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(24, 40)
-    packed = model_module._PackedLinear(lin.weight, lin.bias)
-    no_bias = model_module._PackedLinear(lin.weight, None)
+    packed = decode_plan._PackedLinear(lin.weight, lin.bias)
+    no_bias = decode_plan._PackedLinear(lin.weight, None)
     with torch.no_grad():
         for m in (1, 7, 8, 11, 16, 17, 32, 40):
             x = torch.randn(m, 24)
@@ -156,7 +156,7 @@ def test_packed_projection_matches_the_plain_product():
     assert x.grad is not None
     with torch.inference_mode():
         frozen = torch.nn.Linear(24, 40)
-    assert not model_module._PackedLinear.usable(frozen.weight)
+    assert not decode_plan._PackedLinear.usable(frozen.weight)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "bias-learned-rmsnorm"])
