@@ -47,7 +47,9 @@ class DecodePlan:
     callable, taken once per KV cache (``KVCache.plan``) rather than once per call.
 
     A plain ``nn.Linear`` becomes a matrix product with its transposed weight bound (a view:
-    in-place weight updates show through); any subclass (LoRA's) stays its own module. A norm
+    in-place weight updates show through), on a CPU with MKL a ``_PackedLinear`` (the same
+    product for a row or a few, MKL's packed GEMM from 8 rows); any subclass (LoRA's) stays
+    its own module. A norm
     becomes ``torch.layer_norm``/``torch.rms_norm`` with its arguments bound. ``layers``
     holds each block's pieces in the order a step uses them. At batch 1 on a CPU a step is
     a few dozen small kernels, and the module lookups, transposes and type checks this
