@@ -25,27 +25,47 @@ for the forward pass and 4 for the backward pass, ignoring attention):
 Bad input (too few runs, non-positive or non-finite numbers, losses that do not change, a fit
 that does not converge) raises ``MoorelmError`` with a message saying what to add or fix.
 Every result has ``to_dict()`` returning plain JSON-ready values (NaN becomes ``None``).
+
+The work is spread over modules of one job each, and everything is importable from here:
+``solver`` (the Huber/L-BFGS engine and its bootstrap), ``estimates`` (result values and
+their intervals), ``inputs`` (input checks), ``isoflop`` (compute frontier and Approach 2).
+This module holds the laws themselves: L(x), L(N, D) and the compute-optimal split.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import optimize, stats
 
 from moorelm.errors import MoorelmError
-
-HUBER_DELTA = 1e-3
-"""Huber threshold on log-loss residuals, as in Hoffmann et al. 2022."""
-
-DEFAULT_FLOPS_PER_TOKEN = 6.0
-"""k in C = k * N * D: training FLOPs per parameter per token (forward 2 + backward 4)."""
+from moorelm.scaling.estimates import (
+    Estimate,
+    Prediction,
+    _band,
+    _check_kind,
+    _ci,
+    _json_array,
+    _json_float,
+    _scalar_or_array,
+)
+from moorelm.scaling.inputs import (
+    DEFAULT_FLOPS_PER_TOKEN,
+    _check_bootstrap,
+    _check_k,
+    _check_varies,
+    _positive,
+    _same_length,
+)
+from moorelm.scaling.isoflop import (  # noqa: F401  (re-exported: part of the fit API)
+    IsoFLOPFit,
+    IsoFLOPLevel,
+    compute_frontier,
+    fit_isoflop,
+)
+from moorelm.scaling.solver import HUBER_DELTA, _fit_lse
 
 # Published Approach-3 fits, for comparison in reports. These are data from the papers, not
 # something this module computes.
@@ -61,312 +81,6 @@ PUBLISHED_FITS: dict[str, dict[str, Any]] = {
                   "arXiv:2404.10102",
     },
 }
-
-# Starting grid for the optimiser, the one Hoffmann et al. describe: exponents in
-# {0, 0.5, ..., 2}, log-coefficients in {0, 5, ..., 25}, log E in {-1, -0.5, ..., 1}.
-_GRID_COEF = np.arange(0.0, 25.1, 5.0)
-_GRID_E = np.arange(-1.0, 1.01, 0.5)
-_GRID_EXP = np.arange(0.0, 2.01, 0.5)
-
-# L-BFGS runs for the point estimate: the best grid points after screening, by number of inputs
-# (the one-input grid has 150 points, the two-input grid 4500).
-_MAIN_STARTS = {1: 10, 2: 20}
-_BOOT_STARTS = 2  # starts per bootstrap resample: the best distinct optima of the full-data fit
-_MAXITER = 1000
-_MIN_BOOT_FOR_CI = 5  # fewer successful resamples than this give no interval
-
-
-# --------------------------------------------------------------------------------------------
-# Small result types
-
-
-def _json_float(v: Any) -> float | None:
-    """A float for JSON: NaN and infinities become None (JSON has no spelling for them)."""
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-def _json_array(v: Any) -> Any:
-    arr = np.asarray(v, dtype=float)
-    if arr.ndim == 0:
-        return _json_float(arr)
-    return [_json_array(x) for x in arr]
-
-
-def _ci(samples: np.ndarray) -> tuple[float, float] | None:
-    if samples.size < _MIN_BOOT_FOR_CI:
-        return None
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return (float(lo), float(hi))
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A point estimate with its 95% interval (``None`` where none could be formed)."""
-
-    value: float
-    ci95: tuple[float, float] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "value": _json_float(self.value),
-            "ci95": None if self.ci95 is None else [_json_float(v) for v in self.ci95],
-        }
-
-    def format(self, fmt: str = ".3g") -> str:
-        """'0.34 (95% CI 0.31-0.37)', or just the value when there is no interval."""
-        text = format(self.value, fmt)
-        if self.ci95 is not None:
-            text += f" (95% CI {format(self.ci95[0], fmt)}-{format(self.ci95[1], fmt)})"
-        return text
-
-
-@dataclass(frozen=True, eq=False)
-class Prediction:
-    """Fitted values with a 95% band; floats for scalar input, arrays otherwise.
-
-    ``kind`` is "prediction" when the band includes the scatter of runs about the law (a
-    resampled residual is added to each bootstrap curve), "confidence" when it covers only
-    uncertainty in the fitted law itself. Bands are NaN when the fit had no bootstrap.
-    """
-
-    value: Any
-    lo: Any
-    hi: Any
-    kind: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "value": _json_array(self.value),
-            "lo": _json_array(self.lo),
-            "hi": _json_array(self.hi),
-            "kind": self.kind,
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks
-
-
-def _positive(name: str, values: Any) -> np.ndarray:
-    try:
-        arr = np.asarray(values, dtype=float)
-    except (TypeError, ValueError):
-        raise MoorelmError(f"{name} must be a list of numbers; got {str(values)[:60]!r}") from None
-    if arr.ndim != 1:
-        raise MoorelmError(f"{name} must be a flat list of numbers; got an array of shape {arr.shape}")
-    bad = ~np.isfinite(arr) | (arr <= 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise MoorelmError(
-            f"{name}[{i}] = {float(arr[i])!r} is not a finite positive number; "
-            "drop or fix that run before fitting"
-        )
-    return arr
-
-
-def _same_length(**arrays: np.ndarray) -> int:
-    lengths = {k: len(v) for k, v in arrays.items()}
-    if len(set(lengths.values())) != 1:
-        listed = ", ".join(f"{k} has {n}" for k, n in lengths.items())
-        raise MoorelmError(f"inputs must have one value per run, but {listed}")
-    return next(iter(lengths.values()))
-
-
-def _check_bootstrap(n_bootstrap: int) -> int:
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
-        raise MoorelmError(f"n_bootstrap must be a whole number >= 0; got {n_bootstrap!r}")
-    return int(n_bootstrap)
-
-
-def _check_varies(loss: np.ndarray, what: str) -> None:
-    # Equal losses leave every exponent undetermined; the optimiser would wander off.
-    if np.ptp(np.log(loss)) <= 1e-12:
-        raise MoorelmError(
-            f"all {len(loss)} losses are equal ({loss[0]:.6g}), so {what} cannot be fitted; "
-            "use runs whose losses differ"
-        )
-
-
-def _one_blas_thread():
-    """Run BLAS single-threaded while optimising, when threadpoolctl is available.
-
-    L-BFGS-B calls BLAS on vectors of five numbers; a multi-threaded OpenBLAS wakes its
-    threads for each call, which on a busy machine made fits some 50 times slower.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it fits are correct, just slower on busy machines
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-# --------------------------------------------------------------------------------------------
-# The shared optimiser: log L = logsumexp(c_j - s_j * log x_j for each input j, e)
-#
-# theta = [c_1..c_m, e, s_1..s_m]; logx has one column per input variable.
-
-
-def _objective(theta: np.ndarray, logx: np.ndarray, logy: np.ndarray, delta: float):
-    """Huber(log pred - log obs) summed over runs, divided by delta, and its gradient.
-
-    Dividing by delta does not move the minimum; it keeps the objective near 1 per badly fit
-    run so that L-BFGS's tolerances mean the same whatever delta is.
-    """
-    m = logx.shape[1]
-    c, e, s = theta[:m], theta[m], theta[m + 1 :]
-    z = np.empty((logx.shape[0], m + 1))
-    z[:, :m] = c - logx * s
-    z[:, m] = e
-    zmax = z.max(axis=1, keepdims=True)
-    w = np.exp(z - zmax)
-    total = w.sum(axis=1, keepdims=True)
-    pred = zmax[:, 0] + np.log(total[:, 0])
-    r = pred - logy
-    absr = np.abs(r)
-    f = np.where(absr <= delta, 0.5 * r * r / delta, absr - 0.5 * delta).sum()
-    dr = np.clip(r / delta, -1.0, 1.0)
-    w /= total  # softmax weights = d pred / d z
-    grad = np.empty_like(theta)
-    grad[:m] = dr @ w[:, :m]
-    grad[m] = dr @ w[:, m]
-    grad[m + 1 :] = -(dr[:, None] * w[:, :m] * logx).sum(axis=0)
-    return f, grad
-
-
-def _grid(m: int) -> np.ndarray:
-    axes = [_GRID_COEF] * m + [_GRID_E] + [_GRID_EXP] * m
-    return np.array(list(itertools.product(*axes)))
-
-
-def _screen(grid: np.ndarray, logx: np.ndarray, logy: np.ndarray, delta: float, k: int) -> np.ndarray:
-    """The k grid points with the lowest objective, evaluated all at once."""
-    m = logx.shape[1]
-    c, e, s = grid[:, :m], grid[:, m], grid[:, m + 1 :]
-    z = c[:, None, :] - s[:, None, :] * logx[None, :, :]  # (grid, runs, m)
-    z = np.concatenate([z, np.broadcast_to(e[:, None, None], z.shape[:2] + (1,))], axis=2)
-    zmax = z.max(axis=2)
-    pred = zmax + np.log(np.exp(z - zmax[..., None]).sum(axis=2))
-    absr = np.abs(pred - logy[None, :])
-    f = np.where(absr <= delta, 0.5 * absr**2 / delta, absr - 0.5 * delta).sum(axis=1)
-    order = np.argsort(f, kind="stable")
-    return grid[order[:k]]
-
-
-def _minimise(starts: Sequence[np.ndarray], logx: np.ndarray, logy: np.ndarray, delta: float):
-    """L-BFGS from each start: (lowest finite optimum or None, list of all finite optima).
-
-    scipy's L-BFGS-B is used with no bounds, which makes it plain L-BFGS as in the papers.
-    """
-    best, optima = None, []
-    for x0 in starts:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            res = optimize.minimize(
-                _objective, np.asarray(x0, dtype=float), args=(logx, logy, delta), jac=True,
-                method="L-BFGS-B",
-                options={"maxiter": _MAXITER, "ftol": 1e-10, "gtol": 1e-6},
-            )
-        if not (np.isfinite(res.fun) and np.all(np.isfinite(res.x))) or res.nit >= _MAXITER:
-            continue
-        optima.append(res)
-        if best is None or res.fun < best.fun:
-            best = res
-    return best, optima
-
-
-def _distinct_optima(optima: list, limit: int) -> list[np.ndarray]:
-    """Up to ``limit`` competitive optima with different parameters, best first.
-
-    Competitive means an objective within twice the best: an optimum much worse on the full
-    data is not going to become the best on a resample of it, and starting there is slow.
-    """
-    ranked = sorted(optima, key=lambda r: r.fun)
-    kept: list[np.ndarray] = []
-    for res in ranked:
-        if res.fun > 2.0 * ranked[0].fun + 1e-12:
-            break
-        if all(np.max(np.abs(res.x - x)) > 1e-3 for x in kept):
-            kept.append(res.x)
-        if len(kept) == limit:
-            break
-    return kept
-
-
-def _fit_lse(logx: np.ndarray, logy: np.ndarray, **kwargs):
-    with _one_blas_thread():
-        return _fit_lse_unlimited(logx, logy, **kwargs)
-
-
-def _fit_lse_unlimited(logx: np.ndarray, logy: np.ndarray, *, n_bootstrap: int, seed: int,
-                       resample_ok, what: str):
-    """Point fit plus bootstrap thetas for the log-sum-exp law.
-
-    ``resample_ok(idx)`` says whether a resample still identifies the law (enough distinct
-    values); resamples that do not are redrawn, up to a limit.
-    """
-    grid = _grid(logx.shape[1])
-    best, optima = _minimise(_screen(grid, logx, logy, HUBER_DELTA, _MAIN_STARTS[logx.shape[1]]), logx, logy,
-                             HUBER_DELTA)
-    if best is None:
-        raise MoorelmError(
-            f"the fit of {what} did not converge; check the runs for outliers or add runs "
-            "spanning a wider range"
-        )
-    theta = best.x
-    # Each resample starts from the distinct optima the full data produced: the resampled
-    # landscape is close to the full one, and re-screening the grid every time is what made
-    # the bootstrap slow without changing its answer.
-    boot_starts = _distinct_optima(optima, _BOOT_STARTS)
-    rng = np.random.default_rng(seed)
-    n = len(logy)
-    boots: list[np.ndarray] = []
-    attempts = 0
-    while len(boots) < n_bootstrap and attempts < 5 * n_bootstrap:
-        attempts += 1
-        idx = rng.integers(0, n, size=n)
-        if not resample_ok(idx):
-            continue
-        res, _ = _minimise(boot_starts, logx[idx], logy[idx], HUBER_DELTA)
-        if res is not None:
-            boots.append(res.x)
-    boot = np.array(boots).reshape(-1, theta.size)
-    residuals = _predict_log(theta, logx) - logy
-    return theta, best.fun, boot, residuals
-
-
-def _predict_log(theta: np.ndarray, logx: np.ndarray) -> np.ndarray:
-    m = logx.shape[1]
-    z = np.concatenate([theta[:m] - logx * theta[m + 1 :], np.full((logx.shape[0], 1), theta[m])], axis=1)
-    zmax = z.max(axis=1)
-    return zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))
-
-
-def _band(curves: np.ndarray, residuals: np.ndarray, kind: str, seed: int):
-    """Percentile band over bootstrap curves (S, ...), optionally with residual scatter."""
-    if curves.shape[0] < _MIN_BOOT_FOR_CI:
-        nan = np.full(curves.shape[1:], np.nan)
-        return nan, nan
-    if kind == "prediction" and residuals.size:
-        # Each bootstrap curve is paired with several resampled log residuals so that the
-        # percentiles are not simply the extremes of a few curves.
-        rng = np.random.default_rng(seed)
-        reps = max(1, math.ceil(2000 / curves.shape[0]))
-        curves = np.repeat(curves, reps, axis=0)
-        noise = rng.choice(residuals, size=curves.shape)
-        curves = curves * np.exp(-noise)
-    lo, hi = np.percentile(curves, [2.5, 97.5], axis=0)
-    return lo, hi
-
-
-def _scalar_or_array(v: np.ndarray, scalar: bool) -> Any:
-    return float(np.asarray(v).reshape(-1)[0]) if scalar else v
-
-
-def _check_kind(interval: str) -> None:
-    if interval not in ("prediction", "confidence"):
-        raise MoorelmError(f"interval must be 'prediction' or 'confidence'; got {interval!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,13 +378,6 @@ def fit_chinchilla(n_params: Sequence[float], tokens: Sequence[float], loss: Seq
     )
 
 
-def _check_k(flops_per_token: float) -> float:
-    k = float(flops_per_token)
-    if not math.isfinite(k) or k <= 0:
-        raise MoorelmError(f"flops_per_token must be a positive number (6 is usual); got {flops_per_token!r}")
-    return k
-
-
 def compute_optimal(fit: ChinchillaFit, compute: Any, *,
                     flops_per_token: float = DEFAULT_FLOPS_PER_TOKEN) -> ComputeOptimal:
     """Split budget(s) C into N_opt and D_opt under C = flops_per_token * N * D.
@@ -711,145 +418,6 @@ def tokens_per_parameter(fit: ChinchillaFit, compute: Any, *,
                          flops_per_token: float = DEFAULT_FLOPS_PER_TOKEN) -> Prediction:
     """D_opt / N_opt at budget(s) C (about 20 for Chinchilla at its scale)."""
     return compute_optimal(fit, compute, flops_per_token=flops_per_token).tokens_per_param
-
-
-# --------------------------------------------------------------------------------------------
-# Compute frontier and IsoFLOP (Approach 2)
-
-
-def compute_frontier(flops: Sequence[float], loss: Sequence[float]) -> np.ndarray:
-    """Indices of the runs on the compute-efficient frontier, cheapest first.
-
-    A run is on the frontier when no run that used the same or less compute reached a lower
-    loss: the lower envelope of loss against compute, which is what a law L(C) describes.
-    """
-    cs = _positive("flops", flops)
-    ys = _positive("loss", loss)
-    _same_length(flops=cs, loss=ys)
-    order = np.lexsort((ys, cs))
-    keep, best = [], math.inf
-    for i in order:
-        if ys[i] < best:
-            keep.append(int(i))
-            best = ys[i]
-    return np.array(keep, dtype=int)
-
-
-@dataclass(frozen=True)
-class IsoFLOPLevel:
-    """One compute budget: its parabola loss = c2*u**2 + c1*u + c0 in u = ln N, and minimum."""
-
-    compute: float
-    n_runs: int
-    n_opt: float | None
-    loss_min: float | None
-    coeffs: tuple[float, float, float] | None
-    used: bool
-    note: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "compute": _json_float(self.compute), "n_runs": self.n_runs,
-            "n_opt": _json_float(self.n_opt), "loss_min": _json_float(self.loss_min),
-            "coeffs_ln_n": None if self.coeffs is None else [_json_float(c) for c in self.coeffs],
-            "used": self.used, "note": self.note,
-        }
-
-
-@dataclass(frozen=True)
-class IsoFLOPFit:
-    """N_opt = exp(log_coef) * C**a over the levels' parabola minima; D_opt = C/(k N_opt)."""
-
-    levels: tuple[IsoFLOPLevel, ...]
-    a: Estimate
-    b: Estimate
-    log_coef: float
-    flops_per_token: float
-
-    @property
-    def n_levels_used(self) -> int:
-        return sum(lv.used for lv in self.levels)
-
-    def n_opt(self, compute: Any) -> Any:
-        """The fitted compute-optimal model size at budget(s) C."""
-        c = np.asarray(compute, dtype=float)
-        return np.exp(self.log_coef + self.a.value * np.log(c))
-
-    def d_opt(self, compute: Any) -> Any:
-        """The matching token count, C / (k * N_opt)."""
-        c = np.asarray(compute, dtype=float)
-        return c / (self.flops_per_token * self.n_opt(c))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "law": "N_opt = exp(log_coef) * C^a, D_opt = C / (k * N_opt)",
-            "method": "parabola of loss vs ln N per compute level (Hoffmann et al. 2022, Approach 2)",
-            "a": self.a.to_dict(), "b": self.b.to_dict(),
-            "log_coef": _json_float(self.log_coef),
-            "convention": f"C = {self.flops_per_token:g} * N * D",
-            "n_levels_used": self.n_levels_used,
-            "levels": [lv.to_dict() for lv in self.levels],
-        }
-
-
-def fit_isoflop(n_params: Sequence[float], loss: Sequence[float], compute: Sequence[float], *,
-                flops_per_token: float = DEFAULT_FLOPS_PER_TOKEN) -> IsoFLOPFit:
-    """Approach 2: per-budget parabolas in ln N, then ln N_opt regressed on ln C.
-
-    ``compute`` gives each run's budget; runs with exactly equal values form one IsoFLOP curve,
-    so pass the nominal budget of the level, not each run's measured FLOPs. A level is used
-    when it has at least 3 distinct model sizes, its parabola opens upwards and its minimum
-    lies within the sizes tried (an extrapolated minimum is not trusted). At least 2 usable
-    levels are needed; with 3 or more the exponent gets a t-distribution 95% interval.
-    """
-    k = _check_k(flops_per_token)
-    ns = _positive("N", n_params)
-    ys = _positive("loss", loss)
-    cs = _positive("compute", compute)
-    _same_length(N=ns, loss=ys, compute=cs)
-    levels = []
-    for c in np.unique(cs):
-        sel = cs == c
-        n_sel, y_sel = ns[sel], ys[sel]
-        kinds = len(np.unique(n_sel))
-        if kinds < 3:
-            levels.append(IsoFLOPLevel(float(c), int(sel.sum()), None, None, None, False,
-                                       f"only {kinds} distinct model sizes; a parabola needs 3"))
-            continue
-        u = np.log(n_sel)
-        centre = u.mean()  # centring keeps the quadratic fit well conditioned
-        c2, c1, c0 = np.polyfit(u - centre, y_sel, 2)
-        # Back to coefficients in u itself.
-        coeffs = (float(c2), float(c1 - 2 * c2 * centre), float(c2 * centre**2 - c1 * centre + c0))
-        if c2 <= 0:
-            levels.append(IsoFLOPLevel(float(c), int(sel.sum()), None, None, coeffs, False,
-                                       "loss is not convex in log N here, so there is no minimum"))
-            continue
-        u_star = centre - c1 / (2 * c2)
-        loss_min = float(c0 - c1**2 / (4 * c2))
-        inside = u.min() <= u_star <= u.max()
-        note = "" if inside else "minimum lies outside the model sizes tried; add sizes there"
-        levels.append(IsoFLOPLevel(float(c), int(sel.sum()), float(np.exp(u_star)), loss_min,
-                                   coeffs, bool(inside), note))
-    used = [lv for lv in levels if lv.used]
-    if len(used) < 2:
-        raise MoorelmError(
-            "need at least 2 compute levels, each with at least 3 distinct model sizes around "
-            f"its best size, to fit IsoFLOP minima; got {len(used)} usable of {len(levels)}"
-        )
-    lc = np.log([lv.compute for lv in used])
-    ln = np.log([lv.n_opt for lv in used])
-    slope, intercept = np.polyfit(lc, ln, 1)
-    ci = None
-    dof = len(used) - 2
-    if dof >= 1:
-        resid = ln - (slope * lc + intercept)
-        se = math.sqrt(float(resid @ resid) / dof / float(((lc - lc.mean()) ** 2).sum()))
-        t = float(stats.t.ppf(0.975, dof))
-        ci = (float(slope - t * se), float(slope + t * se))
-    a = Estimate(float(slope), ci)
-    b = Estimate(1.0 - float(slope), None if ci is None else (1.0 - ci[1], 1.0 - ci[0]))
-    return IsoFLOPFit(tuple(levels), a, b, float(intercept), k)
 
 
 # --------------------------------------------------------------------------------------------
