@@ -203,7 +203,9 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, pos: torch.Tensor, uniform_start: int | None) -> torch.Tensor:
+                cache: KVCache | None, pos: torch.Tensor, uniform_start: int | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (B, 1, T, T), without a cache: which keys each query sees (packed rows)."""
         B, T, C = x.shape
         H, K, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         # split, not slicing: a slice's backward pads its gradient with zeros, split's concatenates
@@ -211,7 +213,7 @@ class Attention(nn.Module):
         q, k = norm_rotate(qk, rope, self.cfg.qk_norm).split([H, K], dim=2)  # one pass for both
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
 
-        mask, is_causal = None, True
+        is_causal = mask is None
         if cache is not None:
             k, v = cache.update(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype), pos,
                                 uniform_start)
@@ -256,6 +258,25 @@ class MLP(nn.Module):
         return linear(self.c_proj, h)
 
 
+def _segment_positions(segments: torch.Tensor, idx: torch.Tensor,
+                       kv_cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) restarting at 0 at every change of ``segments`` along a row, and the
+    attention mask (B, 1, T, T): causal, and only within a query's own run."""
+    if kv_cache is not None:
+        raise ValueError("segments (packed rows) do not combine with a KV cache")
+    if segments.shape != idx.shape:
+        raise ValueError(f"segments must have idx's shape {tuple(idx.shape)}, "
+                         f"got {tuple(segments.shape)}")
+    T = idx.shape[1]
+    t = torch.arange(T, device=idx.device)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): a run starts here
+    start = torch.where(new, t, 0).cummax(dim=1).values  # (B, T): where my run started
+    run = new.cumsum(dim=1)  # (B, T): runs numbered along the row
+    mask = (run[:, :, None] == run[:, None, :]) & (t[:, None] >= t[None, :])  # (B, T, T)
+    return t - start, mask[:, None]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -265,8 +286,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache, pos, uniform_start):
-        x = x + self.drop(self.attn(self.ln_1(x), rope, cache, pos, uniform_start))
+    def forward(self, x, rope, cache, pos, uniform_start, mask=None):
+        x = x + self.drop(self.attn(self.ln_1(x), rope, cache, pos, uniform_start, mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -345,12 +366,16 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
         last_only: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) -> (logits (B, T, V) or (B, 1, V) with last_only, loss or None).
 
         With targets, returns the cross-entropy (targets < 0 are ignored) and logits None to
         save memory; ``loss_reduction="none"`` gives per-token losses (B, T).
         With a cache, positions continue from each row's cached length.
+        ``segments`` (B, T), without a cache: packed rows, a new sequence wherever the value
+        changes along a row; each starts at position 0 and attends only within itself, so
+        the row computes what its sequences would alone.
         """
         B, T = idx.shape
         if kv_cache is not None and T == 1 and targets is None and not self.training \
@@ -368,6 +393,10 @@ class GPT(nn.Module):
         else:
             pos = torch.arange(T, device=idx.device)[None, :]  # (1, T)
             last, limit = T - 1, cfg.seq_len
+        mask = None
+        if segments is not None:
+            pos, mask = _segment_positions(segments, idx, kv_cache)
+            uniform_start = None
         self._check_window(last, limit)
 
         x = self.wte(idx)  # (B, T, C)
@@ -375,14 +404,14 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         rope = None
         if cfg.pos == "rope":
-            if kv_cache is None or uniform_start is not None:
-                start = uniform_start or 0  # every row at the same positions: a slice
+            if uniform_start is not None:
+                start = uniform_start  # every row at the same positions: a slice
                 rope = (self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None])
             else:
                 rope = (self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, kv_cache, pos, uniform_start)
+            x = block(x, rope, kv_cache, pos, uniform_start, mask)
         if kv_cache is not None:
             kv_cache.lengths += T
         x = self.ln_f(x)

@@ -136,6 +136,12 @@ def _fully_shard(model: GPT, device: torch.device, d: Dist) -> None:
     fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, head
 
 
+def _batch(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets) or (inputs, targets, segments) from a data source; segments mark
+    the sequences packed into a row (``GPT.forward``), as fine-tuning data gives them."""
+    return (batch[0], batch[1], batch[2] if len(batch) > 2 else None)
+
+
 def _is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -216,9 +222,11 @@ def estimate_loss(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, seq
     rounds = -(-cfg.eval_iters // d.world) if _is_sharded(model) else None
     stop = rounds * d.world if rounds else cfg.eval_iters
     for i in range(d.rank, stop, d.world):
-        x, y = data.val_batch(i % cfg.eval_iters, cfg.eval_batch_size or cfg.batch_size, seq_len)
+        x, y, seg = _batch(data.val_batch(i % cfg.eval_iters, cfg.eval_batch_size or cfg.batch_size,
+                                          seq_len))
         with autocast(device, precision):
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device),
+                            segments=None if seg is None else seg.to(device))
         if i < cfg.eval_iters:
             total += float(loss)
             n += 1
@@ -408,19 +416,22 @@ def train(
             torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                x, y = data.train_batch(step, cfg.seed, global_batch, T,
-                                        part=micro * d.world + d.rank, parts=cfg.grad_accum * d.world)
+                x, y, seg = _batch(data.train_batch(step, cfg.seed, global_batch, T,
+                                                    part=micro * d.world + d.rank,
+                                                    parts=cfg.grad_accum * d.world))
                 if device.type == "cuda":  # page-locked host memory makes the copy asynchronous
                     x, y = x.pin_memory(), y.pin_memory()
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
+                if seg is not None:
+                    seg = seg.to(device)
                 sync = micro == cfg.grad_accum - 1
                 if sharded:  # FSDP reduce-scatters gradients only after the last micro-batch
                     model.set_requires_gradient_sync(sync)
                 ctx = ddp_model.no_sync() if (d.world > 1 and not sync and not sharded) else _null()
                 with ctx:
                     with autocast(device, precision):
-                        _, loss = ddp_model(x, y)
+                        _, loss = ddp_model(x, y, segments=seg)
                     scaled = loss / cfg.grad_accum
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.detach()  # stays on the device: no host sync per micro-batch

@@ -180,6 +180,28 @@ def test_wide_batch_decode_at_different_lengths(variant):
                 assert torch.allclose(out[row, -1], alone[0, -1], atol=1e-4), row
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_segments_keep_packed_sequences_apart(variant):
+    """Sequences packed into one row with ``segments`` get the logits of
+    each run alone: positions restart at 0 and attention stays within a sequence."""
+    model = make(variant)
+    a, b, c = (torch.randint(0, 50, (1, n)) for n in (5, 7, 4))
+    row = torch.cat([a, b, c], dim=1)  # (1, 16)
+    seg = torch.tensor([[1] * 5 + [2] * 7 + [1] * 4])  # a run is a change of value
+    packed, _ = model(row, segments=seg)
+    start = 0
+    for s in (a, b, c):
+        alone, _ = model(s)
+        assert torch.allclose(packed[:, start:start + s.shape[1]], alone, atol=1e-5)
+        start += s.shape[1]
+    plain, _ = model(row)
+    assert not torch.allclose(plain[:, 5:12], packed[:, 5:12], atol=1e-3)
+    with pytest.raises(ValueError, match="shape"):
+        model(row, segments=seg[:, :-1])
+    with pytest.raises(ValueError, match="KV cache"):
+        model(row, kv_cache=model.new_cache(1), segments=seg)
+
+
 @pytest.mark.parametrize("inference", [False, True], ids=["general", "decode-path"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kv_cache_rows_at_different_lengths(variant, inference):

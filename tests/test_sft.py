@@ -113,8 +113,38 @@ def test_packing_keeps_examples_whole_and_masks_prompts(tiny_run):
                 segment.append(tid)
         assert not segment  # no completion is cut across rows
     assert sorted(found) == sorted(p.completion for p in pairs)
-    x, y = data.train_batch(0, 0, 4, 32)
-    assert x.shape == y.shape and x.shape[0] == 4 and x.shape[1] <= 32
+    x, y, seg = data.train_batch(0, 0, 4, 32)
+    assert x.shape == y.shape == seg.shape and x.shape[0] == 4 and x.shape[1] <= 32
+    # each example of a row is one run of segment numbers 1, 2, ...; padding is 0
+    for row in seg.tolist():
+        used = [v for v in row if v]
+        assert used == sorted(used) and used[0] == 1 and set(row[len(used):]) <= {0}
+
+
+def test_packed_rows_compute_what_their_examples_would_alone(tiny_run):
+    """With segments, a packed row's per-token losses are those of its examples each in a
+    row of its own (positions from 0, no attention across examples); without them they are
+    not (the check can fail)."""
+    pairs = [Pair(**number_pair(i), line=i) for i in range(12)]
+    packed = _sft(tiny_run, pairs)
+    single = SFTData(pairs, pairs[:2], tiny_run / "tokenizer.json", DEFAULT_TEMPLATE, tiny_run,
+                     "fp", pack=False)
+    model = moorelm.load(tiny_run).model
+    tokens, mask, _, segments = packed._packed("train", 32)
+    assert len(tokens) < len(pairs)
+    x, y, seg = packed._xy(tokens, mask, segments, 33)
+    t2, m2, _, s2 = single._packed("train", 32)
+    x2, y2 = single._xy(t2, m2, s2, 33)
+    with torch.no_grad():
+        _, together = model(x, y, loss_reduction="none", segments=seg)
+        _, alone = model(x2, y2, loss_reduction="none")
+        _, mixed = model(x, y, loss_reduction="none")
+    want = sorted(alone[y2 >= 0].tolist())
+    assert len(want) == int((y >= 0).sum())
+    assert torch.allclose(torch.tensor(sorted(together[y >= 0].tolist())), torch.tensor(want),
+                          atol=1e-4)
+    assert not torch.allclose(torch.tensor(sorted(mixed[y >= 0].tolist())), torch.tensor(want),
+                              atol=1e-4)
 
 
 def test_without_packing_each_row_is_one_example_at_position_0(tiny_run):
@@ -148,13 +178,14 @@ def test_batches_are_a_function_of_the_step_and_cover_each_epoch(tiny_run):
     whole = data.train_batch(2, 5, 4, 32)
     assert torch.equal(torch.cat([a[0], b[0]]), whole[0])
     assert torch.equal(torch.cat([a[1], b[1]]), whole[1])
+    assert torch.equal(torch.cat([a[2], b[2]]), whole[2])
 
 
 def test_targets_ignore_prompt_tokens(tiny_run):
     """In (idx, targets) the only targets are the completion's tokens and end-of-text."""
     tok = moorelm.Tokenizer.load(tiny_run / "tokenizer.json")
     data = _sft(tiny_run, [Pair("ab", "xyz", 1)], [Pair("ab", "xyz", 1)])
-    x, y = data.val_batch(0, 1, 32)
+    x, y, _ = data.val_batch(0, 1, 32)
     assert y[y >= 0].tolist() == tok.encode("xyz") + [tok.eot_id]
     assert x[0, : len(tok.encode("ab\n=> "))].tolist() == tok.encode("ab\n=> ")
 
@@ -176,12 +207,26 @@ def test_long_examples_are_truncated_and_counted(tiny_run):
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_full_finetune_writes_a_templated_run(tiny_run, pairs_file, tmp_path):
+def test_full_finetune_writes_a_templated_run(tiny_run, pairs_file, tmp_path, monkeypatch):
     """A full fine-tune writes an ordinary run folder with the template, which moorelm.load
-    and `generate` reuse; only completion tokens count in the loss."""
+    and `generate` reuse; only completion tokens count in the loss; the training and eval
+    batches of packed rows reach the model with their segments."""
+    from moorelm.model import GPT
+
+    calls = []
+    real = GPT.forward
+
+    def spy(self, idx, targets=None, *args, segments=None, **kw):
+        if targets is not None:
+            calls.append(segments is not None and segments.shape == idx.shape)
+        return real(self, idx, targets, *args, segments=segments, **kw)
+
+    monkeypatch.setattr(GPT, "forward", spy)
     out = tmp_path / "ft"
     r = finetune(tiny_run, pairs_file, out, eval_rows=4, train_overrides={**FAST, "max_steps": 6},
                  exact_match_rows=4, progress=False)
+    monkeypatch.undo()
+    assert len(calls) >= 6 and all(calls)
     assert r.method == "full" and r.train.step == 6 and r.trainable_params == r.total_params
     cfg = ckpt.read_run_config(out)
     assert cfg["prompt_template"] == DEFAULT_TEMPLATE and cfg["finetune"]["rows"] == {"train": 36, "eval": 4}

@@ -114,8 +114,9 @@ def add_parser(sub) -> None:
                    help=f"prompt template with {{prompt}}; \\n is a line break (default "
                    f"{DEFAULT_TEMPLATE!r})")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
-                   help="pack several examples per context window (default on); --no-packing "
-                   "trains one example per row, each at position 0 as at inference")
+                   help="pack several examples per context window, each from position 0 and "
+                   "attending only to itself (default on); --no-packing trains one example "
+                   "per row (more, smaller steps)")
     p.add_argument("--epochs", type=float, default=None,
                    help=f"passes over the training rows when no max-steps/tokens/time is given "
                    f"(default {DEFAULT_EPOCHS:g})")
