@@ -1,7 +1,7 @@
 """The one-token decode path's view of a model, bound once per KV cache.
 
 ``DecodePlan`` turns every projection and norm of a GPT into a ready callable (a matrix
-product with its transposed weight, MKL's packed GEMM for batches of 8+ rows, a norm with
+product with its transposed weight, MKL's packed GEMM for batches of 8-64 rows, a norm with
 its arguments), and ``_ONEDNN_OFF`` switches oneDNN off around a CPU fp32 step. The model's
 ``_decode_step`` is their only user; why each exists is in docs/ARCHITECTURE.md.
 """
@@ -48,7 +48,7 @@ class DecodePlan:
 
     A plain ``nn.Linear`` becomes a matrix product with its transposed weight bound (a view:
     in-place weight updates show through), on a CPU with MKL a ``_PackedLinear`` (the same
-    product for a row or a few, MKL's packed GEMM from 8 rows); any subclass (LoRA's) stays
+    product for a row or a few, MKL's packed GEMM for 8-64 rows); any subclass (LoRA's) stays
     its own module. A norm
     becomes ``torch.layer_norm``/``torch.rms_norm`` with its arguments bound. ``layers``
     holds each block's pieces in the order a step uses them. At batch 1 on a CPU a step is
@@ -92,13 +92,14 @@ class _PackedLinear:
     only takes the row count it was packed for, so rows are padded up to a power of two (8,
     16, 32, ...) and each such size gets its pack, made when first needed; at most ``KEEP``
     sizes stay, the least recently used goes. Below 8 rows a product reads the weight once
-    anyway and the plain one is used, as it is when autograd records (the op has no
+    anyway and the plain one is used; so it is above 64 rows, where the re-packing is a small
+    share and padding could double the work, and when autograd records (the op has no
     backward). A pack remembers its weight's version counter, so an in-place update of the
     weight (``load_state_dict``, an optimizer step) re-packs it; weights made in inference
     mode have no such counter and keep the plain product.
     """
 
-    MIN_ROWS = 8
+    MIN_ROWS, MAX_ROWS = 8, 64
     KEEP = 2
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -109,11 +110,12 @@ class _PackedLinear:
     @staticmethod
     def usable(weight: torch.Tensor) -> bool:
         return (_MKL_OPS is not None and weight.device.type == "cpu"
-                and weight.dtype == torch.float32 and not weight.is_inference())
+                and weight.dtype == torch.float32 and weight.is_contiguous()
+                and not weight.is_inference())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
-        if m < self.MIN_ROWS or torch.is_grad_enabled():
+        if not self.MIN_ROWS <= m <= self.MAX_ROWS or torch.is_grad_enabled():
             if self.bias is None:
                 return torch.mm(x, self.wt)
             return torch.addmm(self.bias, x, self.wt)

@@ -138,7 +138,7 @@ def test_packed_projection_matches_the_plain_product():
     packed = decode_plan._PackedLinear(lin.weight, lin.bias)
     no_bias = decode_plan._PackedLinear(lin.weight, None)
     with torch.no_grad():
-        for m in (1, 7, 8, 11, 16, 17, 32, 40):
+        for m in (1, 7, 8, 11, 16, 17, 32, 40, 64, 65, 100):
             x = torch.randn(m, 24)
             want = x @ lin.weight.t()
             assert torch.allclose(packed(x), want + lin.bias, atol=1e-5), m
