@@ -173,7 +173,8 @@ def main() -> None:
     ap.add_argument("--init", metavar="PRESET", default=None,
                     help="if RUN does not exist, create it with random weights of this size "
                     "(e.g. shakespeare-char) instead of training one")
-    ap.add_argument("--clients", default="1,8,32,64", help="concurrency levels (default 1,8,32,64)")
+    ap.add_argument("--clients", default="1,8,32,64",
+                    help="concurrency levels; the smallest is the baseline (default 1,8,32,64)")
     ap.add_argument("--requests", type=int, default=3, help="requests per client (default 3)")
     ap.add_argument("--max-tokens", type=int, default=100, help="tokens per response (default 100)")
     ap.add_argument("--rounds", type=int, default=3,
@@ -188,13 +189,14 @@ def main() -> None:
         levels = [int(x) for x in args.clients.split(",")]
     except ValueError:
         raise SystemExit(f"--clients must be comma-separated integers, got {args.clients!r}") from None
+    levels = sorted(set(levels))  # the smallest is the baseline of each round
     if not levels or min(levels) < 1 or args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
         raise SystemExit("--clients, --requests, --max-tokens and --rounds must be >= 1")
     if args.init and not Path(args.run).exists():
         make_random_run(args.run, args.init)
 
     proc, url = start_server(args.run, args.max_batch, args.threads)
-    base_level = 1 if 1 in levels else levels[0]
+    base_level = levels[0]
     tok_s: dict[int, list[float]] = {n: [] for n in levels}
     ratios: dict[int, list[float]] = {n: [] for n in levels}
     try:
@@ -217,7 +219,7 @@ def main() -> None:
                 r = asyncio.run(run_level(url, "bench", n, args.requests, args.max_tokens,
                                           args.prompt))
                 cpu1 = server_cpu_seconds(proc.pid)
-                cores = f"{(cpu1 - cpu0) / r['wall']:>5.2f}" if cpu0 is not None and cpu1 else "    -"
+                cores = f"{(cpu1 - cpu0) / r['wall']:>5.2f}" if None not in (cpu0, cpu1) else "    -"
                 if n == base_level:
                     base = r["tok_s"]
                 tok_s[n].append(r["tok_s"])
