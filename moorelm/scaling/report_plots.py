@@ -12,6 +12,14 @@ import numpy as np
 from moorelm.atomic import atomic_write_bytes
 
 
+def _finish(fig, ax, path: Path) -> Path:
+    """The single-panel figures' common last touches: grid, legend, margins, then save."""
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.11)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     """Render to memory and write atomically, so a killed build leaves no torn PNG."""
     import matplotlib.pyplot as plt
@@ -67,10 +75,7 @@ def _plot_loss_vs_compute(path: Path, fits: dict, verification: dict | None, k: 
     ax.set_xlabel("Training compute C (FLOPs)")
     ax.set_ylabel("Validation loss")
     ax.set_title("Loss against compute")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.11)
-    return _save(fig, path)
+    return _finish(fig, ax, path)
 
 
 def _plot_isoflop(path: Path, fits: dict) -> Path:
@@ -95,10 +100,7 @@ def _plot_isoflop(path: Path, fits: dict) -> Path:
     ax.set_xlabel("Parameters N")
     ax.set_ylabel("Validation loss")
     ax.set_title(f"IsoFLOP curves (diamonds: fitted minima; N_opt ~ C^{iso.a.value:.2f})")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.11)
-    return _save(fig, path)
+    return _finish(fig, ax, path)
 
 
 def _plot_allocation(path: Path, fits: dict, k: float) -> Path:
@@ -132,10 +134,7 @@ def _plot_allocation(path: Path, fits: dict, k: float) -> Path:
     ax.set_xlabel(f"Training compute C (FLOPs), C = {k:g}·N·D")
     ax.set_ylabel("Parameters / tokens")
     ax.set_title("Compute-optimal model size and data")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.11)
-    return _save(fig, path)
+    return _finish(fig, ax, path)
 
 
 def _plot_prediction(path: Path, fits: dict, v: dict) -> Path:
