@@ -1,0 +1,47 @@
+"""The loss curve of a fixed tiny seeded run, against committed numbers (llm.c style).
+
+The numbers below were produced by the training loop before it was split into
+``moorelm/training/``; a refactor of the loop, the optimizer or the data path that changes
+any step's arithmetic changes them. Regenerate them only for a change meant to alter training.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from moorelm.config import build_configs, with_vocab
+from moorelm.data import PrepareOptions, TokenData, prepare
+from moorelm.train import train
+from tests.conftest import SMALL_TEXT
+
+# (train loss per step, val loss at steps 4 and 8, final val loss in full)
+EXPECTED = {
+    "gpt2-baseline": (
+        ["5.6724", "5.6476", "5.6068", "5.5275", "5.4745", "5.4142", "5.3930", "5.3830"],
+        ["5.4570", "5.3496"], 5.3496034145355225),
+    "moorelm": (
+        ["5.6836", "5.6479", "5.5402", "5.2564", "4.9903", "4.7704", "4.5813", "4.4219"],
+        ["4.9804", "4.2653"], 4.265286922454834),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+def test_first_losses_match_the_committed_curve(tmp_path, recipe):
+    """8 steps of a 2-layer, width-32 model (dropout 0.1, grad_accum 2, seed 3, one thread)
+    give exactly the committed per-step train losses and val losses, for AdamW
+    (gpt2-baseline) and Muon (moorelm)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SMALL_TEXT, encoding="utf-8")
+    data = TokenData(prepare(str(corpus), tmp_path / "data", PrepareOptions(), progress=False))
+    model_cfg, cfg = build_configs(
+        recipe=recipe,
+        model_overrides=dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, dropout=0.1),
+        train_overrides=dict(batch_size=4, grad_accum=2, max_steps=8, log_interval=1,
+                             eval_interval=4, eval_iters=2, warmup_steps=2, threads=1, seed=3,
+                             device="cpu"))
+    r = train(with_vocab(model_cfg, data.vocab_size), cfg, data, tmp_path / "run",
+              progress=False)
+    train_losses, val_losses, final_val = EXPECTED[recipe]
+    assert [row["train_loss"] for row in r.history] == train_losses
+    assert [row["val_loss"] for row in r.history if row["val_loss"]] == val_losses
+    assert r.val_loss == pytest.approx(final_val, rel=1e-6)
