@@ -74,7 +74,7 @@ def _worker(me: int, recipe: str, args, data_dir: str, out_dir: str, eval_interv
     import torch
 
     from moorelm.data import TokenData
-    from moorelm.train import train
+    from moorelm.training.loop import train
 
     torch.set_num_threads(args.threads)
     data = TokenData(data_dir)
@@ -114,7 +114,7 @@ def _worker(me: int, recipe: str, args, data_dir: str, out_dir: str, eval_interv
 def _probe_step_time(recipe: str, args, data_dir: str, steps: int = 6) -> float:
     """Seconds per training step, from a few steps (sets the evaluation interval)."""
     from moorelm.data import TokenData
-    from moorelm.train import train
+    from moorelm.training.loop import train
 
     data = TokenData(data_dir)
     model_cfg, cfg = _configs(recipe, args, data.vocab_size, 0, None, max_steps=steps)
@@ -126,7 +126,7 @@ def _probe_step_time(recipe: str, args, data_dir: str, steps: int = 6) -> float:
 def _budgeted_run(args, data_dir: str, budget: float) -> dict:
     """The default recipe alone, its schedule set for ``budget`` training seconds."""
     from moorelm.data import TokenData
-    from moorelm.train import train
+    from moorelm.training.loop import train
 
     data = TokenData(data_dir)
     model_cfg, cfg = _configs(DEFAULT, args, data.vocab_size, 0, budget)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from moorelm.train import prepare_data
+    from moorelm.training.pretrain import prepare_data
 
     torch.set_num_threads(args.threads)
     print(f"load before: {load_average()}")

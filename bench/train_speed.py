@@ -5,7 +5,7 @@
     python bench/train_speed.py --preset-steps 30 --rounds 5
 
 Part 1 trains the ``shakespeare-char`` preset (default recipe) on the bundled corpus for a
-fixed number of steps through ``moorelm.train.train`` and prints tokens/s, peak memory and
+fixed number of steps through ``moorelm.training.loop.train`` and prints tokens/s, peak memory and
 the val loss.
 
 Part 2 is the comparison of issue 3, section 4: at the baseline's own architecture
@@ -90,7 +90,7 @@ def plain_loop(model_cfg, cfg, data, steps: int) -> float:
 
 
 def moorelm_loop(model_cfg, cfg, data, steps: int) -> float:
-    from moorelm.train import train
+    from moorelm.training.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         r = train(model_cfg, cfg.__class__(**{**cfg.to_dict(), "max_steps": steps}), data,
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from moorelm.config import build_configs, with_vocab
     from moorelm.device import peak_memory_bytes
-    from moorelm.train import prepare_data, train
+    from moorelm.training.loop import train
+    from moorelm.training.pretrain import prepare_data
 
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads; load: {load_average()}")

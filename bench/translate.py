@@ -97,7 +97,7 @@ def main() -> int:
     from moorelm.finetune.lora import LoRAConfig
     from moorelm.finetune.sft import DEFAULT_TEMPLATE, finetune
     from moorelm.finetune.tasks import write_pairs
-    from moorelm.train import pretrain
+    from moorelm.training.pretrain import pretrain
 
     started = time.perf_counter()
     out = Path(args.out or tempfile.mkdtemp(prefix="moorelm-translate-"))

@@ -32,15 +32,15 @@ def load(run: str | Path, device: str = "auto") -> LanguageModel:
 
 
 def pretrain(out, **kwargs):
-    """See ``moorelm.train.pretrain``."""
-    from moorelm.train import pretrain as _pretrain
+    """See ``moorelm.training.pretrain.pretrain``."""
+    from moorelm.training.pretrain import pretrain as _pretrain
 
     return _pretrain(out, **kwargs)
 
 
 def train(*args, **kwargs):
-    """See ``moorelm.train.train``."""
-    from moorelm.train import train as _train
+    """See ``moorelm.training.loop.train``."""
+    from moorelm.training.loop import train as _train
 
     return _train(*args, **kwargs)
 

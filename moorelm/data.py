@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -504,6 +505,43 @@ def default_data_dir(corpus: Corpus, options: PrepareOptions) -> Path:
     return root / "data" / key
 
 
+class Batch(NamedTuple):
+    """One batch from a data source: token ids, their next-token targets (-1: not scored)
+    and, for rows that pack several sequences, which sequence each token belongs to (``GPT.forward``
+    restarts positions and attention at every new segment)."""
+
+    inputs: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T)
+    segments: torch.Tensor | None = None  # (B, T), or None: one sequence per row
+
+
+class DataSource(Protocol):
+    """What the training loop reads: ``TokenData`` (pretraining) and
+    ``moorelm.finetune.sft.SFTData`` (prompt/completion pairs) are the two kinds.
+
+    ``train_batch`` must be a pure function of its arguments (that is what makes resume exact
+    and lets ``parts`` ranks take disjoint equal slices of one global batch); ``val_batch``
+    gives the same ``i``-th batch to every run on the data.
+    """
+
+    vocab_size: int
+    tokenizer_path: Path
+
+    def check_fits(self, seq_len: int) -> None:
+        """Raise ``MoorelmError`` when a split cannot fill one context window."""
+
+    def bytes_per_token(self, split: str = "val") -> float: ...
+
+    def train_batch(self, step: int, seed: int, global_batch: int, seq_len: int,
+                    part: int = 0, parts: int = 1) -> Batch: ...
+
+    def val_batch(self, i: int, batch_size: int, seq_len: int) -> Batch: ...
+
+    def provenance(self) -> dict[str, str]:
+        """Where the data came from, as the run's config.json records it: ``dir``,
+        ``fingerprint`` (a resume checks it), ``corpus`` and ``tokenizer``."""
+
+
 class TokenData:
     """Memory-mapped token shards of a prepared dataset, with window sampling."""
 
@@ -526,6 +564,11 @@ class TokenData:
 
     def tokens(self, split: str) -> int:
         return int(self.manifest["splits"][split]["tokens"])
+
+    def provenance(self) -> dict[str, str]:
+        m = self.manifest
+        return {"dir": str(self.folder.resolve()), "fingerprint": m["fingerprint"],
+                "corpus": m["corpus"], "tokenizer": m["tokenizer"]}
 
     def bytes_per_token(self, split: str = "val") -> float:
         s = self.manifest["splits"][split]
@@ -553,19 +596,19 @@ class TokenData:
         return out
 
     def train_batch(self, step: int, seed: int, global_batch: int, seq_len: int,
-                    part: int = 0, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                    part: int = 0, parts: int = 1) -> Batch:
         """Part ``part`` of ``parts`` equal slices of the global batch of ``step``."""
         rng = np.random.default_rng([seed, step])
         w = self._windows("train", rng, global_batch, seq_len)
         per = global_batch // parts
         w = w[part * per : (part + 1) * per]
         t = torch.from_numpy(w)
-        return t[:, :-1], t[:, 1:]  # idx, targets: (B, T) each
+        return Batch(t[:, :-1], t[:, 1:])  # idx, targets: (B, T) each
 
-    def val_batch(self, i: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def val_batch(self, i: int, batch_size: int, seq_len: int) -> Batch:
         rng = np.random.default_rng([EVAL_SEED, i])
         t = torch.from_numpy(self._windows("val", rng, batch_size, seq_len))
-        return t[:, :-1], t[:, 1:]
+        return Batch(t[:, :-1], t[:, 1:])
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:

@@ -17,11 +17,14 @@ nearest semi-orthogonal matrix, computed with a few Newton-Schulz iterations in 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from moorelm.config import TrainConfig
+from moorelm.errors import MoorelmError
 
 
 def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -121,6 +124,18 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+class OptimizerState(NamedTuple):
+    """The optimizers' state in checkpoint form: tensors for safetensors and the JSON rest.
+
+    Tensors are named ``"i/pid.key"``: optimizer ``i`` (0: AdamW, 1: Muon when used),
+    parameter ``pid`` in that optimizer's order, state ``key`` (``"0/3.exp_avg"``).
+    ``meta[i]`` holds optimizer ``i``'s param groups and non-tensor state (``scalars``).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: list[dict[str, Any]]
+
+
 class Optimizers:
     """One or two torch optimizers behind one step/zero_grad/state interface."""
 
@@ -142,6 +157,47 @@ class Optimizers:
     def set_lr(self, multiplier: float) -> None:
         for g in self.param_groups:
             g["lr"] = g["base_lr"] * multiplier
+
+    def state_dict(self) -> OptimizerState:
+        """The state of every optimizer, named as checkpoints store it. Tensors are the
+        optimizers' own (on their device; DTensor shards under FSDP): copy them before the
+        next step changes them."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta = []
+        for i, o in enumerate(self.opts):
+            sd = o.state_dict()
+            scalars: dict[str, dict[str, Any]] = {}
+            for pid, st in sd["state"].items():
+                for key, val in st.items():
+                    if torch.is_tensor(val):
+                        tensors[f"{i}/{pid}.{key}"] = val
+                    else:
+                        scalars.setdefault(str(pid), {})[key] = val
+            meta.append({"param_groups": sd["param_groups"], "scalars": scalars})
+        return OptimizerState(tensors, meta)
+
+    def load_state_dict(self, state: OptimizerState,
+                        place: Callable[[torch.Tensor, nn.Parameter], torch.Tensor] | None = None
+                        ) -> None:
+        """Restore what ``state_dict`` gave. ``place(tensor, param)`` lays each loaded tensor
+        out like its parameter first (FSDP cuts full tensors into the parameter's shards)."""
+        if len(state.meta) != len(self.opts):
+            raise MoorelmError(
+                f"the checkpoint holds the state of {len(state.meta)} optimizer(s) but this run "
+                f"builds {len(self.opts)}; resume with the run's --optimizer")
+        by_opt: list[dict[str, torch.Tensor]] = [{} for _ in self.opts]
+        for name, t in state.tensors.items():
+            i, rest = name.split("/", 1)
+            by_opt[int(i)][rest] = t
+        for o, tensors, meta in zip(self.opts, by_opt, state.meta):
+            params = [p for g in o.param_groups for p in g["params"]]
+            st: dict[int, dict[str, Any]] = {}
+            for name, t in tensors.items():
+                pid, key = name.split(".", 1)
+                st.setdefault(int(pid), {})[key] = t if place is None else place(t, params[int(pid)])
+            for pid, kv in meta.get("scalars", {}).items():
+                st.setdefault(int(pid), {}).update(kv)
+            o.load_state_dict({"state": st, "param_groups": meta["param_groups"]})
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> Optimizers:

@@ -47,7 +47,7 @@ TINY_TRAIN = dict(batch_size=8, max_steps=20, eval_interval=10, eval_iters=2, lo
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A tiny model trained for a few steps on an inline corpus (shared, read-only)."""
-    from moorelm.train import pretrain
+    from moorelm.training.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("tinyrun")
     corpus = root / "small.txt"

@@ -89,7 +89,7 @@ def test_checkpoint_saved_under_autocast_loads_in_fp32(tmp_path, small_corpus):
     same logits as the in-memory model."""
     import moorelm
     from moorelm import checkpoint as ckpt
-    from moorelm.train import pretrain
+    from moorelm.training.pretrain import pretrain
     from tests.conftest import TINY_MODEL, TINY_TRAIN
 
     run = tmp_path / "run"

@@ -18,7 +18,7 @@ import torch
 
 from moorelm import checkpoint as ckpt
 from moorelm.data import PrepareOptions, prepare
-from moorelm.train import pretrain
+from moorelm.training.pretrain import pretrain
 
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32)
 STEPS = 6

@@ -11,7 +11,8 @@ from moorelm.config import DEFAULT_RECIPE, RECIPES, TrainConfig, build_configs, 
 from moorelm.data import PrepareOptions, TokenData, prepare
 from moorelm.device import choose_precision
 from moorelm.model import GPT
-from moorelm.train import estimate_loss, train
+from moorelm.training.loop import train
+from moorelm.training.validation import estimate_loss
 
 TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32)
 

@@ -17,7 +17,7 @@ import moorelm
 from moorelm import checkpoint as ckpt
 from moorelm.config import RECIPES, TrainConfig
 from moorelm.errors import MoorelmError
-from moorelm.train import pretrain
+from moorelm.training.pretrain import pretrain
 from tests.conftest import DEVICES, TINY_MODEL, TINY_TRAIN
 
 

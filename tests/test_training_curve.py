@@ -11,7 +11,7 @@ import pytest
 
 from moorelm.config import build_configs, with_vocab
 from moorelm.data import PrepareOptions, TokenData, prepare
-from moorelm.train import train
+from moorelm.training.loop import train
 from tests.conftest import SMALL_TEXT
 
 # (train loss per step, val loss at steps 4 and 8, final val loss in full)

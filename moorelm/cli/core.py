@@ -158,7 +158,7 @@ def _default_out(args) -> Path:
 
 
 def cmd_train(args) -> int:
-    from moorelm.train import describe, pretrain
+    from moorelm.training.pretrain import describe, pretrain
 
     model_over = collect(args, ModelConfig)
     train_over = collect(args, TrainConfig)

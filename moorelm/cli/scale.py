@@ -43,7 +43,7 @@ def cmd_scale(args) -> int:
         min_steps=args.min_steps, eval_iters=args.eval_iters, recipe=args.recipe,
         compare=args.compare_recipes, baseline=args.baseline_recipe, verify=args.verify,
         threads=args.threads, device=args.device, seed=args.seed)
-    from moorelm.train import prepare_data
+    from moorelm.training.pretrain import prepare_data
 
     data = prepare_data(args.corpus, args.tokenizer, args.vocab_size, args.val_frac, args.data,
                         args.text_field, _exts(args), _plays(args), progress=not args.quiet)

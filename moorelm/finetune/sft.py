@@ -33,8 +33,8 @@ attend only within its own example: a packed row computes exactly what its examp
 alone, as a prompt starts at inference. (Before, packed examples saw the ones before them at
 shifted positions, which cost the dates demo a quarter of its exact matches.)
 
-Training reuses ``moorelm.train.train``: ``SFTData`` has ``TokenData``'s sampling interface
-(its batches add the segments, which the loop hands to the model; rows of an epoch come in a
+Training reuses ``moorelm.training.loop.train``: ``SFTData`` is a ``moorelm.data.DataSource``
+(its batches carry the segments, which the loop hands to the model; rows of an epoch come in a
 permutation keyed by (seed, epoch), so the batch of a step is a pure function of the step and
 ``--resume`` is exact), the base run's weights are the initial weights, and for LoRA a model
 hook wraps the target layers and freezes the rest.
@@ -59,6 +59,7 @@ import torch
 
 from moorelm import checkpoint as ckpt
 from moorelm.config import ModelConfig, TrainConfig
+from moorelm.data import Batch
 from moorelm.errors import MoorelmError
 from moorelm.finetune.classify import TruncationWarning, read_table
 from moorelm.finetune.lora import (
@@ -70,7 +71,8 @@ from moorelm.finetune.lora import (
 )
 from moorelm.generate import LanguageModel, apply_template, check_template
 from moorelm.tokenizer import Tokenizer
-from moorelm.train import TrainResult, train
+from moorelm.training.loop import train
+from moorelm.training.state import TrainResult
 
 DEFAULT_TEMPLATE = "{prompt}\n=> "
 RESULT_FILE = "finetune.json"
@@ -151,10 +153,11 @@ def _example(prompt: list[int], completion: list[int], eot: int,
 
 
 class SFTData:
-    """Packed prompt/completion examples with ``TokenData``'s interface, for ``train()``.
+    """Packed prompt/completion examples: a ``moorelm.data.DataSource`` for ``train()``.
 
-    ``train_batch``/``val_batch`` return ``(idx, targets)`` (B, T) with targets -1 on prompt
-    tokens and padding. Rows are packed lazily per context length.
+    ``train_batch``/``val_batch`` return a ``Batch`` (B, T) whose targets are -1 on prompt
+    tokens and padding, with the segments when examples are packed. Rows are packed lazily
+    per context length.
     """
 
     def __init__(self, train_pairs: list[Pair], val_pairs: list[Pair], tokenizer_path: Path,
@@ -164,11 +167,11 @@ class SFTData:
         self.tokenizer_path = Path(tokenizer_path)
         self.vocab_size = tok.vocab_size
         self.eot_id = tok.eot_id
-        self.folder = Path(source)
         self.pack_seed = pack_seed
         self.pack = pack
-        self.manifest = {"fingerprint": fingerprint, "tokenizer": tok.kind,
-                         "corpus": f"prompt/completion pairs from {source}"}
+        self._provenance = {"dir": str(Path(source).resolve()), "fingerprint": fingerprint,
+                            "corpus": f"prompt/completion pairs from {source}",
+                            "tokenizer": tok.kind}
         self._examples = {s: self._encode(tok, p, template)
                           for s, p in (("train", train_pairs), ("val", val_pairs))}
         self._bytes = {s: sum(len(x.completion.encode("utf-8")) for x in p)
@@ -228,6 +231,9 @@ class SFTData:
                 )
         return self._rows[key]
 
+    def provenance(self) -> dict[str, str]:
+        return dict(self._provenance)
+
     def examples(self, split: str) -> int:
         return len(self._examples[split])
 
@@ -244,16 +250,13 @@ class SFTData:
                 raise MoorelmError(f"the {split} split has no examples")
             self.rows(split, seq_len)
 
-    def _xy(self, tokens: np.ndarray, mask: np.ndarray, segments: np.ndarray,
-            n: int) -> tuple[torch.Tensor, ...]:
-        """(inputs, targets) (B, n - 1), with packing also the segments that keep the
+    def _xy(self, tokens: np.ndarray, mask: np.ndarray, segments: np.ndarray, n: int) -> Batch:
+        """Inputs and targets (B, n - 1), with packing also the segments that keep the
         examples of a row apart (``GPT.forward``)."""
         tokens, mask = tokens[:, :n], mask[:, :n]
         targets = np.where(mask[:, 1:], tokens[:, 1:], -1)
-        out = (torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(targets))
-        if self.pack:
-            out += (torch.from_numpy(segments[:, : n - 1].copy()),)
-        return out
+        seg = torch.from_numpy(segments[:, : n - 1].copy()) if self.pack else None
+        return Batch(torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(targets), seg)
 
     def _epoch_perm(self, seed: int, epoch: int, n: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != (seed, epoch, n):
@@ -261,7 +264,7 @@ class SFTData:
         return self._perm[1]
 
     def train_batch(self, step: int, seed: int, global_batch: int, seq_len: int,
-                    part: int = 0, parts: int = 1) -> tuple[torch.Tensor, ...]:
+                    part: int = 0, parts: int = 1) -> Batch:
         """Part ``part`` of ``parts`` of the global batch of ``step``: rows ``step * B ...``
         of the stream of epochs, each epoch a fresh permutation of the packed rows."""
         tokens, mask, lengths, segments = self._packed("train", seq_len)
@@ -279,7 +282,7 @@ class SFTData:
         idx = idx[part * per: (part + 1) * per]
         return self._xy(tokens[idx], mask[idx], segments[idx], width)
 
-    def val_batch(self, i: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+    def val_batch(self, i: int, batch_size: int, seq_len: int) -> Batch:
         tokens, mask, lengths, segments = self._packed("val", seq_len)
         idx = (i * batch_size + np.arange(batch_size)) % len(tokens)
         return self._xy(tokens[idx], mask[idx], segments[idx], max(2, int(lengths[idx].max())))

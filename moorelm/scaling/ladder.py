@@ -95,7 +95,7 @@ class LadderState:
 def run_rung(spec: LadderSpec, data: TokenData, out: Path, rung: dict, *,
              progress: bool = True) -> dict:
     """Train one rung into out/runs/NAME (resuming a partial run) and return its record."""
-    from moorelm.train import train
+    from moorelm.training.loop import train
 
     shape = tuple(rung["shape"])
     mcfg, tcfg = rung_configs(spec, shape, rung["recipe"], data.vocab_size, rung["steps"])

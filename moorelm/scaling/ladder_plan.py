@@ -147,7 +147,7 @@ def shape_stats(spec: LadderSpec, vocab_size: int) -> dict[str, dict[str, float]
 def probe(spec: LadderSpec, data: TokenData, *, progress: bool = True) -> dict[str, dict]:
     """Seconds per training step and fixed per-run overhead of every (recipe, shape), measured
     with a few real steps of ``train`` on this machine."""
-    from moorelm.train import train
+    from moorelm.training.loop import train
 
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="moorelm-probe-") as tmp:
