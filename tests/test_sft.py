@@ -134,7 +134,8 @@ def test_packed_rows_compute_what_their_examples_would_alone(tiny_run):
     assert len(tokens) < len(pairs)
     x, y, seg = packed._xy(tokens, mask, segments, 33)
     t2, m2, _, s2 = single._packed("train", 32)
-    x2, y2 = single._xy(t2, m2, s2, 33)
+    x2, y2, no_segments = single._xy(t2, m2, s2, 33)
+    assert no_segments is None
     with torch.no_grad():
         _, together = model(x, y, loss_reduction="none", segments=seg)
         _, alone = model(x2, y2, loss_reduction="none")
