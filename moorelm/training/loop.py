@@ -1,15 +1,13 @@
 """The training loop: ``train()`` on a data source into a run folder.
 
-    moorelm train --out runs/NAME [--preset P] [--recipe R] [--corpus C] [--max-time 300] ...
-    torchrun --nproc_per_node=N -m moorelm train ...          (DistributedDataParallel / FSDP)
-
 ``train()`` reads as set-up (``setup.set_up``: model, optimizer, resume), the loop over
-optimizer steps (``_optimizer_step``, then log, evaluate, checkpoint) and the finish. Fine-tuning
-and the scaling ladder call it; ``moorelm.training.pretrain.pretrain`` wraps it for a corpus.
+optimizer steps (``_optimizer_step``, then log, evaluate, checkpoint) and the finish. One
+process, or one per rank under torchrun (DDP, or FSDP2 with ``--fsdp``; ``distributed.py``).
+Pretraining (``pretrain.py``), fine-tuning and the scaling ladder all call it.
 
-Determinism: the batch of step s is a pure function of (seed, s) (see data.py) and dropout is
-reseeded from (seed, s, rank) every step, so a resumed run repeats the uninterrupted one
-exactly on CPU.
+Determinism: the batch of step s is a pure function of (seed, s) (``moorelm.data.DataSource``)
+and dropout is reseeded from (seed, s, rank) every step, so a resumed run repeats the
+uninterrupted one exactly on CPU.
 """
 
 from __future__ import annotations
@@ -74,9 +72,9 @@ def train(
     try:
         while state.within_budget(cfg):
             t0 = time.perf_counter()
-            lr = lr_multiplier(state.step, decay_progress(state.step, state.tokens, state.elapsed,
-                                                          cfg, s.tokens_per_step), cfg)
-            s.opt.set_lr(lr)
+            lr_mult = lr_multiplier(state.step, decay_progress(
+                state.step, state.tokens, state.elapsed, cfg, s.tokens_per_step), cfg)
+            s.opt.set_lr(lr_mult)
             loss = _optimizer_step(s, state.step)
             dt = time.perf_counter() - t0
             if s.d.world > 1 and cfg.max_time is not None:
@@ -88,7 +86,7 @@ def train(
             if state.step % cfg.log_interval == 0 or done:
                 train_loss, tok_s = _close_window(s, window)
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                _log(s, cfg.lr * lr, train_loss, tok_s, on_eval, evaluate=done or (
+                _log(s, cfg.lr * lr_mult, train_loss, tok_s, on_eval, evaluate=done or (
                     cfg.eval_interval > 0 and state.step % cfg.eval_interval == 0))
             bar.update(1)
             if done or (cfg.ckpt_interval > 0 and state.step % cfg.ckpt_interval == 0):

@@ -1,6 +1,7 @@
 """The whole pretraining job: corpus -> tokenizer and token shards -> configs -> ``train``.
 
     moorelm train --out runs/NAME [--preset P] [--recipe R] [--corpus C] [--max-time 300] ...
+    torchrun --nproc_per_node=N -m moorelm train ...          (DistributedDataParallel / FSDP)
 
 ``pretrain()`` is what ``moorelm train`` runs (``moorelm.pretrain``); ``prepare_data`` opens or
 prepares the dataset (under torchrun rank 0 prepares, the others wait for it).
