@@ -48,21 +48,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moorelm import checkpoint as ckpt
-from moorelm.config import ModelConfig, TrainConfig
-from moorelm.device import resolve_device
-from moorelm.errors import MoorelmError
-from moorelm.finetune.classify import (
+from moorelm.classify.data import label_maps, prepare_splits
+from moorelm.classify.metrics import (
     CONFUSION_FILE,
     METRICS_FILE,
     TruncationWarning,
-    _say,
     classification_metrics,
     format_summary,
-    label_maps,
-    prepare_splits,
     save_confusion_png,
+    say,
     truncation_message,
 )
+from moorelm.config import ModelConfig, TrainConfig
+from moorelm.device import resolve_device
+from moorelm.errors import MoorelmError
 from moorelm.finetune.lora import plain_weights
 from moorelm.model import GPT
 from moorelm.optim import build_optimizer, decay_progress, lr_multiplier
@@ -260,7 +259,7 @@ def finetune_gpt_classifier(
         if step % every == 0 or step == total or time_hit:
             pred = _predict(model, eval_rows, tok.eot_id, dev, max(batch_size, 64)).argmax(-1)
             f1 = classification_metrics(y_eval, pred.tolist(), names)["macro_f1"]
-            _say(progress, f"step {step}/{total}: loss {float(loss.detach()):.4f}, eval macro-F1 {f1:.4f}")
+            say(progress, f"step {step}/{total}: loss {float(loss.detach()):.4f}, eval macro-F1 {f1:.4f}")
             if best is None or f1 > best[0]:
                 best = (f1, step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
                 evals_since_best = 0
@@ -333,7 +332,7 @@ def finetune_gpt_classifier(
                              f"{metrics['macro_f1']:.3f} ({len(eval_data)} eval rows)")
     result["metrics_path"] = str(metrics_path)
     result["confusion_png"] = str(png)
-    _say(progress, format_summary(result))
+    say(progress, format_summary(result))
     return result
 
 
