@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +26,7 @@ from moorelm.classify.data import label_names, read_labeled, stratified_sample, 
 from moorelm.classify.encoder import default_encoder_path, resolve_model
 from moorelm.classify.metrics import classification_metrics, save_confusion_png
 from moorelm.classify.predict import classify, classify_file
-from moorelm.classify.train import finetune_classifier
+from moorelm.classify.train import finetune_classifier, work_folder
 from moorelm.errors import MoorelmError
 from moorelm.finetune.genre import GENRES, SPLITS_FILE, make_genre_dataset, play_passages
 
@@ -278,6 +284,153 @@ def test_default_minilm_loads_offline_and_classifies(tmp_path, monkeypatch):
     assert len(out) == 2 and all(
         r["label"] in {"neg", "pos"} and 0.5 <= r["score"] <= 1 for r in out
     )
+
+
+# ----------------------------------------------------------------------------- crash safety
+
+KILLED_JOB = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from moorelm.classify.train import finetune_classifier
+    encoder, train, out = sys.argv[1:4]
+    finetune_classifier(encoder, train, out, **RESUMABLE, progress=False, resume=sys.argv[4] == "1")
+    """
+)
+RESUMABLE = dict(epochs=40, lr=5e-3, batch_size=8, max_length=16, seed=0, eval_steps=5,
+                 early_stopping_patience=None)
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_encoder, tmp_path):
+    """A fine-tune killed with SIGKILL (twice, at different instants) leaves no --out folder
+    and its work folder; resume=True continues from the newest complete checkpoint and ends
+    with the weights and metrics of an uninterrupted run, then removes the work folder."""
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(40, 5))
+    full = finetune_classifier(str(tiny_encoder), train, tmp_path / "full", **RESUMABLE,
+                               progress=False)
+    out = tmp_path / "part"
+    script = "RESUMABLE = " + repr(RESUMABLE) + "\n" + KILLED_JOB
+    trainer_dir = work_folder(out) / "trainer"
+    for attempt, wait_for_step in enumerate((10, 40)):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_encoder), str(train),
+                                 str(out), str(int(attempt > 0))])
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(
+            int(c.name.split("-")[1]) >= wait_for_step for c in trainer_dir.glob("checkpoint-*")
+        ):
+            time.sleep(0.01)
+        time.sleep(0.05 * attempt)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not out.exists() and (work_folder(out) / "job.json").is_file()
+    with pytest.raises(MoorelmError, match="--resume"):
+        finetune_classifier(str(tiny_encoder), train, out, **RESUMABLE, progress=False)
+    with pytest.raises(MoorelmError, match="lr differs"):
+        finetune_classifier(str(tiny_encoder), train, out, **{**RESUMABLE, "lr": 1e-3},
+                            progress=False, resume=True)
+    part = finetune_classifier(str(tiny_encoder), train, out, **RESUMABLE, progress=False,
+                               resume=True)
+    assert part["resumed_from_step"] >= 40
+    assert not work_folder(out).exists()
+    assert part["steps"] == full["steps"] == 200
+    for key in ("confusion_matrix", "best_metric_macro_f1", "accuracy"):
+        assert part[key] == full[key], key
+    a, b = _weights(tmp_path / "full"), _weights(out)
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 200
+
+
+def test_out_appears_whole_and_replaces_only_a_classifier(tiny_encoder, tmp_path):
+    """--out receives the finished folder in one rename: a folder of someone else's files is
+    refused before training, an earlier classifier is replaced, and no work folder stays."""
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(24, 6))
+    fast = dict(epochs=1, lr=5e-3, batch_size=8, max_length=16, progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(MoorelmError, match="not a classifier"):
+        finetune_classifier(str(tiny_encoder), train, mine, **fast)
+    assert (mine / "notes.txt").read_text() == "keep me" and not work_folder(mine).exists()
+    out = tmp_path / "clf"
+    first = finetune_classifier(str(tiny_encoder), train, out, **fast)
+    again = finetune_classifier(str(tiny_encoder), train, out, **{**fast, "epochs": 2})
+    assert again["epochs_run"] == 2 and first["epochs_run"] == 1
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "mine", "t.csv"]
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def _copy_encoder(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_folders_with_code_or_pickled_weights_are_refused(tiny_encoder, tmp_path):
+    """A model folder that ships Python code (a .py file or an auto_map entry) or holds only
+    pickled .bin weights is refused with one line before transformers loads anything; a moorelm
+    run is named as such."""
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(20, 0))
+    code = _copy_encoder(tiny_encoder, tmp_path / "code")
+    (code / "modeling_evil.py").write_text("raise SystemExit('ran the folder code')\n")
+    mapped = _copy_encoder(tiny_encoder, tmp_path / "mapped")
+    cfg = json.loads((mapped / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (mapped / "config.json").write_text(json.dumps(cfg))
+    pickled = _copy_encoder(tiny_encoder, tmp_path / "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    for folder, why in ((code, "ships its own model code"), (mapped, "auto_map in config.json"),
+                        (pickled, "only pickled weights")):
+        with pytest.raises(MoorelmError, match=why):
+            finetune_classifier(str(folder), train, tmp_path / "o", progress=False)
+        with pytest.raises(MoorelmError, match=why):
+            classify(folder, ["good"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"n_layer": 2}}))
+    with pytest.raises(MoorelmError, match="is a moorelm run"):
+        classify(run, ["good"])
+
+
+def test_every_load_switches_off_folder_code_and_pickles(tiny_encoder, monkeypatch):
+    """Each from_pretrained call passes trust_remote_code=False, and model loads pass
+    use_safetensors=True."""
+    import transformers
+
+    from moorelm.classify import encoder
+
+    calls, depth = [], [0]
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForSequenceClassification"):
+        real = getattr(transformers, name).from_pretrained
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            if not depth[0]:  # moorelm's own calls, not transformers' calls inside them
+                calls.append((_name, kwargs))
+            depth[0] += 1
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", spy)
+    source, local = encoder.resolve_model(str(tiny_encoder))
+    encoder.load_config(source, local)
+    encoder.load_tokenizer(source, local)
+    encoder.load_sequence_classifier(source, local, num_labels=2)
+    assert [c[0] for c in calls] == ["AutoConfig", "AutoTokenizer",
+                                     "AutoModelForSequenceClassification"]
+    assert all(kw["trust_remote_code"] is False for _, kw in calls)
+    assert calls[2][1]["use_safetensors"] is True
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -291,7 +291,7 @@ def finetune_classifier(
         "label_column": train.label_column,
         "labels": names,
         "rows": {"train": len(train), "eval": len(eval_data)},
-        "hyperparameters": hyperparameters,
+        **hyperparameters,
     }
     checkpoint = _start_work(work, job, resume)
 
