@@ -366,6 +366,23 @@ def test_out_appears_whole_and_replaces_only_a_classifier(tiny_encoder, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "mine", "t.csv"]
 
 
+def test_cli_resume_needs_an_interrupted_encoder_job(tiny_encoder, tmp_path, capsys):
+    """`finetune-classifier --resume` with no interrupted job, or for a moorelm run (whose
+    classifier trains in one go), exits 2 with one line."""
+    from moorelm.cli import main
+
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(20, 0))
+    argv = ["finetune-classifier", "--train", str(train), "--out", str(tmp_path / "o"), "--resume"]
+    assert main([*argv, "--model", str(tiny_encoder)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"n_layer": 2}}))
+    assert main([*argv, "--model", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume is for Hugging Face encoders" in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- model folders
 
 
