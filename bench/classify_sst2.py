@@ -8,7 +8,7 @@ on; the rest is the training pool.
 
 Training is sized by time, not by rows: the script works out how many seconds are left after
 start-up and a reserve for loading, evaluation and saving, then runs
-``moorelm.finetune.classify.finetune_classifier`` over the pool (shuffled, length-grouped
+``moorelm.classify.train.finetune_classifier`` over the pool (shuffled, length-grouped
 batches) with ``time_limit_s`` set to those seconds and ``lr_by_time``, so the learning rate
 warms up and decays to zero over wall-clock time and training stops when time is up. Timing
 this way needs no throughput estimate, which would be unreliable on a CPU shared with other
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from moorelm.classify.data import read_labeled, stratified_sample
+    from moorelm.classify.train import finetune_classifier
     from moorelm.errors import MoorelmError
-    from moorelm.finetune.classify import finetune_classifier, read_labeled, stratified_sample
 
     torch.set_num_threads(args.threads)
     budget = args.minutes * 60.0

@@ -7,25 +7,55 @@ The public Python API (the CLI is a thin layer over it)::
     lm = moorelm.load("runs/demo")
     for piece in lm.generate("ROMEO:", max_new_tokens=100):
         print(piece, end="")
+
+The names below are imported on first use, so ``import moorelm.config`` (or any other module
+that needs no torch) does not pull in torch through this file.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from moorelm.config import ModelConfig, TrainConfig, build_configs
-from moorelm.errors import MoorelmError
-from moorelm.generate import LanguageModel
-from moorelm.model import GPT
-from moorelm.tokenizer import Tokenizer
+if TYPE_CHECKING:
+    from moorelm.config import ModelConfig, TrainConfig, build_configs
+    from moorelm.errors import MoorelmError
+    from moorelm.generate import LanguageModel
+    from moorelm.model import GPT
+    from moorelm.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported when the name is first read)
+_LAZY = {
+    "GPT": "moorelm.model",
+    "LanguageModel": "moorelm.generate",
+    "ModelConfig": "moorelm.config",
+    "MoorelmError": "moorelm.errors",
+    "Tokenizer": "moorelm.tokenizer",
+    "TrainConfig": "moorelm.config",
+    "build_configs": "moorelm.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later reads skip this function
+        return value
+    raise AttributeError(f"module 'moorelm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def load(run: str | Path, device: str = "auto") -> LanguageModel:
     """The newest checkpoint of a run folder, ready to generate (LoRA adapters merged in)."""
     from moorelm.device import resolve_device
     from moorelm.finetune.lora import load_model_with_adapters
+    from moorelm.generate import LanguageModel
 
     model, tokenizer, cfg, state = load_model_with_adapters(run, device=resolve_device(device))
     return LanguageModel(model, tokenizer, Path(run), meta={"config": cfg, "state": state})

@@ -381,6 +381,30 @@ class GPT(nn.Module):
         if kv_cache is not None and T == 1 and targets is None and not self.training \
                 and not torch.is_grad_enabled():
             return self._decode_one(idx[:, 0], kv_cache)[:, None], None
+        x = self.hidden_states(idx, kv_cache, segments)  # (B, T, C)
+        if targets is not None:
+            logits = self._logits(x).float()
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1, reduction=loss_reduction)
+            if loss_reduction == "none":
+                loss = loss.view(B, T)
+            return None, loss
+        if last_only:
+            x = x[:, -1:, :]
+        return self._logits(x), None
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) -> the final norm's output (B, T, C): the trunk without the LM head.
+
+        What ``forward`` computes before its head (same positions, cache and ``segments``
+        rules); heads of other tasks, such as a classifier's, read it.
+        """
+        T = idx.shape[1]
         cfg = self.config
         uniform_start: int | None = 0
         if kv_cache is not None:
@@ -415,17 +439,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.lengths += T
         x = self.ln_f(x)
-
-        if targets is not None:
-            logits = self._logits(x).float()
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1, reduction=loss_reduction)
-            if loss_reduction == "none":
-                loss = loss.view(B, T)
-            return None, loss
-        if last_only:
-            x = x[:, -1:, :]
-        return self._logits(x), None
+        return x
 
     def _check_window(self, last: int, limit: int) -> None:
         if last >= limit:

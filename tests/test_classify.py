@@ -1,4 +1,4 @@
-"""Tests for moorelm.finetune.classify (HF encoder classifiers) and moorelm.finetune.genre.
+"""Tests for moorelm.classify (HF encoder classifiers) and moorelm.finetune.genre.
 
 Training tests use a tiny randomly initialised BERT (2 layers, width 32) with a WordPiece
 tokenizer over the toy words, so nothing downloads and each run takes seconds. One test loads
@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 
+from moorelm.classify.data import label_names, read_labeled, stratified_sample, stratified_split
+from moorelm.classify.encoder import default_encoder_path, resolve_model
+from moorelm.classify.metrics import classification_metrics, save_confusion_png
+from moorelm.classify.predict import classify, classify_file
+from moorelm.classify.train import finetune_classifier, work_folder
 from moorelm.errors import MoorelmError
-from moorelm.finetune import classify as C
 from moorelm.finetune.genre import GENRES, SPLITS_FILE, make_genre_dataset, play_passages
 
 NEUTRAL = "the movie was plot actors really quite very ending story music film scenes".split()
@@ -108,7 +118,7 @@ def toy_run(tiny_encoder, tmp_path_factory) -> dict:
     out = root / "model"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = C.finetune_classifier(
+        result = finetune_classifier(
             str(tiny_encoder),
             train,
             out,
@@ -171,7 +181,7 @@ def test_classify_gives_label_and_score_matching_pipeline(toy_run):
     from transformers import pipeline
 
     texts = ["the film was good", "bad", "really bad ending music story", "good good plot"]
-    ours = C.classify(toy_run["out"], texts, batch_size=3)
+    ours = classify(toy_run["out"], texts, batch_size=3)
     assert [r["label"] for r in ours] == ["good", "bad", "bad", "good"]
     reference = pipeline("text-classification", model=str(toy_run["out"]), device="cpu")(texts)
     for mine, theirs in zip(ours, reference):
@@ -186,14 +196,14 @@ def test_classify_file_writes_csv_and_jsonl(toy_run):
     root = toy_run["root"]
     rows = [{"sentence": "good movie"}, {"sentence": "bad, very bad"}]
     src = _write_csv(root / "unlabeled.csv", rows, columns=("sentence",))
-    info = C.classify_file(toy_run["out"], src, root / "pred.csv")
+    info = classify_file(toy_run["out"], src, root / "pred.csv")
     assert info["rows"] == 2 and info["label_counts"] == {"bad": 1, "good": 1}
     with (root / "pred.csv").open(encoding="utf-8", newline="") as f:
         got = list(csv.DictReader(f))
     assert [r["text"] for r in got] == ["good movie", "bad, very bad"]
     assert [r["label"] for r in got] == ["good", "bad"]
     assert all(0.5 <= float(r["score"]) <= 1 for r in got)
-    C.classify_file(toy_run["out"], src, root / "pred.jsonl")
+    classify_file(toy_run["out"], src, root / "pred.jsonl")
     lines = [json.loads(x) for x in (root / "pred.jsonl").read_text().splitlines()]
     assert [(x["text"], x["label"]) for x in lines] == [
         ("good movie", "good"),
@@ -205,7 +215,7 @@ def test_time_limit_stops_training_and_still_saves(tiny_encoder, tmp_path):
     """With time_limit_s, training ends at the deadline (long before 500 epochs), the state
     at that point is evaluated on the held-out share of train, and the folder is saved."""
     train = _write_csv(tmp_path / "t.csv", _toy_rows(40, 3))
-    result = C.finetune_classifier(
+    result = finetune_classifier(
         str(tiny_encoder),
         train,
         tmp_path / "m",
@@ -236,11 +246,11 @@ def test_non_classifier_folders_are_rejected(tiny_encoder, tmp_path):
     """classify() on an encoder without a classification head, or on a folder that is not a
     model, raises MoorelmError."""
     with pytest.raises(MoorelmError, match="not a text classifier"):
-        C.classify(tiny_encoder, ["hello"])
+        classify(tiny_encoder, ["hello"])
     with pytest.raises(MoorelmError, match="no config.json"):
-        C.classify(tmp_path, ["hello"])
+        classify(tmp_path, ["hello"])
     with pytest.raises(MoorelmError, match="does not exist"):
-        C.classify(tmp_path / "no-such-folder", ["hello"])
+        classify(tmp_path / "no-such-folder", ["hello"])
 
 
 def test_unknown_hub_model_offline_is_a_clear_error(tmp_path, monkeypatch):
@@ -248,7 +258,7 @@ def test_unknown_hub_model_offline_is_a_clear_error(tmp_path, monkeypatch):
     _block_network(monkeypatch)
     train = _write_csv(tmp_path / "t.csv", _toy_rows(20, 0))
     with pytest.raises(MoorelmError, match="not available locally .*HF_HUB_OFFLINE is set"):
-        C.finetune_classifier("no-such-org/no-such-model", train, tmp_path / "o", progress=False)
+        finetune_classifier("no-such-org/no-such-model", train, tmp_path / "o", progress=False)
 
 
 def test_default_minilm_loads_offline_and_classifies(tmp_path, monkeypatch):
@@ -257,9 +267,9 @@ def test_default_minilm_loads_offline_and_classifies(tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     _block_network(monkeypatch)
-    path = C.default_encoder_path()
+    path = default_encoder_path()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-    source, local = C._resolve_model(None)
+    source, local = resolve_model(None)
     assert local and Path(source) == path
     model = AutoModelForSequenceClassification.from_pretrained(
         source,
@@ -270,10 +280,174 @@ def test_default_minilm_loads_offline_and_classifies(tmp_path, monkeypatch):
     )
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(tmp_path)
-    out = C.classify(tmp_path, ["a wonderful film", "a dull mess"])
+    out = classify(tmp_path, ["a wonderful film", "a dull mess"])
     assert len(out) == 2 and all(
         r["label"] in {"neg", "pos"} and 0.5 <= r["score"] <= 1 for r in out
     )
+
+
+# ----------------------------------------------------------------------------- crash safety
+
+KILLED_JOB = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from moorelm.classify.train import finetune_classifier
+    encoder, train, out = sys.argv[1:4]
+    finetune_classifier(encoder, train, out, **RESUMABLE, progress=False, resume=sys.argv[4] == "1")
+    """
+)
+RESUMABLE = dict(epochs=40, lr=5e-3, batch_size=8, max_length=16, seed=0, eval_steps=5,
+                 early_stopping_patience=None)
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_encoder, tmp_path):
+    """A fine-tune killed with SIGKILL (twice, at different instants) leaves no --out folder
+    and its work folder; resume=True continues from the newest complete checkpoint and ends
+    with the weights and metrics of an uninterrupted run, then removes the work folder."""
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(40, 5))
+    full = finetune_classifier(str(tiny_encoder), train, tmp_path / "full", **RESUMABLE,
+                               progress=False)
+    out = tmp_path / "part"
+    script = "RESUMABLE = " + repr(RESUMABLE) + "\n" + KILLED_JOB
+    trainer_dir = work_folder(out) / "trainer"
+    for attempt, wait_for_step in enumerate((10, 40)):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_encoder), str(train),
+                                 str(out), str(int(attempt > 0))])
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(
+            int(c.name.split("-")[1]) >= wait_for_step for c in trainer_dir.glob("checkpoint-*")
+        ):
+            time.sleep(0.01)
+        time.sleep(0.05 * attempt)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not out.exists() and (work_folder(out) / "job.json").is_file()
+    with pytest.raises(MoorelmError, match="--resume"):
+        finetune_classifier(str(tiny_encoder), train, out, **RESUMABLE, progress=False)
+    with pytest.raises(MoorelmError, match="lr differs"):
+        finetune_classifier(str(tiny_encoder), train, out, **{**RESUMABLE, "lr": 1e-3},
+                            progress=False, resume=True)
+    part = finetune_classifier(str(tiny_encoder), train, out, **RESUMABLE, progress=False,
+                               resume=True)
+    assert part["resumed_from_step"] >= 40
+    assert not work_folder(out).exists()
+    assert part["steps"] == full["steps"] == 200
+    for key in ("confusion_matrix", "best_metric_macro_f1", "accuracy"):
+        assert part[key] == full[key], key
+    a, b = _weights(tmp_path / "full"), _weights(out)
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 200
+
+
+def test_out_appears_whole_and_replaces_only_a_classifier(tiny_encoder, tmp_path):
+    """--out receives the finished folder in one rename: a folder of someone else's files is
+    refused before training, an earlier classifier is replaced, and no work folder stays."""
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(24, 6))
+    fast = dict(epochs=1, lr=5e-3, batch_size=8, max_length=16, progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(MoorelmError, match="not a classifier"):
+        finetune_classifier(str(tiny_encoder), train, mine, **fast)
+    assert (mine / "notes.txt").read_text() == "keep me" and not work_folder(mine).exists()
+    out = tmp_path / "clf"
+    first = finetune_classifier(str(tiny_encoder), train, out, **fast)
+    again = finetune_classifier(str(tiny_encoder), train, out, **{**fast, "epochs": 2})
+    assert again["epochs_run"] == 2 and first["epochs_run"] == 1
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "mine", "t.csv"]
+
+
+def test_cli_resume_needs_an_interrupted_encoder_job(tiny_encoder, tmp_path, capsys):
+    """`finetune-classifier --resume` with no interrupted job, or for a moorelm run (whose
+    classifier trains in one go), exits 2 with one line."""
+    from moorelm.cli import main
+
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(20, 0))
+    argv = ["finetune-classifier", "--train", str(train), "--out", str(tmp_path / "o"), "--resume"]
+    assert main([*argv, "--model", str(tiny_encoder)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"n_layer": 2}}))
+    assert main([*argv, "--model", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume is for Hugging Face encoders" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def _copy_encoder(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_folders_with_code_or_pickled_weights_are_refused(tiny_encoder, tmp_path):
+    """A model folder that ships Python code (a .py file or an auto_map entry) or holds only
+    pickled .bin weights is refused with one line before transformers loads anything; a moorelm
+    run is named as such."""
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(20, 0))
+    code = _copy_encoder(tiny_encoder, tmp_path / "code")
+    (code / "modeling_evil.py").write_text("raise SystemExit('ran the folder code')\n")
+    mapped = _copy_encoder(tiny_encoder, tmp_path / "mapped")
+    cfg = json.loads((mapped / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (mapped / "config.json").write_text(json.dumps(cfg))
+    pickled = _copy_encoder(tiny_encoder, tmp_path / "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    for folder, why in ((code, "ships its own model code"), (mapped, "auto_map in config.json"),
+                        (pickled, "only pickled weights")):
+        with pytest.raises(MoorelmError, match=why):
+            finetune_classifier(str(folder), train, tmp_path / "o", progress=False)
+        with pytest.raises(MoorelmError, match=why):
+            classify(folder, ["good"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"n_layer": 2}}))
+    with pytest.raises(MoorelmError, match="is a moorelm run"):
+        classify(run, ["good"])
+
+
+def test_every_load_switches_off_folder_code_and_pickles(tiny_encoder, monkeypatch):
+    """Each from_pretrained call passes trust_remote_code=False, and model loads pass
+    use_safetensors=True."""
+    import transformers
+
+    from moorelm.classify import encoder
+
+    calls, depth = [], [0]
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForSequenceClassification"):
+        real = getattr(transformers, name).from_pretrained
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            if not depth[0]:  # moorelm's own calls, not transformers' calls inside them
+                calls.append((_name, kwargs))
+            depth[0] += 1
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", spy)
+    source, local = encoder.resolve_model(str(tiny_encoder))
+    encoder.load_config(source, local)
+    encoder.load_tokenizer(source, local)
+    encoder.load_sequence_classifier(source, local, num_labels=2)
+    assert [c[0] for c in calls] == ["AutoConfig", "AutoTokenizer",
+                                     "AutoModelForSequenceClassification"]
+    assert all(kw["trust_remote_code"] is False for _, kw in calls)
+    assert calls[2][1]["use_safetensors"] is True
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -282,10 +456,10 @@ def test_default_minilm_loads_offline_and_classifies(tmp_path, monkeypatch):
 def test_missing_file_and_unknown_extension(tmp_path):
     """A missing training file and an unsupported extension each raise MoorelmError."""
     with pytest.raises(MoorelmError, match="does not exist"):
-        C.finetune_classifier(None, tmp_path / "nope.csv", tmp_path / "o", progress=False)
+        finetune_classifier(None, tmp_path / "nope.csv", tmp_path / "o", progress=False)
     (tmp_path / "data.xlsx").write_text("x")
     with pytest.raises(MoorelmError, match="unknown file type"):
-        C.read_labeled(tmp_path / "data.xlsx")
+        read_labeled(tmp_path / "data.xlsx")
 
 
 def test_non_utf8_file(tmp_path):
@@ -293,7 +467,7 @@ def test_non_utf8_file(tmp_path):
     p = tmp_path / "latin.csv"
     p.write_bytes("text,label\nfine,a\ncaf\u00e9,b\n".encode("latin-1"))
     with pytest.raises(MoorelmError, match=r"not valid UTF-8 .*line 3"):
-        C.finetune_classifier(None, p, tmp_path / "o", progress=False)
+        finetune_classifier(None, p, tmp_path / "o", progress=False)
 
 
 def test_missing_columns_name_the_columns_found(tmp_path):
@@ -302,9 +476,9 @@ def test_missing_columns_name_the_columns_found(tmp_path):
     with pytest.raises(
         MoorelmError, match=r"no columns 'text', 'label' \(columns found: 'review', 'stars'\)"
     ):
-        C.finetune_classifier(None, p, tmp_path / "o", progress=False)
+        finetune_classifier(None, p, tmp_path / "o", progress=False)
     with pytest.raises(MoorelmError, match=r"no column 'label'"):
-        C.read_labeled(p, text_column="review")
+        read_labeled(p, text_column="review")
 
 
 def test_empty_rows_are_counted_with_first_line(tmp_path):
@@ -320,14 +494,14 @@ def test_empty_rows_are_counted_with_first_line(tmp_path):
     with pytest.raises(
         MoorelmError, match=r"2 of 4 rows have an empty text or a missing label \(first on line 2\)"
     ):
-        C.finetune_classifier(None, p, tmp_path / "o", progress=False)
+        finetune_classifier(None, p, tmp_path / "o", progress=False)
 
 
 def test_single_class_training_set(tmp_path):
     """A training set whose rows all share one label is rejected."""
     p = _write_csv(tmp_path / "t.csv", [{"text": f"t{i}", "label": "pos"} for i in range(5)])
     with pytest.raises(MoorelmError, match="every training row has the label 'pos'"):
-        C.finetune_classifier(None, p, tmp_path / "o", progress=False)
+        finetune_classifier(None, p, tmp_path / "o", progress=False)
 
 
 def test_eval_labels_unseen_in_training(tmp_path):
@@ -337,7 +511,7 @@ def test_eval_labels_unseen_in_training(tmp_path):
         tmp_path / "e.csv", [{"text": "a", "label": "good"}, {"text": "b", "label": "meh"}]
     )
     with pytest.raises(MoorelmError, match=r"label 'meh' \(1 rows, first on line 3\) never occur"):
-        C.finetune_classifier(None, train, tmp_path / "o", eval_file=ev, progress=False)
+        finetune_classifier(None, train, tmp_path / "o", eval_file=ev, progress=False)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -348,16 +522,16 @@ def test_read_labeled_formats_and_label_order(tmp_path):
     digit strings) are one label and sort numerically; CSV multi-line rows keep line numbers."""
     tsv = tmp_path / "d.tsv"
     tsv.write_text('sentence\tlabel\nit "works" \t10\nno\t2\n\nyes\t10\n', encoding="utf-8")
-    data = C.read_labeled(tsv)
+    data = read_labeled(tsv)
     assert data.text_column == "sentence" and data.texts[0] == 'it "works" '
-    assert C.label_names(data.labels) == ["2", "10"]
+    assert label_names(data.labels) == ["2", "10"]
     assert data.lines == [2, 3, 5]
     jl = tmp_path / "d.jsonl"
     jl.write_text('{"text": "a", "label": 10}\n{"text": "b", "label": "2"}\n')
-    assert C.read_labeled(jl).labels == ["10", "2"]
+    assert read_labeled(jl).labels == ["10", "2"]
     c = tmp_path / "d.csv"
     c.write_text('text,label\n"two\nlines",x\nthird,y\n', encoding="utf-8")
-    data = C.read_labeled(c)
+    data = read_labeled(c)
     assert data.texts == ["two\nlines", "third"] and data.lines == [2, 4]
     assert data.class_balance() == {"x": 1, "y": 1}
 
@@ -365,7 +539,7 @@ def test_read_labeled_formats_and_label_order(tmp_path):
 def test_classification_metrics_by_hand():
     """Accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix agree with
     values worked out by hand."""
-    m = C.classification_metrics([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
+    m = classification_metrics([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["per_class"]["a"] == {
@@ -383,18 +557,18 @@ def test_stratified_split_and_sample_are_seeded_and_balanced():
     """Held-out rows keep class shares, are disjoint from kept rows and repeat for a seed;
     stratified_sample returns exactly n rows with every class present."""
     labels = ["a"] * 90 + ["b"] * 10
-    keep, held = C.stratified_split(labels, 0.1, seed=3)
+    keep, held = stratified_split(labels, 0.1, seed=3)
     assert sorted(keep + held) == list(range(100)) and not set(keep) & set(held)
     assert [labels[i] for i in held].count("a") == 9 and [labels[i] for i in held].count("b") == 1
-    assert (keep, held) == C.stratified_split(labels, 0.1, seed=3)
-    assert held != C.stratified_split(labels, 0.1, seed=4)[1]
-    sample = C.stratified_sample(labels, 7, seed=0)
+    assert (keep, held) == stratified_split(labels, 0.1, seed=3)
+    assert held != stratified_split(labels, 0.1, seed=4)[1]
+    sample = stratified_sample(labels, 7, seed=0)
     assert len(sample) == 7 and {labels[i] for i in sample} == {"a", "b"}
 
 
 def test_confusion_png_is_written(tmp_path):
     """save_confusion_png writes a PNG file."""
-    p = C.save_confusion_png([[3, 1], [0, 4]], ["neg", "pos"], tmp_path / "cm.png", title="t")
+    p = save_confusion_png([[3, 1], [0, 4]], ["neg", "pos"], tmp_path / "cm.png", title="t")
     assert p.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -412,7 +586,7 @@ def test_genre_dataset_splits_by_play_with_all_genres_in_eval(tmp_path):
     assert set(splits["eval_plays"].values()) == set(GENRES)
     plays = {p.name: (p.genre, p.text()) for p in shakespeare_plays()}
     for path, side in ((train_path, "train_plays"), (eval_path, "eval_plays")):
-        data = C.read_labeled(path)
+        data = read_labeled(path)
         assert set(data.labels) == set(GENRES)
         for text, label in zip(data.texts, data.labels):
             sources = [name for name, (_, body) in plays.items() if text in body]

@@ -13,8 +13,8 @@ import torch
 
 import moorelm
 from moorelm import checkpoint as ckpt
+from moorelm.classify.metrics import TruncationWarning
 from moorelm.errors import MoorelmError
-from moorelm.finetune.classify import TruncationWarning
 from moorelm.finetune.gpt_classifier import (
     GPTClassifier,
     classify_gpt,

@@ -10,10 +10,12 @@ import pytest
 
 from moorelm.cli import main
 from moorelm.errors import MoorelmError
+from moorelm.scaling import compare as CMP
 from moorelm.scaling import ladder as LD
+from moorelm.scaling import ladder_plan as LP
 from tests.conftest import SMALL_TEXT
 
-TINY = LD.LadderSpec(shapes=((1, 8), (1, 16), (2, 16)), head_dim=8, seq_len=16, batch_size=2,
+TINY = LP.LadderSpec(shapes=((1, 8), (1, 16), (2, 16)), head_dim=8, seq_len=16, batch_size=2,
                      levels=3, sizes_per_level=2, level_ratio=3.0, min_steps=3, eval_iters=2,
                      threads=1, device="cpu")
 TINY_FLAGS = ["--shapes", "1x8,1x16,2x16", "--head-dim", "8", "--seq-len", "16",
@@ -31,23 +33,23 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_parse_budget_and_shapes():
     """Durations accept s/m/h and plain seconds; shapes parse and sort by size; bad text fails
     with the offending value named."""
-    assert LD.parse_duration("30m") == 1800 and LD.parse_duration("90") == 90
-    assert LD.parse_duration("1.5h") == 5400
-    assert LD.parse_shapes("2x64, 1x32") == ((1, 32), (2, 64))
+    assert LP.parse_duration("30m") == 1800 and LP.parse_duration("90") == 90
+    assert LP.parse_duration("1.5h") == 5400
+    assert LP.parse_shapes("2x64, 1x32") == ((1, 32), (2, 64))
     with pytest.raises(MoorelmError, match="'half an hour'"):
-        LD.parse_duration("half an hour")
+        LP.parse_duration("half an hour")
     with pytest.raises(MoorelmError, match="'2-64'"):
-        LD.parse_shapes("2-64")
+        LP.parse_shapes("2-64")
     with pytest.raises(MoorelmError, match="multiple of the head size"):
-        LD.LadderSpec(shapes=((2, 20),), head_dim=16)
+        LP.LadderSpec(shapes=((2, 20),), head_dim=16)
 
 
 def test_flops_plan_fills_the_budget_with_sliding_isoflop_windows():
     """A FLOPs budget is spent (within a factor 2 of bisection slack, never over); levels are a
     geometric series; each level trains a window of sizes that slides to larger models; every
     rung gets at least min_steps steps; the 10x verification run is costed."""
-    stats = LD.shape_stats(TINY, vocab_size=40)
-    plan = LD.make_plan(TINY, stats, flops=2e9)
+    stats = LP.shape_stats(TINY, vocab_size=40)
+    plan = LP.make_plan(TINY, stats, flops=2e9)
     assert 1e9 < plan.est_flops <= 2e9
     assert np.allclose(np.diff(np.log(plan.levels)), np.log(3.0))
     by_level = {j: sorted(tuple(r["shape"]) for r in plan.rungs if r["level"] == j) for j in range(3)}
@@ -59,16 +61,16 @@ def test_flops_plan_fills_the_budget_with_sliding_isoflop_windows():
 def test_wall_clock_plan_and_too_small_budget():
     """With probed step times the estimated wall time stays under the safety fraction of the
     budget; a budget that cannot buy one rung of min_steps fails with a clear message."""
-    stats = LD.shape_stats(TINY, vocab_size=40)
-    rates = {f"{TINY.recipe}/{LD.shape_name(s)}": {"step_s": 0.01 * (i + 1), "overhead_s": 0.5}
+    stats = LP.shape_stats(TINY, vocab_size=40)
+    rates = {f"{TINY.recipe}/{LP.shape_name(s)}": {"step_s": 0.01 * (i + 1), "overhead_s": 0.5}
              for i, s in enumerate(TINY.shapes)}
-    plan = LD.make_plan(TINY, stats, seconds=120, rates=rates, spent_s=5)
-    assert plan.est_seconds <= LD.SAFETY * 120 - 5
-    assert plan.est_seconds > 0.4 * (LD.SAFETY * 120 - 5)
+    plan = LP.make_plan(TINY, stats, seconds=120, rates=rates, spent_s=5)
+    assert plan.est_seconds <= LP.SAFETY * 120 - 5
+    assert plan.est_seconds > 0.4 * (LP.SAFETY * 120 - 5)
     with pytest.raises(MoorelmError, match="too small for even one rung"):
-        LD.make_plan(TINY, stats, seconds=1, rates=rates)
+        LP.make_plan(TINY, stats, seconds=1, rates=rates)
     with pytest.raises(MoorelmError, match="exactly one budget"):
-        LD.make_plan(TINY, stats, seconds=60, flops=1e9, rates=rates)
+        LP.make_plan(TINY, stats, seconds=60, flops=1e9, rates=rates)
 
 
 def _frontier_records(recipe: str, shift: float) -> list[dict]:
@@ -87,12 +89,12 @@ def test_compare_recipes_recovers_a_known_compute_factor():
     """When the baseline needs 2.5x the compute for every loss, the measured factor is 2.5
     (up to interpolation along the frontier) and it is exact, not a bound."""
     recs = _frontier_records("moorelm", 1.0) + _frontier_records("gpt2-baseline", 2.5)
-    cmp = LD.compare_recipes(recs, "moorelm", "gpt2-baseline")
+    cmp = CMP.compare_recipes(recs, "moorelm", "gpt2-baseline")
     assert cmp["factor"] == pytest.approx(2.5, rel=0.05)
     assert cmp["factor_kind"] == "exact"
-    assert f"{cmp['factor']:.2f}x" in LD.comparison_sentence(cmp)
+    assert f"{cmp['factor']:.2f}x" in CMP.comparison_sentence(cmp)
     with pytest.raises(MoorelmError, match="recipe 'gpt2-baseline'"):
-        LD.compare_recipes(_frontier_records("moorelm", 1.0), "moorelm", "gpt2-baseline")
+        CMP.compare_recipes(_frontier_records("moorelm", 1.0), "moorelm", "gpt2-baseline")
 
 
 def test_compare_recipes_reports_a_bound_when_one_recipe_is_better_everywhere():
@@ -106,18 +108,18 @@ def test_compare_recipes_reports_a_bound_when_one_recipe_is_better_everywhere():
                          "flops": level * flops, "val_loss": 2.0 - 0.2 * j + extra})
             recs.append({"name": f"old-{j}-{k}", "recipe": "gpt2-baseline", "compute_level": level,
                          "flops": level * flops, "val_loss": 3.0 - 0.2 * j + extra})
-    cmp = LD.compare_recipes(recs, "moorelm", "gpt2-baseline")
+    cmp = CMP.compare_recipes(recs, "moorelm", "gpt2-baseline")
     assert cmp["factor_kind"] == "at least"
     assert cmp["factor"] == pytest.approx(16.0)
-    assert "at least 16.00x" in LD.comparison_sentence(cmp)
+    assert "at least 16.00x" in CMP.comparison_sentence(cmp)
 
 
 def test_verification_is_predicted_by_the_fitted_law():
     """Rungs drawn from a known L(N, D) (1% noise) give a verification prediction within 3% of
     the true law at the chosen shape and budget, and the shape chosen is the one the true law
     makes best among the family."""
-    spec = LD.LadderSpec()
-    stats = LD.shape_stats(spec, vocab_size=65)
+    spec = LP.LadderSpec()
+    stats = LP.shape_stats(spec, vocab_size=65)
     E, A, alpha, B, beta = 1.2, 40.0, 0.35, 300.0, 0.33
 
     def law(n, d):
@@ -127,20 +129,20 @@ def test_verification_is_predicted_by_the_fitted_law():
     recs = []
     for c in (1e10, 4e10, 1.6e11):
         for shape in spec.shapes:
-            s = stats[LD.shape_name(shape)]
+            s = stats[LP.shape_name(shape)]
             d = c / s["flops_per_token"]
             recs.append({"n_params_nonembed": s["n_params_nonembed"], "tokens": d, "flops": c,
                          "val_loss": law(s["n_params_nonembed"], d) * (1 + 0.01 * rng.standard_normal()),
                          "n_layer": shape[0], "n_embd": shape[1]})
     pred = LD.choose_verification(spec, stats, recs, 1.6e12, n_bootstrap=20)
     assert pred["law"] == "L(N, D)"
-    s = stats[LD.shape_name(tuple(pred["shape"]))]
+    s = stats[LP.shape_name(tuple(pred["shape"]))]
     truth = law(s["n_params_nonembed"], pred["steps"] * spec.tokens_per_step)
     assert pred["val_loss"] == pytest.approx(truth, rel=0.03)
     assert pred["ci95"][0] < pred["val_loss"] < pred["ci95"][1]
 
     def true_best(shape):
-        st = stats[LD.shape_name(shape)]
+        st = stats[LP.shape_name(shape)]
         return law(st["n_params_nonembed"], 1.6e12 / st["flops_per_token"])
 
     assert tuple(pred["shape"]) == min(spec.shapes, key=true_best)

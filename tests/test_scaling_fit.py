@@ -8,6 +8,7 @@ import pytest
 
 from moorelm.errors import MoorelmError
 from moorelm.scaling import fit as F
+from moorelm.scaling.isoflop import compute_frontier, fit_isoflop
 
 TRUE = {"E": 1.7, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}
 
@@ -101,7 +102,7 @@ def test_isoflop_finds_minimum_and_exponent():
             n_all.append(n)
             l_all.append(law(n, c / (6 * n)))
             c_all.append(c)
-    iso = F.fit_isoflop(n_all, l_all, c_all)
+    iso = fit_isoflop(n_all, l_all, c_all)
     assert iso.n_levels_used == 4
     for lv in iso.levels:
         assert lv.n_opt == pytest.approx(best[lv.compute], rel=0.05)
@@ -113,7 +114,7 @@ def test_isoflop_finds_minimum_and_exponent():
 def test_isoflop_needs_two_levels():
     """One usable compute level is not enough for an IsoFLOP fit."""
     with pytest.raises(MoorelmError, match="at least 2 compute levels"):
-        F.fit_isoflop([1e5, 2e5, 4e5, 1e5], [3.0, 2.9, 3.1, 3.0], [1e15, 1e15, 1e15, 1e16])
+        fit_isoflop([1e5, 2e5, 4e5, 1e5], [3.0, 2.9, 3.1, 3.0], [1e15, 1e15, 1e15, 1e16])
 
 
 def test_too_few_runs_raise_clear_errors(grid_runs):
@@ -164,5 +165,5 @@ def test_results_serialise_to_json(chinchilla):
 
 def test_compute_frontier_is_lower_envelope():
     """The frontier keeps a run only if no cheaper run reached a lower loss."""
-    idx = F.compute_frontier([1, 2, 3, 4, 5], [5.0, 4.0, 4.5, 3.0, 3.5])
+    idx = compute_frontier([1, 2, 3, 4, 5], [5.0, 4.0, 4.5, 3.0, 3.5])
     assert idx.tolist() == [0, 1, 3]

@@ -8,6 +8,7 @@ import pytest
 
 from moorelm.errors import MoorelmError
 from moorelm.scaling import report as R
+from moorelm.scaling.records import load_records
 
 E, A, ALPHA, B, BETA = 1.7, 400.0, 0.34, 410.0, 0.28
 
@@ -54,7 +55,7 @@ def test_build_report_writes_everything(tmp_path):
     assert fits["verification"]["name"] == "verify"
     assert fits["verification"]["actual"] == pytest.approx(recs[-1]["val_loss"])
 
-    back = R.load_records(tmp_path)
+    back = load_records(tmp_path)
     assert len(back) == len(recs)
     for orig, got in zip(recs, back):
         for key, value in orig.items():
@@ -79,7 +80,7 @@ def test_too_few_runs_are_noted_not_fatal(tmp_path):
     html = page.read_text()
     assert "L(N, D) not fitted: need at least 6 runs" in html
     assert json.loads((tmp_path / "fits.json").read_text())["chinchilla"] is None
-    assert R.load_records(tmp_path)[0]["name"] == recs[0]["name"]
+    assert load_records(tmp_path)[0]["name"] == recs[0]["name"]
 
 
 def test_bad_records_raise(tmp_path):
@@ -89,4 +90,4 @@ def test_bad_records_raise(tmp_path):
     with pytest.raises(MoorelmError, match="non-empty list"):
         R.build_report(tmp_path, [])
     with pytest.raises(MoorelmError, match="does not exist"):
-        R.load_records(tmp_path / "nowhere")
+        load_records(tmp_path / "nowhere")

@@ -11,9 +11,9 @@ import torch
 
 import moorelm
 from moorelm import checkpoint as ckpt
+from moorelm.classify.metrics import TruncationWarning
 from moorelm.cli import main
 from moorelm.errors import MoorelmError
-from moorelm.finetune.classify import TruncationWarning
 from moorelm.finetune.lora import ADAPTER_FILE, LoRAConfig
 from moorelm.finetune.sft import (
     DEFAULT_TEMPLATE,

@@ -21,31 +21,43 @@ def cmd_finetune_classifier(args) -> int:
         time_limit_s=args.max_time, bf16=args.bf16,
     )
     if _is_run(args.model):  # a moorelm GPT run folder: GPT trunk + classification head
+        from moorelm.errors import MoorelmError
         from moorelm.finetune.gpt_classifier import finetune_gpt_classifier
 
+        if args.resume:
+            raise MoorelmError("--resume is for Hugging Face encoders; a classifier on a moorelm "
+                               "run trains in one go")
         result = finetune_gpt_classifier(args.model, args.train, args.out,
                                          lr=args.lr or 3e-4, max_length=args.max_length,
                                          device=args.device, **common)
     else:  # a Hugging Face encoder folder or hub id (default: the bundled MiniLM)
-        from moorelm.finetune.classify import finetune_classifier
+        from moorelm.classify.train import finetune_classifier
 
         result = finetune_classifier(args.model, args.train, args.out, lr=args.lr or 5e-5,
-                                     max_length=args.max_length or 128, **common)
-    from moorelm.finetune.classify import format_summary
+                                     max_length=args.max_length or 128, resume=args.resume,
+                                     **common)
+    from moorelm.classify.metrics import format_summary
 
     print(format_summary(result))
     return 0
 
 
 def cmd_classify(args) -> int:
+    from moorelm.classify.predict import predict_file
     from moorelm.errors import MoorelmError
-    from moorelm.finetune.classify import classify, classify_file
 
+    if _is_run(args.model_dir):  # a classifier on a moorelm GPT
+        from moorelm.finetune.gpt_classifier import classify_gpt as classify
+    else:  # a Hugging Face classifier folder
+        from moorelm.classify.predict import classify
     if args.file and args.texts:
         raise MoorelmError("give texts or --file, not both")
     if args.file:
-        r = classify_file(args.model_dir, args.file, args.output, text_column=args.text_column,
-                          batch_size=args.batch_size, max_length=args.max_length)
+        def predict(texts: list[str]) -> list[dict]:
+            return classify(args.model_dir, texts, batch_size=args.batch_size,
+                            max_length=args.max_length)
+
+        r = predict_file(predict, args.file, args.output, text_column=args.text_column)
         counts = ", ".join(f"{k} {v}" for k, v in r["label_counts"].items())
         print(f"classified {r['rows']} rows -> {r['out_file']} ({counts})")
         return 0
@@ -95,6 +107,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-time", type=float, default=None, help="seconds of training at most")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with AVX-512 BF16/AMX, GPUs)")
     p.add_argument("--device", default="auto", help="for moorelm runs: auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted job of --out from its newest checkpoint (encoders)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_finetune_classifier)
 

@@ -18,6 +18,7 @@ from moorelm.errors import MoorelmError
 
 def cmd_scale(args) -> int:
     from moorelm.scaling import ladder as LD
+    from moorelm.scaling import ladder_plan as LP
 
     if args.report_only:
         if args.budget or args.budget_flops or args.out:
@@ -31,13 +32,13 @@ def cmd_scale(args) -> int:
     resuming = (out / LD.LADDER_JSON).exists()
     if not resuming and (args.budget is None) == (args.budget_flops is None):
         raise MoorelmError("give one budget: --budget 30m (wall clock) or --budget-flops 1e14")
-    seconds = LD.parse_duration(args.budget) if args.budget is not None else None
+    seconds = LP.parse_duration(args.budget) if args.budget is not None else None
     if args.budget_flops is not None and not args.budget_flops > 0:
         raise MoorelmError(f"--budget-flops must be a positive number, got {args.budget_flops}")
     if args.bootstrap < 0:
         raise MoorelmError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    spec = LD.LadderSpec(
-        shapes=LD.parse_shapes(args.shapes) if args.shapes else LD.DEFAULT_SHAPES,
+    spec = LP.LadderSpec(
+        shapes=LP.parse_shapes(args.shapes) if args.shapes else LP.DEFAULT_SHAPES,
         head_dim=args.head_dim, seq_len=args.seq_len, batch_size=args.batch_size,
         levels=args.levels, sizes_per_level=args.sizes_per_level, level_ratio=args.level_ratio,
         min_steps=args.min_steps, eval_iters=args.eval_iters, recipe=args.recipe,

@@ -1,9 +1,10 @@
-"""Fine-tuning pretrained models for downstream tasks.
+"""Fine-tuning moorelm's own GPTs for downstream tasks.
 
-- ``moorelm.finetune.classify``: text classification. Reading and checking labelled
-  CSV/TSV/JSONL files and computing classification metrics do not depend on any training
-  backend; the Hugging Face backend fine-tunes a pretrained encoder (BERT family, MiniLM-L6 by
-  default) with ``transformers.Trainer`` and classifies texts with the saved folder.
-- ``moorelm.finetune.genre``: a demo classification set (Shakespeare passage -> genre of its
-  play) built from the bundled corpus, split by play.
+- ``sft``: prompt -> completion fine-tuning (full or LoRA, ``lora``), on tasks of ``tasks``.
+- ``gpt_classifier``: a classification head on a GPT trunk, trained on the labelled files of
+  ``moorelm.classify.data``.
+- ``genre``: a demo classification set (Shakespeare passage -> genre of its play) built from
+  the bundled corpus, split by play.
+
+Text classification with pretrained Hugging Face encoders is ``moorelm.classify``.
 """

@@ -14,16 +14,16 @@ closes every document, and it has attended to the whole text. ``mean`` averages 
 states of the text's tokens instead. Batches are right-padded; attention is causal, so padding
 after a token never changes that token's hidden state and no padding mask is needed.
 
-The trunk is ``moorelm.model.GPT`` itself: a forward hook on its final norm catches the hidden
-states while ``GPT.forward`` runs with ``last_only=True`` (so the language-model head costs a
-single position), rather than a second copy of the forward pass.
+The trunk is ``moorelm.model.GPT`` itself: ``GPT.hidden_states`` is its forward pass up to the
+final norm, without the language-model head.
 
 Training is a small plain loop, not ``moorelm.train.train``: that loop trains a language model
 on token windows and builds its own ``GPT``; a classifier needs a head, one label per
 variable-length text, and evaluation by macro-F1 each epoch that keeps the best state and
 stops early. It reuses moorelm's AdamW parameter groups and warmup + cosine schedule, and
-``classify.py``'s data reading and checks, splits and metrics, so the inputs, the checks and
-the returned summary are those of the Hugging Face backend (``finetune_classifier``).
+``moorelm.classify``'s data reading and checks, splits and metrics, so the inputs, the checks
+and the returned summary are those of the Hugging Face backend
+(``moorelm.classify.train.finetune_classifier``).
 
 The output is a moorelm run folder: config.json (``"model"`` and a ``"classifier"`` section
 with labels, pooling and max_length), tokenizer.json, checkpoints/step-N/model.safetensors
@@ -48,21 +48,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moorelm import checkpoint as ckpt
-from moorelm.config import ModelConfig, TrainConfig
-from moorelm.device import resolve_device
-from moorelm.errors import MoorelmError
-from moorelm.finetune.classify import (
+from moorelm.classify.data import label_maps, prepare_splits
+from moorelm.classify.metrics import (
     CONFUSION_FILE,
     METRICS_FILE,
     TruncationWarning,
-    _say,
     classification_metrics,
     format_summary,
-    label_maps,
-    prepare_splits,
     save_confusion_png,
+    say,
     truncation_message,
 )
+from moorelm.config import ModelConfig, TrainConfig
+from moorelm.device import resolve_device
+from moorelm.errors import MoorelmError
 from moorelm.finetune.lora import plain_weights
 from moorelm.model import GPT
 from moorelm.optim import build_optimizer, decay_progress, lr_multiplier
@@ -97,16 +96,10 @@ class GPTClassifier(nn.Module):
         self.score = nn.Linear(gpt.config.n_embd, n_labels)
         nn.init.normal_(self.score.weight, std=gpt.config.init_std)
         nn.init.zeros_(self.score.bias)
-        self._hidden: torch.Tensor | None = None
-        gpt.ln_f.register_forward_hook(self._keep_hidden)
-
-    def _keep_hidden(self, module, inputs, output) -> None:
-        self._hidden = output
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """idx (B, T) right-padded, lengths (B,) real tokens per row -> logits (B, K)."""
-        self.gpt(idx, last_only=True)
-        h, self._hidden = self._hidden, None  # (B, T, C)
+        h = self.gpt.hidden_states(idx)  # (B, T, C)
         if self.pooling == "last":
             pooled = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, C)
         else:
@@ -177,9 +170,9 @@ def finetune_gpt_classifier(
 ) -> dict[str, Any]:
     """Fine-tune a moorelm run (its newest checkpoint) with a classification head.
 
-    Arguments and the returned metrics mirror ``classify.finetune_classifier``; ``max_length``
-    defaults to the model's context length (texts are cut to it, end-of-text included, and
-    counted in one warning). Evaluation runs each epoch (or every ``eval_steps``); the best
+    Arguments and the returned metrics mirror
+    ``moorelm.classify.train.finetune_classifier``; ``max_length`` defaults to the model's
+    context length (texts are cut to it, end-of-text included, and counted in one warning). Evaluation runs each epoch (or every ``eval_steps``); the best
     state by macro-F1 is saved. All parameters are trained (AdamW, warmup then cosine to
     lr/10; weight decay on the hidden matrices).
     """
@@ -260,7 +253,7 @@ def finetune_gpt_classifier(
         if step % every == 0 or step == total or time_hit:
             pred = _predict(model, eval_rows, tok.eot_id, dev, max(batch_size, 64)).argmax(-1)
             f1 = classification_metrics(y_eval, pred.tolist(), names)["macro_f1"]
-            _say(progress, f"step {step}/{total}: loss {float(loss.detach()):.4f}, eval macro-F1 {f1:.4f}")
+            say(progress, f"step {step}/{total}: loss {float(loss.detach()):.4f}, eval macro-F1 {f1:.4f}")
             if best is None or f1 > best[0]:
                 best = (f1, step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
                 evals_since_best = 0
@@ -333,7 +326,7 @@ def finetune_gpt_classifier(
                              f"{metrics['macro_f1']:.3f} ({len(eval_data)} eval rows)")
     result["metrics_path"] = str(metrics_path)
     result["confusion_png"] = str(png)
-    _say(progress, format_summary(result))
+    say(progress, format_summary(result))
     return result
 
 
@@ -369,7 +362,7 @@ def classify_gpt(
     device: str = "auto",
 ) -> list[dict[str, Any]]:
     """Label each text with a GPT classifier: ``[{"label": str, "score": float}, ...]``, the
-    top label and its softmax probability (as ``classify.classify`` returns)."""
+    top label and its softmax probability (as ``moorelm.classify.predict.classify`` returns)."""
     if isinstance(texts, str):
         raise MoorelmError("classify takes a list of texts, not a single string")
     if batch_size < 1:

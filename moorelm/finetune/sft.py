@@ -58,10 +58,11 @@ import numpy as np
 import torch
 
 from moorelm import checkpoint as ckpt
+from moorelm.classify.data import read_table
+from moorelm.classify.metrics import TruncationWarning
 from moorelm.config import ModelConfig, TrainConfig
 from moorelm.data import Batch
 from moorelm.errors import MoorelmError
-from moorelm.finetune.classify import TruncationWarning, read_table
 from moorelm.finetune.lora import (
     LoRAConfig,
     apply_lora,

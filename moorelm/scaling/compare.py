@@ -22,7 +22,7 @@ def compare_recipes(records: list[dict], recipe: str, baseline: str) -> dict:
     loss both frontiers reach. When one recipe's cheapest level is already below the target,
     its compute is an upper bound and the factor a bound too; ``factor_kind`` says which.
     """
-    from moorelm.scaling import fit as F
+    from moorelm.scaling.isoflop import compute_frontier
 
     fronts = {}
     for name in (recipe, baseline):
@@ -38,7 +38,7 @@ def compare_recipes(records: list[dict], recipe: str, baseline: str) -> dict:
                                f"levels to compare recipes; got {len(best)}")
         C = np.array([r["flops"] for r in best.values()], dtype=float)
         L = np.array([r["val_loss"] for r in best.values()], dtype=float)
-        idx = F.compute_frontier(C, L)
+        idx = compute_frontier(C, L)
         fronts[name] = (C[idx], L[idx])
     target = max(float(L.min()) for _, L in fronts.values())
     compute, bound = {}, {}

@@ -59,12 +59,6 @@ from moorelm.scaling.inputs import (
     _positive,
     _same_length,
 )
-from moorelm.scaling.isoflop import (  # noqa: F401  (re-exported: part of the fit API)
-    IsoFLOPFit,
-    IsoFLOPLevel,
-    compute_frontier,
-    fit_isoflop,
-)
 from moorelm.scaling.solver import HUBER_DELTA, _fit_lse
 
 # Published Approach-3 fits, for comparison in reports. These are data from the papers, not

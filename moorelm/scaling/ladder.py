@@ -46,17 +46,11 @@ from moorelm.atomic import atomic_write_json
 from moorelm.data import TokenData
 from moorelm.errors import MoorelmError
 from moorelm.scaling.compare import _plot_comparison, compare_recipes, comparison_sentence
-from moorelm.scaling.ladder_plan import (  # noqa: F401  (re-exported: the ladder's planning API)
-    BASELINE_RECIPE,
-    DEFAULT_SHAPES,
-    SAFETY,
-    VERIFY_FACTOR,
+from moorelm.scaling.ladder_plan import (
     LadderSpec,
     Plan,
     describe_plan,
     make_plan,
-    parse_duration,
-    parse_shapes,
     probe,
     rung_configs,
     shape_name,
@@ -136,6 +130,7 @@ def choose_verification(spec: LadderSpec, stats: dict, records: list[dict], comp
     prediction interval. Otherwise L(C) on the compute frontier at the shape of the best run.
     """
     from moorelm.scaling import fit as F
+    from moorelm.scaling.isoflop import compute_frontier
 
     N = np.array([r["n_params_nonembed"] for r in records], dtype=float)
     D = np.array([r["tokens"] for r in records], dtype=float)
@@ -159,7 +154,7 @@ def choose_verification(spec: LadderSpec, stats: dict, records: list[dict], comp
                 "ci95": [float(p.lo), float(p.hi)], "law": "L(N, D)", "notes": notes}
     except MoorelmError as e:
         notes.append(f"L(N, D) not fitted ({e}); predicting from L(C) on the compute frontier")
-    front = F.compute_frontier(C, L)
+    front = compute_frontier(C, L)
     fit = F.fit_power_law(C[front], L[front], n_bootstrap=n_bootstrap, seed=seed, variable="C")
     best_rec = records[int(front[-1])]
     shape = (best_rec["n_layer"], best_rec["n_embd"])
@@ -176,7 +171,8 @@ def choose_verification(spec: LadderSpec, stats: dict, records: list[dict], comp
 def write_report(out: str | Path, *, n_bootstrap: int = 100, trends: bool = True) -> Path:
     """(Re)build DIR's report from the finished runs in ladder.json (or runs.csv);
     ``trends=False`` leaves out the historical section."""
-    from moorelm.scaling.report import build_report, load_records
+    from moorelm.scaling.records import load_records
+    from moorelm.scaling.report import build_report
 
     out = Path(out)
     if not out.is_dir():

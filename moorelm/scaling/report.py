@@ -15,13 +15,12 @@ A run with ``verification`` true is a held-out check of the laws: it is never fi
 report sets its measured loss beside the prediction (the ``prediction`` argument, or else the
 L(N, D) fit evaluated at its N and D).
 
-``load_records(out_dir)`` reads runs.csv back, so a report can be rebuilt from finished runs.
+``records.load_records(out_dir)`` reads runs.csv back, so a report can be rebuilt from finished runs.
 Plotting uses matplotlib's Agg backend, imported only when a report is built.
 
 The pieces live in modules of one job each: ``records`` (checking records, runs.csv),
 ``report_plots`` (the PNG figures) and ``report_html`` (the answer and the page). This module
-chooses what to fit and writes the folder; ``load_records`` and ``write_runs_csv`` are
-importable from here as before.
+chooses what to fit and writes the folder.
 """
 
 from __future__ import annotations
@@ -38,15 +37,10 @@ from moorelm.atomic import atomic_write_text
 from moorelm.errors import MoorelmError
 from moorelm.scaling import fit as F
 from moorelm.scaling import trend as T
-from moorelm.scaling.records import (  # noqa: F401  (re-exported: the report's record API)
-    COLUMNS,
-    REQUIRED,
-    RUNS_CSV,
-    _as_float,
-    _normalise,
-    load_records,
-    write_runs_csv,
-)
+from moorelm.scaling.estimates import Prediction
+from moorelm.scaling.inputs import DEFAULT_FLOPS_PER_TOKEN, _check_k
+from moorelm.scaling.isoflop import compute_frontier, fit_isoflop
+from moorelm.scaling.records import RUNS_CSV, _as_float, _normalise, write_runs_csv
 from moorelm.scaling.report_html import _answer, _html
 from moorelm.scaling.report_plots import (
     _plot_allocation,
@@ -54,6 +48,7 @@ from moorelm.scaling.report_plots import (
     _plot_loss_vs_compute,
     _plot_prediction,
 )
+from moorelm.scaling.solver import HUBER_DELTA
 
 FITS_JSON = "fits.json"
 REPORT_HTML = "report.html"
@@ -126,7 +121,7 @@ def _run_fits(rows, *, n_bootstrap, seed, flops_per_token, param_key):
 
     attempt("chinchilla", "L(N, D)",
             lambda: F.fit_chinchilla(N, D, L, n_bootstrap=n_bootstrap, seed=seed))
-    front = F.compute_frontier(C, L)
+    front = compute_frontier(C, L)
     attempt("loss_vs_compute", "L(C) on the compute frontier",
             lambda: F.fit_power_law(C[front], L[front], n_bootstrap=n_bootstrap, seed=seed,
                                     variable="C"))
@@ -142,7 +137,7 @@ def _run_fits(rows, *, n_bootstrap, seed, flops_per_token, param_key):
     else:
         has = np.isfinite(budgets)
         attempt("isoflop", "IsoFLOP minima",
-                lambda: F.fit_isoflop(N[has], L[has], budgets[has], flops_per_token=flops_per_token))
+                lambda: fit_isoflop(N[has], L[has], budgets[has], flops_per_token=flops_per_token))
         fits["_budgets"] = budgets
     fits["_arrays"] = {"N": N, "D": D, "C": C, "L": L, "frontier": front}
     return fits, notes
@@ -151,7 +146,7 @@ def _run_fits(rows, *, n_bootstrap, seed, flops_per_token, param_key):
 def _prediction_for(rows_all, fits, prediction, param_key):
     """Pair the verification run with a prediction; None when there is nothing to compare."""
     target = None
-    if prediction is not None and not isinstance(prediction, (Mapping, F.Prediction)):
+    if prediction is not None and not isinstance(prediction, (Mapping, Prediction)):
         raise MoorelmError("prediction must be a dict with 'val_loss' (and optionally 'ci95', "
                            "'name') or a fit.Prediction")
     wanted = prediction.get("name") if isinstance(prediction, Mapping) else None
@@ -162,7 +157,7 @@ def _prediction_for(rows_all, fits, prediction, param_key):
     if target is None:
         return None
     source = "given"
-    if isinstance(prediction, F.Prediction):
+    if isinstance(prediction, Prediction):
         value, lo, hi = prediction.value, prediction.lo, prediction.hi
     elif isinstance(prediction, Mapping):
         if _as_float(prediction.get("val_loss")) is None:
@@ -210,9 +205,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def build_report(out_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
-                 prediction: Mapping[str, Any] | F.Prediction | None = None,
+                 prediction: Mapping[str, Any] | Prediction | None = None,
                  n_bootstrap: int = 100, seed: int = 0,
-                 flops_per_token: float = F.DEFAULT_FLOPS_PER_TOKEN,
+                 flops_per_token: float = DEFAULT_FLOPS_PER_TOKEN,
                  param_key: str = "n_params", top_k: int = T.DEFAULT_TOP_K,
                  trends: bool = True) -> Path:
     """Fit the runs and write runs.csv, fits.json, PNG plots and report.html into ``out_dir``.
@@ -226,7 +221,7 @@ def build_report(out_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
     """
     if param_key not in ("n_params", "n_params_nonembed"):
         raise MoorelmError(f"param_key must be 'n_params' or 'n_params_nonembed'; got {param_key!r}")
-    k = F._check_k(flops_per_token)
+    k = _check_k(flops_per_token)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MoorelmError(f"{out} is a file; pass a folder for the report")
@@ -271,7 +266,7 @@ def build_report(out_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
 
     settings = {"n_bootstrap": n_bootstrap, "seed": seed, "flops_per_token": k,
                 "param_key": param_key, "frontier_top_k": top_k,
-                "huber_delta": F.HUBER_DELTA}
+                "huber_delta": HUBER_DELTA}
     doc: dict[str, Any] = {"settings": settings, "notes": notes}
     for key in ("chinchilla", "loss_vs_compute", "loss_vs_params", "loss_vs_tokens", "isoflop"):
         doc[key] = fits[key].to_dict() if key in fits else None

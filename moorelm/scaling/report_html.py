@@ -13,6 +13,7 @@ import numpy as np
 
 from moorelm.scaling import fit as F
 from moorelm.scaling import trend as T
+from moorelm.scaling.estimates import Estimate, Prediction
 from moorelm.scaling.records import COLUMNS
 
 
@@ -22,14 +23,14 @@ def _g(v: float | None, fmt: str = ".3g") -> str:
     return format(v, fmt)
 
 
-def _est(e: F.Estimate, fmt: str = ".3g") -> str:
+def _est(e: Estimate, fmt: str = ".3g") -> str:
     text = _g(e.value, fmt)
     if e.ci95 is not None:
         text += f" (95% CI {_g(e.ci95[0], fmt)} to {_g(e.ci95[1], fmt)})"
     return text
 
 
-def _pred(p: F.Prediction, fmt: str = ".3g") -> str:
+def _pred(p: Prediction, fmt: str = ".3g") -> str:
     text = _g(p.value, fmt)
     if p.lo is not None and math.isfinite(p.lo):
         text += f" (95% CI {_g(p.lo, fmt)} to {_g(p.hi, fmt)})"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moorelm.classify.metrics import format_balance, say
 from moorelm.errors import MoorelmError
-from moorelm.finetune.classify_metrics import _say, format_balance
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 TEXT_FALLBACKS = ("sentence",)  # accepted when the default text column "text" is absent
@@ -398,6 +398,6 @@ def prepare_splits(train_file, eval_file, text_column: str, label_column: str, *
     if len(label_names(train.labels)) < 2:
         raise MoorelmError(f"{train_all.path}: after holding out eval rows only one class is left")
     balance = {"train": train.class_balance(names), "eval": eval_data.class_balance(names)}
-    _say(progress, f"train: {len(train)} rows ({format_balance(balance['train'])})")
-    _say(progress, f"eval:  {len(eval_data)} rows ({format_balance(balance['eval'])})")
+    say(progress, f"train: {len(train)} rows ({format_balance(balance['train'])})")
+    say(progress, f"eval:  {len(eval_data)} rows ({format_balance(balance['eval'])})")
     return Splits(train_all, train, eval_data, names, eval_source, balance)

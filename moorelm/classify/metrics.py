@@ -149,6 +149,7 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _say(progress: bool, message: str) -> None:
+def say(progress: bool, message: str) -> None:
+    """Print a progress line to stderr when ``progress`` is on."""
     if progress:
         print(message, file=sys.stderr, flush=True)
