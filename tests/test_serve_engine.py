@@ -317,7 +317,8 @@ def test_bounded_queue(long_lm):
 
 def test_invalid_requests(lm, engine):
     """Requests the model cannot serve are refused with a one-line MoorelmError naming the
-    problem: context window, empty prompt, unknown token ids, zero max tokens."""
+    problem: context window, empty prompt, unknown token ids, zero max tokens, logit_bias
+    ids and values outside OpenAI's [-100, 100] (a huge one overflowed the logits)."""
     prompt = ids(lm, "ROMEO:")
     cases = [
         (Request((prompt,), SamplingParams(max_new_tokens=40)), "context window of 32"),
@@ -326,6 +327,10 @@ def test_invalid_requests(lm, engine):
         (Request((prompt,), SamplingParams(max_new_tokens=0)), "at least 1"),
         (Request((prompt,), SamplingParams(max_new_tokens=4), logit_bias={-1: 1.0}),
          "logit_bias"),
+        (Request((prompt,), SamplingParams(max_new_tokens=4), logit_bias={5: 1.8e308}),
+         r"\[-100, 100\]"),
+        (Request((prompt,), SamplingParams(max_new_tokens=4), logit_bias={5: float("nan")}),
+         r"\[-100, 100\]"),
     ]
     for req, needle in cases:
         with pytest.raises(MoorelmError, match=needle):

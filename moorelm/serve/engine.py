@@ -300,10 +300,13 @@ class Engine:
             if bad:
                 raise MoorelmError(f"token id {bad[0]} is not in the vocabulary "
                                    f"(ids 0..{self.token_vocab - 1})")
-        for tok in request.logit_bias or {}:
+        for tok, value in (request.logit_bias or {}).items():
             if not 0 <= tok < self.token_vocab:
                 raise MoorelmError(f"logit_bias token id {tok} is not in the vocabulary "
                                    f"(ids 0..{self.token_vocab - 1})")
+            if not -100 <= value <= 100:  # NaN fails too
+                raise MoorelmError(f"logit_bias value {value} for token {tok} must be in "
+                                   "[-100, 100]")
         if request.logprobs is not None and not 0 <= request.logprobs <= self.token_vocab:
             raise MoorelmError(f"logprobs must be in [0, {self.token_vocab}], got {request.logprobs}")
 
