@@ -441,6 +441,17 @@ def test_schema_bounds_logit_bias(server):
     assert r.status_code == 200, r.text
 
 
+def test_tiny_temperature_and_top_p_over_http(server):
+    """temperature / top_p of 1e-300 and the smallest double are answered 200 with the
+    greedy text (they failed with 500 before)."""
+    greedy = httpx.post(server.url + "/v1/completions", json={**GOOD, "temperature": 0})
+    for extra in ({"temperature": 1e-300}, {"top_p": 1e-300}, {"temperature": 5e-324},
+                  {"top_p": 5e-324, "temperature": 2}):
+        r = httpx.post(server.url + "/v1/completions", json={**GOOD, **extra, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
 @pytest.mark.slow
 def test_fuzz_from_openapi_schema(server):
     """Requests generated from the server's own OpenAPI schema, valid ones and (for bodies)

@@ -315,6 +315,56 @@ def test_bounded_queue(long_lm):
         eng.stop()
 
 
+def test_one_failing_row_fails_alone(lm, monkeypatch):
+    """When sampling fails for one row (here: a sampler made to refuse a token that one
+    request forces with logit_bias), that request ends with an error event while the
+    others in the same batch finish with the same text as alone."""
+    import moorelm.serve.engine as engine_module
+
+    poison = lm.tokenizer.encode("x")[0]
+    real = engine_module.sample_next_token
+
+    def picky(logits, *args, **kwargs):
+        if bool((logits.argmax(-1) == poison).any()):
+            raise MoorelmError("refused")
+        return real(logits, *args, **kwargs)
+
+    healthy = [Request((ids(lm, p),), SamplingParams(max_new_tokens=8, seed=i, **SETTINGS[i]),
+                       stop_at_eot=False) for i, p in enumerate(PROMPTS)]
+    eng = Engine(lm.model, lm.tokenizer, max_batch=8).start()
+    try:
+        alone = [text_of(eng.generate(r)[0]) for r in healthy]
+        monkeypatch.setattr(engine_module, "sample_next_token", picky)
+        bad = eng.submit(Request((ids(lm, "It"),), SamplingParams(max_new_tokens=8, seed=9),
+                                 logit_bias={poison: 100.0}))
+        handles = [eng.submit(r) for r in healthy]
+        bad_events = [e for batch in bad for e in batch]
+        assert bad_events[-1].finish_reason == "error" and "refused" in bad_events[-1].error
+        for h, want in zip(handles, alone):
+            events = [e for batch in h for e in batch]
+            assert events[-1].finish_reason == "length" and text_of(events) == want
+    finally:
+        eng.stop()
+
+
+def test_tiny_temperature_and_top_p_are_served(lm, engine):
+    """temperature and top_p of 1e-300 (NaN and an empty nucleus in float32) are served as
+    greedy, in a batch beside ordinary requests, instead of failing every row."""
+    prompt = ids(lm, "ROMEO:")
+    greedy = text_of(engine.generate(Request((prompt,), SamplingParams(
+        temperature=0, max_new_tokens=6), stop_at_eot=False))[0])
+    tiny = [Request((prompt,), SamplingParams(temperature=1e-300, max_new_tokens=6, seed=1),
+                    stop_at_eot=False),
+            Request((prompt,), SamplingParams(top_p=1e-300, max_new_tokens=6, seed=2),
+                    stop_at_eot=False),
+            Request((prompt,), SamplingParams(temperature=1.0, max_new_tokens=6, seed=3),
+                    stop_at_eot=False)]
+    handles = [engine.submit(r) for r in tiny]
+    out = [[e for batch in h for e in batch] for h in handles]
+    assert [text_of(o) for o in out[:2]] == [greedy, greedy]
+    assert all(o[-1].finish_reason == "length" for o in out)
+
+
 def test_invalid_requests(lm, engine):
     """Requests the model cannot serve are refused with a one-line MoorelmError naming the
     problem: context window, empty prompt, unknown token ids, zero max tokens, logit_bias

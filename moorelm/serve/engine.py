@@ -482,9 +482,11 @@ class Engine:
             vec[int(tok)] = float(value)
         return vec
 
-    def _sample(self) -> list[int]:
+    def _sample(self) -> list[int | str]:
         """Every active row's next token: rows with the same temperature, top-k and top-p in
-        one ``sample_next_token`` call, each drawing from its own generator."""
+        one ``sample_next_token`` call, each drawing from its own generator. When that call
+        fails, its rows are sampled one by one and only a row that fails alone gets an
+        error message in place of its token."""
         if not self._rows:
             return []
         logits, groups = [], {}
@@ -497,16 +499,38 @@ class Engine:
             logits.append(lg)
             groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         logits = torch.cat(logits)  # (B, V)
-        tokens = [0] * len(self._rows)
+        tokens: list[int | str] = [0] * len(self._rows)
         for (temperature, top_k, top_p), rows in groups.items():
             part = logits if len(rows) == len(self._rows) else logits[rows]
             gens = [self._rows[i].generator for i in rows]
-            for i, tok in zip(rows, sample_next_token(part, temperature, top_k, top_p, gens).tolist()):
+            try:
+                drawn = sample_next_token(part, temperature, top_k, top_p, gens).tolist()
+            except Exception:  # find the row(s) at fault; the others sample as they would
+                drawn = [self._sample_one(logits[i : i + 1], self._rows[i]) for i in rows]
+            for i, tok in zip(rows, drawn):
                 tokens[i] = tok
         return tokens
 
-    def _emit(self, row: _Row, tok: int, out: dict[RequestHandle, list[TokenEvent]]) -> bool:
-        """Record row's sampled token and emit its text; True when the row has finished."""
+    def _sample_one(self, logits: torch.Tensor, row: _Row) -> int | str:
+        """One row's token, or the error message when sampling it fails. Its generator has
+        not moved: every draw takes the uniform number after the settings are applied."""
+        p = row.params
+        try:
+            return int(sample_next_token(logits, p.temperature, p.top_k, p.top_p,
+                                         [row.generator])[0])
+        except Exception as e:
+            log.warning("sampling failed for one row: %s", e)
+            self.counters["errors"] += 1
+            return str(e)
+
+    def _emit(self, row: _Row, tok: int | str, out: dict[RequestHandle, list[TokenEvent]]) -> bool:
+        """Record row's sampled token and emit its text; True when the row has finished.
+        A message instead of a token (its sampling failed) ends the row with an error."""
+        if isinstance(tok, str):
+            out.setdefault(row.handle, []).append(
+                TokenEvent(row.index, "", None, finish_reason="error", error=tok))
+            row.handle._open -= 1
+            return True
         p = row.params
         row.last = tok
         row.generated += 1
