@@ -10,7 +10,9 @@ import time
 import httpx
 import pytest
 
-from moorelm.serve import BackgroundServer, Engine, create_app
+from moorelm.inference.engine import Engine
+from moorelm.serve import BackgroundServer
+from moorelm.serve.api import create_app
 from moorelm.tokenizer import Tokenizer
 from tests.conftest import SMALL_TEXT
 from tests.test_serve_engine import scripted_model

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import moorelm
-from moorelm.serve import BackgroundServer, Engine, create_app, render_chat
-from moorelm.serve.api import Message
+from moorelm.inference.engine import Engine
+from moorelm.serve import BackgroundServer
+from moorelm.serve.api import Message, create_app, render_chat
 from moorelm.tokenizer import Tokenizer
 from tests.conftest import SMALL_TEXT
 from tests.test_serve_engine import byte_id, scripted_model, wait_until

@@ -12,8 +12,11 @@ import moorelm
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.generate import SamplingParams, generate_tokens
+from moorelm.inference.engine import Engine
+from moorelm.inference.output import StopText
+from moorelm.inference.scheduler import QueueFull
+from moorelm.inference.sequence import Request
 from moorelm.model import GPT
-from moorelm.serve.engine import Engine, QueueFull, Request, StopText
 from moorelm.tokenizer import Tokenizer
 from tests.conftest import SMALL_TEXT
 
@@ -319,7 +322,7 @@ def test_one_failing_row_fails_alone(lm, monkeypatch):
     """When sampling fails for one row (here: a sampler made to refuse a token that one
     request forces with logit_bias), that request ends with an error event while the
     others in the same batch finish with the same text as alone."""
-    import moorelm.serve.engine as engine_module
+    import moorelm.inference.sampler as engine_module
 
     poison = lm.tokenizer.encode("x")[0]
     real = engine_module.sample_next_token
@@ -397,20 +400,22 @@ def test_engine_thread_uses_its_thread_count(lm):
     import threading
 
     seen = []
-    real = Engine._decode
+    from moorelm.inference.runner import Runner
 
-    def spy(self):
+    real = Runner.decode
+
+    def spy(self, tokens):
         seen.append((threading.current_thread().name, torch.get_num_threads()))
-        return real(self)
+        return real(self, tokens)
 
     before = torch.get_num_threads()
     eng = Engine(lm.model, lm.tokenizer, threads=1)
     try:
-        Engine._decode = spy
+        Runner.decode = spy
         eng.start()
         eng.generate(Request((ids(lm, "ROMEO:"),), SamplingParams(max_new_tokens=3)))
     finally:
-        Engine._decode = real
+        Runner.decode = real
         eng.stop()
     assert seen and all(s == ("moorelm-engine", 1) for s in seen)
     assert torch.get_num_threads() == before  # the caller's own setting is untouched

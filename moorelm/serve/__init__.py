@@ -1,4 +1,5 @@
-"""Serving: continuous batching (``engine``) behind an OpenAI-compatible API (``api``).
+"""Serving over HTTP: an OpenAI-compatible API (``api``, wire format in ``schema``) over the
+continuous-batching engine of ``moorelm.inference``, and the server runner (this module).
 
     from moorelm.serve import serve
     serve("runs/demo", port=8000)          # what `moorelm serve runs/demo` runs
@@ -19,22 +20,10 @@ import time
 from pathlib import Path
 
 from moorelm.errors import MoorelmError
-from moorelm.serve.engine import Engine, QueueFull, Request, RequestHandle, TokenEvent
+from moorelm.inference.engine import Engine
+from moorelm.serve.api import MAX_BODY_BYTES, create_app
 
-__all__ = ["BackgroundServer", "Engine", "QueueFull", "Request", "RequestHandle", "TokenEvent",
-           "build_app", "create_app", "render_chat", "serve"]
-
-_API = ("create_app", "render_chat")
-MAX_BODY_BYTES = 1 << 20
-
-
-def __getattr__(name: str):
-    # the HTTP side needs fastapi and uvicorn (the "serve" extra); the engine does not
-    if name in _API:
-        from moorelm.serve import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'moorelm.serve' has no attribute {name!r}")
+__all__ = ["BackgroundServer", "bind", "build_app", "serve"]
 
 
 def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
@@ -42,7 +31,6 @@ def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
               device: str = "auto", model_name: str | None = None):
     """Load a run folder's newest checkpoint and return the FastAPI app that serves it."""
     import moorelm
-    from moorelm.serve.api import create_app
 
     lm = moorelm.load(run, device=device)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)

@@ -41,8 +41,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moorelm.errors import MoorelmError
 from moorelm.generate import SamplingParams, apply_template
-from moorelm.serve import MAX_BODY_BYTES
-from moorelm.serve.engine import Engine, QueueFull, Request, RequestHandle, TokenEvent
+from moorelm.inference.engine import Engine
+from moorelm.inference.limits import RequestError
+from moorelm.inference.scheduler import QueueFull
+from moorelm.inference.sequence import Request, RequestHandle, TokenEvent
 from moorelm.serve.schema import (
     ApiError,
     ChatRequest,
@@ -56,7 +58,7 @@ from moorelm.serve.schema import (
 
 log = logging.getLogger("moorelm.serve")
 
-MAX_CHOICES = 64  # prompts x n in one request
+MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_S = 1
 CHAT_STOP = "\n\n"  # a speech ends at a blank line
 
@@ -94,22 +96,6 @@ def render_chat(messages: list[Message], template: str | None) -> str:
     return "".join(parts)
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE (GPT-2) spells each byte as one printable character: printable
-    Latin-1 bytes as themselves, the rest as the characters from U+0100 on, in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
-
-
-_BYTE_OF_CHAR = _byte_level_alphabet()
-
-
 class Service:
     """What the routes share: the engine, the model's name, its prompt template."""
 
@@ -127,22 +113,13 @@ class Service:
         if text is None:
             text = self.tokenizer.decode([tok])
             if "\ufffd" in text:
-                raw = self.token_bytes(tok)
+                raw = self.tokenizer.piece_bytes(tok)
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError:
                     text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
             self._token_text[tok] = text
         return text
-
-    def token_bytes(self, tok: int) -> bytes:
-        """The exact bytes a token stands for (byte-fallback and byte-level tokens too)."""
-        piece = self.tokenizer.hf.id_to_token(tok) or ""
-        if self.tokenizer.kind == "bpe":
-            return bytes(_BYTE_OF_CHAR.get(c, 0x3F) for c in piece)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            return bytes([int(piece[3:5], 16)])
-        return self.tokenizer.decode([tok]).encode("utf-8")
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -155,54 +132,22 @@ class Service:
             return tuple(self.tokenizer.encode(text))
         return tuple(await asyncio.to_thread(self.tokenizer.encode, text))
 
-    def build(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
-              max_param: str, prompt_param: str, logprobs: int | None,
-              extra_stop: tuple[str, ...] = ()) -> Request:
-        seq_len = self.engine.seq_len
-        if len(prompts) * body.n > MAX_CHOICES:
-            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than "
-                           f"{MAX_CHOICES} completions in one request; split it", "n")
-        for p in prompts:
-            if not p:
-                raise ApiError(400, f"{prompt_param} is empty; send some text to continue",
-                               prompt_param)
-            bad = [t for t in p if not 0 <= t < self.engine.token_vocab]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} in {prompt_param} is not in the "
-                               f"vocabulary (0..{self.engine.token_vocab - 1})", prompt_param)
-        longest = max(len(p) for p in prompts)
-        if max_tokens is None:
-            max_tokens = seq_len - longest
-            if max_tokens < 1:
-                raise ApiError(400, f"the prompt is {longest} tokens and fills this model's "
-                               f"context window of {seq_len} tokens; shorten it",
-                               prompt_param, "context_length_exceeded")
-        if longest + max_tokens > seq_len:
-            raise ApiError(400, f"this model's context window is {seq_len} tokens, but the "
-                           f"prompt ({longest} tokens) + {max_param} ({max_tokens}) = "
-                           f"{longest + max_tokens}; shorten the prompt or lower {max_param}",
-                           max_param, "context_length_exceeded")
+    def submit(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
+               max_param: str, prompt_param: str, logprobs: int | None,
+               extra_stop: tuple[str, ...] = ()) -> tuple[Request, RequestHandle]:
+        """The engine request for an HTTP body, submitted. The engine checks it against the
+        model (``inference.limits``); what it refuses is a 400 naming this route's field."""
+        if max_tokens is None:  # as much as the context window leaves
+            max_tokens = max(1, self.engine.seq_len - max((len(p) for p in prompts), default=0))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4:
-            raise ApiError(400, f"stop holds {len(stops)} sequences; at most 4 are allowed",
-                           "stop")
-        if any(not s for s in stops):
-            raise ApiError(400, "stop sequences must not be empty strings", "stop")
         for s in stops:
             _text(s, "stop")
         bias: dict[int, float] = {}
         for key, value in (body.logit_bias or {}).items():
             try:
-                tok = int(key)
+                bias[int(key)] = value
             except ValueError:
                 raise ApiError(400, f"logit_bias key {key!r} is not a token id", "logit_bias") from None
-            if not 0 <= tok < self.engine.token_vocab:
-                raise ApiError(400, f"logit_bias token id {tok} is not in the vocabulary "
-                               f"(0..{self.engine.token_vocab - 1})", "logit_bias")
-            if not -100 <= value <= 100:
-                raise ApiError(400, f"logit_bias value {value} for token {tok} must be in "
-                               "[-100, 100]", "logit_bias")
-            bias[tok] = value
         try:
             params = SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -211,12 +156,13 @@ class Service:
                 frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed)
         except MoorelmError as e:
             raise ApiError(400, str(e)) from None
-        return Request(tuple(prompts), params, body.n, tuple(stops) + extra_stop, logprobs,
-                       bias or None)
-
-    def submit(self, request: Request) -> RequestHandle:
+        request = Request(tuple(prompts), params, body.n, tuple(stops) + extra_stop, logprobs,
+                          bias or None)
         try:
-            return self.engine.submit(request, asyncio.get_running_loop())
+            return request, self.engine.submit(request, asyncio.get_running_loop())
+        except RequestError as e:
+            param = {"prompt": prompt_param, "max_tokens": max_param}.get(e.param, e.param)
+            raise ApiError(400, str(e), param, e.code) from None
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({e}); retry shortly", None,
                            "queue_full", "server_overloaded",
@@ -320,7 +266,7 @@ def _completion_logprobs(service: Service, events: list[TokenEvent], offset: int
 def _chat_logprobs(service: Service, events: list[TokenEvent]) -> dict:
     def entry(tok: int, lp: float) -> dict:
         text = service.token_text(tok)
-        return {"token": text, "logprob": lp, "bytes": list(service.token_bytes(tok))}
+        return {"token": text, "logprob": lp, "bytes": list(service.tokenizer.piece_bytes(tok))}
 
     content = []
     for e in events:
@@ -468,8 +414,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             prompts = [tuple(x) for x in raw]
         if not prompts:
             raise ApiError(400, "prompt is an empty list; send some text", "prompt")
-        req = service.build(body, prompts, body.max_tokens, "max_tokens", "prompt", body.logprobs)
-        handle = service.submit(req)
+        req, handle = service.submit(body, prompts, body.max_tokens, "max_tokens", "prompt",
+                                     body.logprobs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         want_logprobs = body.logprobs is not None
@@ -505,8 +451,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         extra = (CHAT_STOP,) if service.prompt_template is None else ()
         max_tokens = body.max_completion_tokens or body.max_tokens
         max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        req = service.build(body, [prompt], max_tokens, max_param, "messages", logprobs, extra)
-        handle = service.submit(req)
+        req, handle = service.submit(body, [prompt], max_tokens, max_param, "messages",
+                                     logprobs, extra)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
 

@@ -94,7 +94,7 @@ class SamplingBody(_Body):
     n: StrictInt = Field(1, ge=1, le=16)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
