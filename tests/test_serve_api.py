@@ -24,7 +24,7 @@ from moorelm.serve import BackgroundServer
 from moorelm.serve.api import Message, create_app, render_chat
 from moorelm.tokenizer import Tokenizer
 from tests.conftest import SMALL_TEXT
-from tests.test_serve_engine import byte_id, scripted_model, wait_until
+from tests.test_inference_engine import byte_id, scripted_model, wait_until
 
 KEY = "test-key-123"
 
