@@ -44,6 +44,7 @@ from moorelm.tokenizer import Tokenizer
 log = logging.getLogger("moorelm.inference")
 
 Outbox = dict[RequestHandle, list[TokenEvent]]  # one step's events, per request
+SHUTTING_DOWN = "the server is shutting down"  # the error of requests still running at stop
 
 
 class Engine:
@@ -180,7 +181,7 @@ class Engine:
             log.exception("engine loop failed")
             self.failure = f"{type(e).__name__}: {e}"
         finally:
-            self._fail_all(self.failure or "the server is shutting down")
+            self._fail_all(self.failure or SHUTTING_DOWN)
 
     def _step(self) -> None:
         out: Outbox = {}

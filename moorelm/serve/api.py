@@ -24,9 +24,12 @@ each user message in its template and ends the reply at end of text.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -41,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moorelm.errors import MoorelmError
 from moorelm.generate import SamplingParams, apply_template
-from moorelm.inference.engine import Engine
+from moorelm.inference.engine import SHUTTING_DOWN, Engine
 from moorelm.inference.limits import RequestError
 from moorelm.inference.scheduler import QueueFull
 from moorelm.inference.sequence import Request, RequestHandle, TokenEvent
@@ -59,6 +62,7 @@ from moorelm.serve.schema import (
 log = logging.getLogger("moorelm.serve")
 
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 RETRY_AFTER_S = 1
 CHAT_STOP = "\n\n"  # a speech ends at a blank line
 
@@ -214,10 +218,19 @@ def usage(handle: RequestHandle, completion_tokens: int) -> dict:
             "total_tokens": handle.prompt_tokens + completion_tokens}
 
 
+def _generation_error(event: TokenEvent) -> ApiError:
+    """The error a choice that ended with an error is answered with: 503 when the server
+    was stopping (the drain ran out), 500 otherwise."""
+    if event.error == SHUTTING_DOWN:
+        return ApiError(503, "the server is shutting down and this request did not finish "
+                        "in time; retry it", None, "shutting_down", "server_error")
+    return ApiError(500, f"generation failed: {event.error}", None, "generation_failed",
+                    "server_error")
+
+
 def _raise_if_error(event: TokenEvent) -> None:
     if event.finish_reason == "error":
-        raise ApiError(500, f"generation failed: {event.error}", None, "generation_failed",
-                       "server_error")
+        raise _generation_error(event)
 
 
 async def collect(handle: RequestHandle, receive) -> list[list[TokenEvent]] | None:
@@ -281,21 +294,73 @@ def _chat_logprobs(service: Service, events: list[TokenEvent]) -> dict:
 # ----------------------------------------------------------------------------- the app
 
 
-class Guard:
-    """ASGI middleware: API key on /v1 routes, then the body size limit (the body is read
-    here, up to the limit, and replayed to the app)."""
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+
+def host_name(value: str) -> str:
+    """The host name of a Host header value, without its port: ``[::1]:80`` -> ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def check_api_key(api_key: str | None) -> None:
+    """A key must be printable ASCII without spaces: clients send it in an HTTP header,
+    where any other key could never be presented."""
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()
+                                    and " " not in api_key and api_key):
+        raise MoorelmError("the API key must be printable ASCII without spaces (clients send "
+                           "it in an HTTP header); choose another")
+
+
+def playground_headers(page: str) -> dict[str, str]:
+    """Headers for the playground page: no framing by other sites, and a content security
+    policy that lets only its own inline script and style run (by hash) and only this
+    server be fetched."""
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest())
+                        .decode() + "'" for b in bodies)
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'")
+    return {"X-Frame-Options": "DENY", "Content-Security-Policy": csp,
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+class Guard:
+    """ASGI middleware: the Host check, the API key on /v1 routes and the schema, then the
+    body size limit and deadline (the body is read here, up to the limit, and replayed to
+    the app).
+
+    ``hosts``: when given, only requests whose Host header names one of them are served
+    (421 otherwise): a keyless server on loopback answers no web page that reached it by
+    DNS rebinding. ``body_timeout``: seconds to receive the whole body (408 after).
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int,
+                 hosts: tuple[str, ...] | None = None, body_timeout: float | None = None):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.hosts, self.body_timeout = hosts, body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
+        if self.hosts is not None:
+            host = host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.hosts:
+                return await error_response(
+                    421, f"host {host!r} is not served here; this server answers requests "
+                    f"for {', '.join(self.hosts)} only (start it with --api-key to serve "
+                    "others)", None, "host_not_allowed")(scope, receive, send)
+        path = scope["path"]
+        if self.api_key and (path.startswith("/v1") or path == "/openapi.json"):
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            if not hmac.compare_digest(given.encode("latin-1"), self.api_key.encode()):
                 what = "an invalid API key" if given else "no API key"
                 return await error_response(
                     401, f"the request has {what}; send the header 'Authorization: Bearer "
@@ -310,14 +375,20 @@ class Guard:
         if declared > self.max_body:
             return await too_big(scope, receive, send)
         body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before sending its body
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                return await too_big(scope, receive, send)
+        with anyio.move_on_after(self.body_timeout) as deadline:
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away before sending its body
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body:
+                    return await too_big(scope, receive, send)
+        if deadline.cancelled_caught:
+            return await error_response(
+                408, f"the request body did not arrive within {self.body_timeout:g} s; "
+                "send it at once", None, "body_timeout",
+                headers={"Connection": "close"})(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -332,8 +403,14 @@ class Guard:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES,
-               prompt_template: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (started here if it is not running yet)."""
+               prompt_template: str | None = None, hosts: tuple[str, ...] | None = None,
+               body_timeout: float | None = BODY_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app serving ``engine`` (started here if it is not running yet).
+
+    ``hosts``: the only Host names answered (None: any; ``serve`` passes LOOPBACK_HOSTS for
+    a keyless server on loopback). ``body_timeout``: seconds a client has to send its body.
+    """
+    check_api_key(api_key)
     service = Service(engine, model_name, prompt_template)
     engine.start()
     app = FastAPI(title="moorelm", version="1", summary="OpenAI-compatible API of one moorelm model",
@@ -368,10 +445,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                               None, "internal_error", "server_error")
 
     page = resources.files("moorelm.serve").joinpath("static/index.html").read_text("utf-8")
+    page_headers = playground_headers(page)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
     async def health():
@@ -478,7 +556,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             head["object"] = "chat.completion.chunk"
         return await respond(handle, request, head, body, whole, piece, opening)
 
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts,
+                       body_timeout=body_timeout)
     return app
 
 
@@ -509,9 +588,10 @@ async def _chunks(handle: RequestHandle, head: dict, want_usage: bool,
         yield sse({**head, "choices": [choice]})
     async for events in handle:
         for e in events:
-            if e.finish_reason == "error":
-                yield sse(error_body(f"generation failed: {e.error}", None, "generation_failed",
-                                     "server_error"))
+            if e.finish_reason == "error":  # the stream ends here, as every stream does
+                err = _generation_error(e)
+                yield sse(error_body(err.message, err.param, err.code, err.type))
+                yield sse("[DONE]")
                 return
             total += e.token is not None
             for choice in piece(e):
