@@ -465,18 +465,12 @@ def _copy_tail_to_val(folder: Path, writers: dict[str, _ShardWriter], nbytes: di
 
 
 def _token_byte_lengths(tok: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (special tokens: 0), for moorelm's tokenizers."""
+    """Bytes each token id stands for (``Tokenizer.piece_bytes``; special tokens: 0)."""
     lengths = np.zeros(tok.vocab_size, dtype=np.int64)
     specials = {t.content for t in tok.hf.get_added_tokens_decoder().values() if t.special}
     for text, i in tok.hf.get_vocab(with_added_tokens=True).items():
-        if text in specials:
-            continue
-        if tok.kind == "bpe":
-            lengths[i] = len(text)  # byte-level alphabet: one character per byte
-        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-            lengths[i] = 1  # a byte-fallback token
-        else:
-            lengths[i] = len(text.encode("utf-8"))
+        if text not in specials:
+            lengths[i] = len(tok.piece_bytes(i))
     return lengths
 
 

@@ -67,50 +67,81 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
+GREEDY_BELOW = 1e-4  # temperatures below this sample like 0 (greedy): no float32 overflow
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None,
                       generator: torch.Generator | Sequence[torch.Generator] | None = None,
                       ) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). Temperature 0 is greedy (argmax).
+    """logits (B, V) -> token ids (B,). Temperature 0 (or below ``GREEDY_BELOW``) is greedy.
 
     ``generator``: one for the whole batch, or a sequence of one per row; then each row's
     draw depends on its own generator only, and a seeded row samples the same token whatever
     else is in the batch (the serving engine samples all its rows in one call so).
+
+    Defined for any logits but NaN: tokens at +inf share the row's whole probability, -inf
+    tokens are never drawn, a row with nothing above -inf takes its first token, and top-p
+    always keeps the most likely token however small p is. NaN logits (a broken checkpoint)
+    raise ``MoorelmError``.
     """
     logits = logits.float()
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
+    probs = _restrict(logits, top_k, top_p).softmax(dim=-1)  # (B, V)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):  # rare: +inf, all -inf or NaN somewhere
+        cdf = _restrict(_tame(logits), top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+    return _draw(cdf, generator)
+
+
+def _restrict(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Logits (B, V) with the tokens outside top-k and the top-p nucleus set to -inf."""
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the top one stays)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the top one
+        # always stays (a p that rounds to 0 in float32 would otherwise drop every token)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return _draw(logits.softmax(dim=-1), generator)
+    return logits
 
 
-def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One token per row of probs (B, V) by inverse CDF: one uniform number r per row.
+def _tame(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) made safe for softmax: a row with +inf entries keeps only those (as
+    equals), a row with nothing above -inf keeps its first token. NaN raises MoorelmError."""
+    top = logits.amax(dim=-1, keepdim=True)  # (B, 1); NaN where the row holds one
+    if bool(torch.isnan(top).any()):
+        raise MoorelmError("the model's next-token logits are not finite (NaN): the "
+                           "checkpoint or its inputs are broken")
+    inf = float("inf")
+    at_inf = torch.where(torch.isposinf(logits), 0.0, -inf)  # (B, V)
+    logits = torch.where(torch.isposinf(top), at_inf, logits)
+    first = torch.full_like(logits, -inf)
+    first[:, 0] = 0.0
+    return torch.where(torch.isneginf(top), first, logits)
+
+
+def _draw(cdf: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row of the cumulative probabilities cdf (B, V) by inverse CDF: one
+    uniform number r per row.
 
     u = (1 - r) * total lies in (0, total], and the first index whose cumulative sum reaches
     u always has a probability above zero (a zero adds nothing to the sum before it). Three
     kernels for the whole batch, where ``torch.multinomial`` costs ~30 us a row on a CPU.
     """
-    cdf = probs.cumsum(dim=-1)  # (B, V)
-    if not bool(torch.isfinite(cdf[:, -1]).all()):
-        raise MoorelmError("the model's next-token probabilities are not finite (NaN or inf "
-                           "logits): the checkpoint or its inputs are broken")
     if isinstance(generator, (list, tuple)):
-        r = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generator])
+        r = torch.stack([torch.rand((), generator=g, device=cdf.device) for g in generator])
     else:
-        r = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+        r = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)
     u = (1 - r)[:, None] * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -40,6 +40,7 @@ class Tokenizer:
             raise MoorelmError(f"tokenizer has no {EOT} token; it was not made by moorelm")
         self.eot_id = eot
         self._lut = self._char_table() if kind == "char" else None
+        self._specials = {t.content for t in hf.get_added_tokens_decoder().values()}
 
     def _char_table(self) -> np.ndarray:
         """Code point -> id for the char tokenizer's single-character tokens (-1: not in vocab).
@@ -166,8 +167,42 @@ class Tokenizer:
         if batch:
             yield from self.encode_batch(batch)
 
-    def token_bytes(self, ids: list[int]) -> int:
-        return len(self.decode(ids).encode("utf-8"))
+    def piece_bytes(self, token_id: int) -> bytes:
+        """The exact bytes token ``token_id`` stands for in decoded text.
+
+        A byte-level BPE token: the bytes its characters spell (GPT-2's byte alphabet); a
+        byte-fallback token ``<0xNN>``: its one byte, even when that is only part of a
+        character; any other token, special ones included: its text in UTF-8. An id
+        outside the vocabulary stands for no bytes.
+        """
+        piece = self.hf.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if self.kind == "bpe" and piece not in self._specials:
+            try:
+                return bytes(_BYTE_OF_CHAR[c] for c in piece)
+            except KeyError:  # not spelled in the byte alphabet (an imported vocabulary)
+                pass
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return self.decode([token_id]).encode("utf-8")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2) spells each byte as one printable character: printable
+    Latin-1 bytes as themselves, the others as the characters from U+0100 on, in byte order.
+    -> character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 def _split_long(text: str) -> Iterator[str]:

@@ -58,6 +58,41 @@ def test_non_finite_logits_are_a_clear_error():
         sample_next_token(torch.full((1, 5), float("nan")), 1.0)
 
 
+def test_tiny_temperature_and_top_p_sample_the_top_token():
+    """Temperatures and top-p values that underflow in float32 (1e-300, the smallest double)
+    give the argmax rather than NaN or an empty nucleus (they raised before)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50)
+    best = logits.argmax(-1).tolist()
+    for t in (1e-300, 5e-324, 1e-45):
+        assert sample_next_token(logits, t, generator=g).tolist() == best
+    for p in (1e-300, 5e-324):
+        assert sample_next_token(logits, 1.0, top_p=p, generator=g).tolist() == best
+        assert sample_next_token(logits, 0.7, top_k=3, top_p=p, generator=g).tolist() == best
+
+
+def test_infinite_logits_have_a_defined_outcome():
+    """Logits that overflow to +inf (a huge bias, a tiny temperature) share the row's
+    probability among themselves; a row with every logit at -inf takes token 0; finite
+    rows beside them sample as they would alone. None of it raises."""
+    inf = float("inf")
+    logits = torch.randn(3, 8)
+    logits[0, 2] = logits[0, 5] = inf
+    logits[1] = -inf
+    seen = set()
+    for seed in range(60):
+        gens = [torch.Generator().manual_seed(s) for s in (seed, seed, seed)]
+        toks = sample_next_token(logits, 0.9, top_k=4, top_p=0.9, generator=gens).tolist()
+        seen.add(toks[0])
+        assert toks[1] == 0
+        alone = sample_next_token(logits[2:], 0.9, top_k=4, top_p=0.9,
+                                  generator=[torch.Generator().manual_seed(seed)])
+        assert toks[2] == int(alone)
+    assert seen == {2, 5}
+    huge = torch.tensor([[3e38, 1.0, 3e38]])  # finite, but / 0.5 overflows
+    assert int(sample_next_token(huge, 0.5, generator=torch.Generator().manual_seed(0))) in (0, 2)
+
+
 def test_per_row_generators_make_rows_independent():
     """With one generator per row, a row's token depends on its own seed only, not on the
     rows beside it (what lets the server batch seeded requests)."""

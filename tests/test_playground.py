@@ -10,10 +10,12 @@ import time
 import httpx
 import pytest
 
-from moorelm.serve import BackgroundServer, Engine, create_app
+from moorelm.inference.engine import Engine
+from moorelm.serve import BackgroundServer
+from moorelm.serve.api import create_app
 from moorelm.tokenizer import Tokenizer
 from tests.conftest import SMALL_TEXT
-from tests.test_serve_engine import scripted_model
+from tests.test_inference_engine import scripted_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -19,11 +19,12 @@ import pytest
 import torch
 
 import moorelm
-from moorelm.serve import BackgroundServer, Engine, create_app, render_chat
-from moorelm.serve.api import Message
+from moorelm.inference.engine import Engine
+from moorelm.serve import BackgroundServer
+from moorelm.serve.api import Message, create_app, render_chat
 from moorelm.tokenizer import Tokenizer
 from tests.conftest import SMALL_TEXT
-from tests.test_serve_engine import byte_id, scripted_model, wait_until
+from tests.test_inference_engine import byte_id, scripted_model, wait_until
 
 KEY = "test-key-123"
 
@@ -322,6 +323,10 @@ CATALOGUE = [
     ("five stops", "completions", {**GOOD, "stop": list("abcde")}, 400, "stop"),
     ("empty stop", "completions", {**GOOD, "stop": [""]}, 400, "stop"),
     ("bad logit_bias", "completions", {**GOOD, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("huge logit_bias", "completions", {**GOOD, "logit_bias": {"5": 1.7e308}}, 400,
+     "logit_bias"),
+    ("logit_bias over 100", "chat/completions", {**CHAT, "logit_bias": {"5": -100.5}}, 400,
+     "logit_bias"),
     ("echo", "completions", {**GOOD, "echo": True}, 400, "echo"),
     ("10 MB body", "completions", {**GOOD, "prompt": "a" * 10_000_000}, 413, "larger than"),
 ]
@@ -421,6 +426,31 @@ def test_soak_with_random_disconnects(server):
     assert engine.counters["errors"] == 0  # no step failed along the way
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert httpx.post(server.url + "/v1/completions", json=GOOD).status_code == 200
+
+
+def test_schema_bounds_logit_bias(server):
+    """The OpenAPI schema states OpenAI's bounds on logit_bias values, [-100, 100], so
+    clients (and the schema fuzz below) know them; values at the bounds are served."""
+    schema = httpx.get(server.url + "/openapi.json").json()
+    for name in ("CompletionRequest", "ChatRequest"):
+        bias = schema["components"]["schemas"][name]["properties"]["logit_bias"]
+        values = next(b for b in bias["anyOf"] if b.get("type") == "object")
+        assert values["additionalProperties"]["maximum"] == 100
+        assert values["additionalProperties"]["minimum"] == -100
+    r = httpx.post(server.url + "/v1/completions",
+                   json={**GOOD, "logit_bias": {"5": 100, "6": -100.0}})
+    assert r.status_code == 200, r.text
+
+
+def test_tiny_temperature_and_top_p_over_http(server):
+    """temperature / top_p of 1e-300 and the smallest double are answered 200 with the
+    greedy text (they failed with 500 before)."""
+    greedy = httpx.post(server.url + "/v1/completions", json={**GOOD, "temperature": 0})
+    for extra in ({"temperature": 1e-300}, {"top_p": 1e-300}, {"temperature": 5e-324},
+                  {"top_p": 5e-324, "temperature": 2}):
+        r = httpx.post(server.url + "/v1/completions", json={**GOOD, **extra, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
 @pytest.mark.slow

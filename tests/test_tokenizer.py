@@ -65,3 +65,18 @@ def test_bad_tokenizer_inputs():
         Tokenizer.train(TRAIN, "bpe", vocab_size=100)
     with pytest.raises(MoorelmError, match="cannot load"):
         Tokenizer.load("/nonexistent/tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_piece_bytes_spell_the_text(kind):
+    """piece_bytes gives each token's exact bytes: joined over an encoding they are the
+    text's UTF-8 bytes, also where a token is only part of a character; the end-of-text
+    token stands for its own text."""
+    tok = Tokenizer.train(TRAIN, kind, vocab_size=300)
+    for text in HARD:
+        ids = tok.encode(text)
+        assert b"".join(tok.piece_bytes(i) for i in ids) == text.encode("utf-8")
+    if kind == "char":
+        assert tok.piece_bytes(tok.hf.token_to_id("<0xF0>")) == b"\xf0"
+    assert tok.piece_bytes(tok.eot_id) == EOT.encode()
+    assert tok.piece_bytes(10**6) == b""

@@ -297,11 +297,12 @@ def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 6
     """Greedy completions of user prompts (the run's template applied), each ending at
     end-of-text, a ``stop`` string, ``max_new_tokens`` or the context window.
 
-    Decoded by the serving engine (``moorelm.serve.engine``): prompts of any lengths share
+    Decoded by the inference engine (``moorelm.inference.engine``): prompts of any lengths share
     the batch, each joining and leaving as it starts and finishes.
     """
     from moorelm.generate import SamplingParams
-    from moorelm.serve.engine import Engine, Request
+    from moorelm.inference.engine import Engine
+    from moorelm.inference.sequence import Request
 
     limit = lm.config.seq_len - 1
     ids = [x[-limit:] or [lm.tokenizer.eot_id]

@@ -1,4 +1,5 @@
-"""Serving: continuous batching (``engine``) behind an OpenAI-compatible API (``api``).
+"""Serving over HTTP: an OpenAI-compatible API (``api``, wire format in ``schema``) over the
+continuous-batching engine of ``moorelm.inference``, and the server runner (this module).
 
     from moorelm.serve import serve
     serve("runs/demo", port=8000)          # what `moorelm serve runs/demo` runs
@@ -12,63 +13,111 @@ or, in a notebook or a test, a server in a background thread::
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from moorelm.errors import MoorelmError
-from moorelm.serve.engine import Engine, QueueFull, Request, RequestHandle, TokenEvent
+from moorelm.inference.engine import Engine
+from moorelm.serve.api import (
+    BODY_TIMEOUT_S,
+    LOOPBACK_HOSTS,
+    MAX_BODY_BYTES,
+    check_api_key,
+    create_app,
+)
 
-__all__ = ["BackgroundServer", "Engine", "QueueFull", "Request", "RequestHandle", "TokenEvent",
-           "build_app", "create_app", "render_chat", "serve"]
-
-_API = ("create_app", "render_chat")
-MAX_BODY_BYTES = 1 << 20
+__all__ = ["BackgroundServer", "DrainingServer", "ServerLimits", "allowed_hosts", "bind",
+           "build_app", "serve"]
 
 
-def __getattr__(name: str):
-    # the HTTP side needs fastapi and uvicorn (the "serve" extra); the engine does not
-    if name in _API:
-        from moorelm.serve import api
+@dataclass(frozen=True)
+class ServerLimits:
+    """What a client may hold of the server, so that hostile or broken clients cannot take
+    ``/health`` (or anyone else) down.
 
-        return getattr(api, name)
-    raise AttributeError(f"module 'moorelm.serve' has no attribute {name!r}")
+    ``keep_alive_s``: an idle kept-alive connection is closed after this long;
+    ``header_timeout_s``: a connection must send a request's headers within this long of
+    connecting or of its last response; ``body_timeout_s``: and its body within this long
+    (408); ``max_connections``: open connections (and requests in flight) beyond which new
+    requests get 503 (None: half the process's file descriptor limit, at most 1024);
+    ``drain_s``: on SIGTERM or Ctrl-C, how long running requests may go on before they end
+    with an OpenAI-shaped error (streams: a last error event and ``[DONE]``).
+    """
+
+    keep_alive_s: float = 5.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = BODY_TIMEOUT_S
+    max_connections: int | None = None
+    drain_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("keep_alive_s", "header_timeout_s", "body_timeout_s", "drain_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise MoorelmError(f"{name} must be a number >= 0, got {value!r}")
+        if self.max_connections is not None and (not isinstance(self.max_connections, int)
+                                                 or self.max_connections < 1):
+            raise MoorelmError(f"max_connections must be an integer >= 1, got "
+                               f"{self.max_connections!r}")
+
+    def connections(self) -> int:
+        if self.max_connections is not None:
+            return self.max_connections
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            soft = 2048
+        return max(8, min(1024, soft // 2 if soft > 0 else 1024))
 
 
 def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-              device: str = "auto", model_name: str | None = None):
+              device: str = "auto", model_name: str | None = None,
+              hosts: tuple[str, ...] | None = None, body_timeout: float | None = BODY_TIMEOUT_S):
     """Load a run folder's newest checkpoint and return the FastAPI app that serves it."""
     import moorelm
-    from moorelm.serve.api import create_app
 
+    check_api_key(api_key)  # before loading the model
     lm = moorelm.load(run, device=device)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(run).resolve().name
     return create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes,
-                      prompt_template=lm.prompt_template)
+                      prompt_template=lm.prompt_template, hosts=hosts, body_timeout=body_timeout)
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
           max_body_bytes: int = MAX_BODY_BYTES, device: str = "auto",
-          model_name: str | None = None, log_level: str = "info") -> None:
-    """Serve a run folder until interrupted (Ctrl-C)."""
-    import uvicorn
+          model_name: str | None = None, log_level: str = "info",
+          limits: ServerLimits | None = None) -> None:
+    """Serve a run folder until interrupted (Ctrl-C, SIGTERM: running requests get
+    ``limits.drain_s`` to finish).
 
-    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+    Without an API key on a loopback address only loopback host names are answered (a
+    web page that reaches the port by DNS rebinding gets 421)."""
+    limits = limits or ServerLimits()
+    check_api_key(api_key)
+    loopback = host in LOOPBACK_HOSTS
+    if not api_key and not loopback:
         print(f"moorelm: warning: listening on {host} without --api-key: anyone who can reach "
               "this port can use the model", file=sys.stderr)
     sock = bind(host, port)  # before loading the model: a taken port fails fast
-    app = build_app(run, max_batch, max_queue, api_key, max_body_bytes, device, model_name)
+    hosts = allowed_hosts(host, api_key)
+    app = build_app(run, max_batch, max_queue, api_key, max_body_bytes, device, model_name,
+                    hosts, limits.body_timeout_s)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"moorelm: serving {app.state.service.model_name} at http://{shown}:{actual} "
           f"(playground: http://{shown}:{actual}/, OpenAI base_url: http://{shown}:{actual}/v1)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    server = DrainingServer(app, limits, log_level)
     try:
         server.run(sockets=[sock])
     finally:
@@ -76,6 +125,99 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
         sock.close()
     if not server.started:
         raise MoorelmError(f"the server on {host}:{actual} failed to start; see the log above")
+
+
+def allowed_hosts(host: str, api_key: str | None) -> tuple[str, ...] | None:
+    """The Host names a server bound to ``host`` answers: loopback names only when it
+    listens on loopback without a key (None: any)."""
+    return LOOPBACK_HOSTS if host in LOOPBACK_HOSTS and not api_key else None
+
+
+def _protocol(header_timeout_s: float):
+    """uvicorn's HTTP protocol (httptools) with a deadline for each request's headers,
+    from connecting or from the previous response: silent and half-sent requests are
+    closed instead of holding a file descriptor for ever. h11 (without httptools) gets
+    no header deadline."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    if not hasattr(AutoHTTPProtocol, "on_headers_complete"):
+        return "auto"
+
+    class HeaderDeadline(AutoHTTPProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not getattr(self, "pipeline", None):  # a pipelined request has its headers
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            deadline = getattr(self, "_deadline", None)
+            if deadline is not None:
+                deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
+
+
+class DrainingServer:
+    """A uvicorn server for ``app`` with ``limits``; on shutdown the engine keeps decoding
+    for ``limits.drain_s`` and then ends what is still running with an error event, which
+    the routes answer in OpenAI's shape (streams: an error event and ``[DONE]``)."""
+
+    def __init__(self, app, limits: ServerLimits, log_level: str = "info"):
+        import uvicorn
+
+        self.limits = limits
+        engine = app.state.service.engine
+        config = uvicorn.Config(
+            app, log_level=log_level, http=_protocol(limits.header_timeout_s),
+            timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.connections(),
+            timeout_graceful_shutdown=limits.drain_s + 2)
+
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets=None) -> None:
+                loop = asyncio.get_running_loop()
+
+                def end() -> None:
+                    loop.run_in_executor(None, engine.stop)
+
+                timer = loop.call_later(limits.drain_s, end)
+                try:
+                    await super().shutdown(sockets)
+                finally:
+                    timer.cancel()
+
+        self.server = Server(config)
+
+    @property
+    def started(self) -> bool:
+        return self.server.started
+
+    def run(self, sockets: list[socket.socket]) -> None:
+        self.server.run(sockets=sockets)
+
+    def exit(self) -> None:
+        self.server.should_exit = True
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -100,14 +242,13 @@ class BackgroundServer:
             print(server.url)   # http://127.0.0.1:PORT
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 limits: ServerLimits | None = None):
         self.sock = bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level,
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+        self.draining = DrainingServer(app, limits or ServerLimits(drain_s=2.0), log_level)
+        self.server = self.draining.server
+        self.thread = threading.Thread(target=self.draining.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
 
     @property
@@ -125,5 +266,5 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(10 + self.draining.limits.drain_s)
         self.sock.close()

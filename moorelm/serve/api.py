@@ -24,9 +24,12 @@ each user message in its template and ends the reply at end of text.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -41,8 +44,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moorelm.errors import MoorelmError
 from moorelm.generate import SamplingParams, apply_template
-from moorelm.serve import MAX_BODY_BYTES
-from moorelm.serve.engine import Engine, QueueFull, Request, RequestHandle, TokenEvent
+from moorelm.inference.engine import SHUTTING_DOWN, Engine
+from moorelm.inference.limits import RequestError
+from moorelm.inference.scheduler import QueueFull
+from moorelm.inference.sequence import Request, RequestHandle, TokenEvent
 from moorelm.serve.schema import (
     ApiError,
     ChatRequest,
@@ -56,7 +61,8 @@ from moorelm.serve.schema import (
 
 log = logging.getLogger("moorelm.serve")
 
-MAX_CHOICES = 64  # prompts x n in one request
+MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 RETRY_AFTER_S = 1
 CHAT_STOP = "\n\n"  # a speech ends at a blank line
 
@@ -94,22 +100,6 @@ def render_chat(messages: list[Message], template: str | None) -> str:
     return "".join(parts)
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE (GPT-2) spells each byte as one printable character: printable
-    Latin-1 bytes as themselves, the rest as the characters from U+0100 on, in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
-
-
-_BYTE_OF_CHAR = _byte_level_alphabet()
-
-
 class Service:
     """What the routes share: the engine, the model's name, its prompt template."""
 
@@ -127,22 +117,13 @@ class Service:
         if text is None:
             text = self.tokenizer.decode([tok])
             if "\ufffd" in text:
-                raw = self.token_bytes(tok)
+                raw = self.tokenizer.piece_bytes(tok)
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError:
                     text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
             self._token_text[tok] = text
         return text
-
-    def token_bytes(self, tok: int) -> bytes:
-        """The exact bytes a token stands for (byte-fallback and byte-level tokens too)."""
-        piece = self.tokenizer.hf.id_to_token(tok) or ""
-        if self.tokenizer.kind == "bpe":
-            return bytes(_BYTE_OF_CHAR.get(c, 0x3F) for c in piece)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            return bytes([int(piece[3:5], 16)])
-        return self.tokenizer.decode([tok]).encode("utf-8")
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -155,54 +136,22 @@ class Service:
             return tuple(self.tokenizer.encode(text))
         return tuple(await asyncio.to_thread(self.tokenizer.encode, text))
 
-    def build(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
-              max_param: str, prompt_param: str, logprobs: int | None,
-              extra_stop: tuple[str, ...] = ()) -> Request:
-        seq_len = self.engine.seq_len
-        if len(prompts) * body.n > MAX_CHOICES:
-            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than "
-                           f"{MAX_CHOICES} completions in one request; split it", "n")
-        for p in prompts:
-            if not p:
-                raise ApiError(400, f"{prompt_param} is empty; send some text to continue",
-                               prompt_param)
-            bad = [t for t in p if not 0 <= t < self.engine.token_vocab]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} in {prompt_param} is not in the "
-                               f"vocabulary (0..{self.engine.token_vocab - 1})", prompt_param)
-        longest = max(len(p) for p in prompts)
-        if max_tokens is None:
-            max_tokens = seq_len - longest
-            if max_tokens < 1:
-                raise ApiError(400, f"the prompt is {longest} tokens and fills this model's "
-                               f"context window of {seq_len} tokens; shorten it",
-                               prompt_param, "context_length_exceeded")
-        if longest + max_tokens > seq_len:
-            raise ApiError(400, f"this model's context window is {seq_len} tokens, but the "
-                           f"prompt ({longest} tokens) + {max_param} ({max_tokens}) = "
-                           f"{longest + max_tokens}; shorten the prompt or lower {max_param}",
-                           max_param, "context_length_exceeded")
+    def submit(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
+               max_param: str, prompt_param: str, logprobs: int | None,
+               extra_stop: tuple[str, ...] = ()) -> tuple[Request, RequestHandle]:
+        """The engine request for an HTTP body, submitted. The engine checks it against the
+        model (``inference.limits``); what it refuses is a 400 naming this route's field."""
+        if max_tokens is None:  # as much as the context window leaves
+            max_tokens = max(1, self.engine.seq_len - max((len(p) for p in prompts), default=0))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4:
-            raise ApiError(400, f"stop holds {len(stops)} sequences; at most 4 are allowed",
-                           "stop")
-        if any(not s for s in stops):
-            raise ApiError(400, "stop sequences must not be empty strings", "stop")
         for s in stops:
             _text(s, "stop")
         bias: dict[int, float] = {}
         for key, value in (body.logit_bias or {}).items():
             try:
-                tok = int(key)
+                bias[int(key)] = value
             except ValueError:
                 raise ApiError(400, f"logit_bias key {key!r} is not a token id", "logit_bias") from None
-            if not 0 <= tok < self.engine.token_vocab:
-                raise ApiError(400, f"logit_bias token id {tok} is not in the vocabulary "
-                               f"(0..{self.engine.token_vocab - 1})", "logit_bias")
-            if not -100 <= value <= 100:
-                raise ApiError(400, f"logit_bias value {value} for token {tok} must be in "
-                               "[-100, 100]", "logit_bias")
-            bias[tok] = value
         try:
             params = SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -211,12 +160,13 @@ class Service:
                 frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed)
         except MoorelmError as e:
             raise ApiError(400, str(e)) from None
-        return Request(tuple(prompts), params, body.n, tuple(stops) + extra_stop, logprobs,
-                       bias or None)
-
-    def submit(self, request: Request) -> RequestHandle:
+        request = Request(tuple(prompts), params, body.n, tuple(stops) + extra_stop, logprobs,
+                          bias or None)
         try:
-            return self.engine.submit(request, asyncio.get_running_loop())
+            return request, self.engine.submit(request, asyncio.get_running_loop())
+        except RequestError as e:
+            param = {"prompt": prompt_param, "max_tokens": max_param}.get(e.param, e.param)
+            raise ApiError(400, str(e), param, e.code) from None
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({e}); retry shortly", None,
                            "queue_full", "server_overloaded",
@@ -268,10 +218,19 @@ def usage(handle: RequestHandle, completion_tokens: int) -> dict:
             "total_tokens": handle.prompt_tokens + completion_tokens}
 
 
+def _generation_error(event: TokenEvent) -> ApiError:
+    """The error a choice that ended with an error is answered with: 503 when the server
+    was stopping (the drain ran out), 500 otherwise."""
+    if event.error == SHUTTING_DOWN:
+        return ApiError(503, "the server is shutting down and this request did not finish "
+                        "in time; retry it", None, "shutting_down", "server_error")
+    return ApiError(500, f"generation failed: {event.error}", None, "generation_failed",
+                    "server_error")
+
+
 def _raise_if_error(event: TokenEvent) -> None:
     if event.finish_reason == "error":
-        raise ApiError(500, f"generation failed: {event.error}", None, "generation_failed",
-                       "server_error")
+        raise _generation_error(event)
 
 
 async def collect(handle: RequestHandle, receive) -> list[list[TokenEvent]] | None:
@@ -320,7 +279,7 @@ def _completion_logprobs(service: Service, events: list[TokenEvent], offset: int
 def _chat_logprobs(service: Service, events: list[TokenEvent]) -> dict:
     def entry(tok: int, lp: float) -> dict:
         text = service.token_text(tok)
-        return {"token": text, "logprob": lp, "bytes": list(service.token_bytes(tok))}
+        return {"token": text, "logprob": lp, "bytes": list(service.tokenizer.piece_bytes(tok))}
 
     content = []
     for e in events:
@@ -335,21 +294,73 @@ def _chat_logprobs(service: Service, events: list[TokenEvent]) -> dict:
 # ----------------------------------------------------------------------------- the app
 
 
-class Guard:
-    """ASGI middleware: API key on /v1 routes, then the body size limit (the body is read
-    here, up to the limit, and replayed to the app)."""
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+
+def host_name(value: str) -> str:
+    """The host name of a Host header value, without its port: ``[::1]:80`` -> ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def check_api_key(api_key: str | None) -> None:
+    """A key must be printable ASCII without spaces: clients send it in an HTTP header,
+    where any other key could never be presented."""
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()
+                                    and " " not in api_key and api_key):
+        raise MoorelmError("the API key must be printable ASCII without spaces (clients send "
+                           "it in an HTTP header); choose another")
+
+
+def playground_headers(page: str) -> dict[str, str]:
+    """Headers for the playground page: no framing by other sites, and a content security
+    policy that lets only its own inline script and style run (by hash) and only this
+    server be fetched."""
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest())
+                        .decode() + "'" for b in bodies)
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'")
+    return {"X-Frame-Options": "DENY", "Content-Security-Policy": csp,
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+class Guard:
+    """ASGI middleware: the Host check, the API key on /v1 routes and the schema, then the
+    body size limit and deadline (the body is read here, up to the limit, and replayed to
+    the app).
+
+    ``hosts``: when given, only requests whose Host header names one of them are served
+    (421 otherwise): a keyless server on loopback answers no web page that reached it by
+    DNS rebinding. ``body_timeout``: seconds to receive the whole body (408 after).
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int,
+                 hosts: tuple[str, ...] | None = None, body_timeout: float | None = None):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.hosts, self.body_timeout = hosts, body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
+        if self.hosts is not None:
+            host = host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.hosts:
+                return await error_response(
+                    421, f"host {host!r} is not served here; this server answers requests "
+                    f"for {', '.join(self.hosts)} only (start it with --api-key to serve "
+                    "others)", None, "host_not_allowed")(scope, receive, send)
+        path = scope["path"]
+        if self.api_key and (path.startswith("/v1") or path == "/openapi.json"):
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            if not hmac.compare_digest(given.encode("latin-1"), self.api_key.encode()):
                 what = "an invalid API key" if given else "no API key"
                 return await error_response(
                     401, f"the request has {what}; send the header 'Authorization: Bearer "
@@ -364,14 +375,20 @@ class Guard:
         if declared > self.max_body:
             return await too_big(scope, receive, send)
         body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before sending its body
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                return await too_big(scope, receive, send)
+        with anyio.move_on_after(self.body_timeout) as deadline:
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away before sending its body
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body:
+                    return await too_big(scope, receive, send)
+        if deadline.cancelled_caught:
+            return await error_response(
+                408, f"the request body did not arrive within {self.body_timeout:g} s; "
+                "send it at once", None, "body_timeout",
+                headers={"Connection": "close"})(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -386,8 +403,14 @@ class Guard:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES,
-               prompt_template: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (started here if it is not running yet)."""
+               prompt_template: str | None = None, hosts: tuple[str, ...] | None = None,
+               body_timeout: float | None = BODY_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app serving ``engine`` (started here if it is not running yet).
+
+    ``hosts``: the only Host names answered (None: any; ``serve`` passes LOOPBACK_HOSTS for
+    a keyless server on loopback). ``body_timeout``: seconds a client has to send its body.
+    """
+    check_api_key(api_key)
     service = Service(engine, model_name, prompt_template)
     engine.start()
     app = FastAPI(title="moorelm", version="1", summary="OpenAI-compatible API of one moorelm model",
@@ -422,10 +445,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                               None, "internal_error", "server_error")
 
     page = resources.files("moorelm.serve").joinpath("static/index.html").read_text("utf-8")
+    page_headers = playground_headers(page)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
     async def health():
@@ -468,8 +492,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             prompts = [tuple(x) for x in raw]
         if not prompts:
             raise ApiError(400, "prompt is an empty list; send some text", "prompt")
-        req = service.build(body, prompts, body.max_tokens, "max_tokens", "prompt", body.logprobs)
-        handle = service.submit(req)
+        req, handle = service.submit(body, prompts, body.max_tokens, "max_tokens", "prompt",
+                                     body.logprobs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         want_logprobs = body.logprobs is not None
@@ -505,8 +529,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         extra = (CHAT_STOP,) if service.prompt_template is None else ()
         max_tokens = body.max_completion_tokens or body.max_tokens
         max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        req = service.build(body, [prompt], max_tokens, max_param, "messages", logprobs, extra)
-        handle = service.submit(req)
+        req, handle = service.submit(body, [prompt], max_tokens, max_param, "messages",
+                                     logprobs, extra)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
 
@@ -532,7 +556,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             head["object"] = "chat.completion.chunk"
         return await respond(handle, request, head, body, whole, piece, opening)
 
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts,
+                       body_timeout=body_timeout)
     return app
 
 
@@ -563,9 +588,10 @@ async def _chunks(handle: RequestHandle, head: dict, want_usage: bool,
         yield sse({**head, "choices": [choice]})
     async for events in handle:
         for e in events:
-            if e.finish_reason == "error":
-                yield sse(error_body(f"generation failed: {e.error}", None, "generation_failed",
-                                     "server_error"))
+            if e.finish_reason == "error":  # the stream ends here, as every stream does
+                err = _generation_error(e)
+                yield sse(error_body(err.message, err.param, err.code, err.type))
+                yield sse("[DONE]")
                 return
             total += e.token is not None
             for choice in piece(e):

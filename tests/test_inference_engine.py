@@ -12,8 +12,11 @@ import moorelm
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.generate import SamplingParams, generate_tokens
+from moorelm.inference.engine import Engine
+from moorelm.inference.output import StopText
+from moorelm.inference.scheduler import QueueFull
+from moorelm.inference.sequence import Request
 from moorelm.model import GPT
-from moorelm.serve.engine import Engine, QueueFull, Request, StopText
 from moorelm.tokenizer import Tokenizer
 from tests.conftest import SMALL_TEXT
 
@@ -315,9 +318,60 @@ def test_bounded_queue(long_lm):
         eng.stop()
 
 
+def test_one_failing_row_fails_alone(lm, monkeypatch):
+    """When sampling fails for one row (here: a sampler made to refuse a token that one
+    request forces with logit_bias), that request ends with an error event while the
+    others in the same batch finish with the same text as alone."""
+    import moorelm.inference.sampler as engine_module
+
+    poison = lm.tokenizer.encode("x")[0]
+    real = engine_module.sample_next_token
+
+    def picky(logits, *args, **kwargs):
+        if bool((logits.argmax(-1) == poison).any()):
+            raise MoorelmError("refused")
+        return real(logits, *args, **kwargs)
+
+    healthy = [Request((ids(lm, p),), SamplingParams(max_new_tokens=8, seed=i, **SETTINGS[i]),
+                       stop_at_eot=False) for i, p in enumerate(PROMPTS)]
+    eng = Engine(lm.model, lm.tokenizer, max_batch=8).start()
+    try:
+        alone = [text_of(eng.generate(r)[0]) for r in healthy]
+        monkeypatch.setattr(engine_module, "sample_next_token", picky)
+        bad = eng.submit(Request((ids(lm, "It"),), SamplingParams(max_new_tokens=8, seed=9),
+                                 logit_bias={poison: 100.0}))
+        handles = [eng.submit(r) for r in healthy]
+        bad_events = [e for batch in bad for e in batch]
+        assert bad_events[-1].finish_reason == "error" and "refused" in bad_events[-1].error
+        for h, want in zip(handles, alone):
+            events = [e for batch in h for e in batch]
+            assert events[-1].finish_reason == "length" and text_of(events) == want
+    finally:
+        eng.stop()
+
+
+def test_tiny_temperature_and_top_p_are_served(lm, engine):
+    """temperature and top_p of 1e-300 (NaN and an empty nucleus in float32) are served as
+    greedy, in a batch beside ordinary requests, instead of failing every row."""
+    prompt = ids(lm, "ROMEO:")
+    greedy = text_of(engine.generate(Request((prompt,), SamplingParams(
+        temperature=0, max_new_tokens=6), stop_at_eot=False))[0])
+    tiny = [Request((prompt,), SamplingParams(temperature=1e-300, max_new_tokens=6, seed=1),
+                    stop_at_eot=False),
+            Request((prompt,), SamplingParams(top_p=1e-300, max_new_tokens=6, seed=2),
+                    stop_at_eot=False),
+            Request((prompt,), SamplingParams(temperature=1.0, max_new_tokens=6, seed=3),
+                    stop_at_eot=False)]
+    handles = [engine.submit(r) for r in tiny]
+    out = [[e for batch in h for e in batch] for h in handles]
+    assert [text_of(o) for o in out[:2]] == [greedy, greedy]
+    assert all(o[-1].finish_reason == "length" for o in out)
+
+
 def test_invalid_requests(lm, engine):
     """Requests the model cannot serve are refused with a one-line MoorelmError naming the
-    problem: context window, empty prompt, unknown token ids, zero max tokens."""
+    problem: context window, empty prompt, unknown token ids, zero max tokens, logit_bias
+    ids and values outside OpenAI's [-100, 100] (a huge one overflowed the logits)."""
     prompt = ids(lm, "ROMEO:")
     cases = [
         (Request((prompt,), SamplingParams(max_new_tokens=40)), "context window of 32"),
@@ -326,6 +380,10 @@ def test_invalid_requests(lm, engine):
         (Request((prompt,), SamplingParams(max_new_tokens=0)), "at least 1"),
         (Request((prompt,), SamplingParams(max_new_tokens=4), logit_bias={-1: 1.0}),
          "logit_bias"),
+        (Request((prompt,), SamplingParams(max_new_tokens=4), logit_bias={5: 1.8e308}),
+         r"\[-100, 100\]"),
+        (Request((prompt,), SamplingParams(max_new_tokens=4), logit_bias={5: float("nan")}),
+         r"\[-100, 100\]"),
     ]
     for req, needle in cases:
         with pytest.raises(MoorelmError, match=needle):
@@ -342,20 +400,22 @@ def test_engine_thread_uses_its_thread_count(lm):
     import threading
 
     seen = []
-    real = Engine._decode
+    from moorelm.inference.runner import Runner
 
-    def spy(self):
+    real = Runner.decode
+
+    def spy(self, tokens):
         seen.append((threading.current_thread().name, torch.get_num_threads()))
-        return real(self)
+        return real(self, tokens)
 
     before = torch.get_num_threads()
     eng = Engine(lm.model, lm.tokenizer, threads=1)
     try:
-        Engine._decode = spy
+        Runner.decode = spy
         eng.start()
         eng.generate(Request((ids(lm, "ROMEO:"),), SamplingParams(max_new_tokens=3)))
     finally:
-        Engine._decode = real
+        Runner.decode = real
         eng.stop()
     assert seen and all(s == ("moorelm-engine", 1) for s in seen)
     assert torch.get_num_threads() == before  # the caller's own setting is untouched

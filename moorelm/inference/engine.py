@@ -1,0 +1,279 @@
+"""Continuous batching: many requests decoded together, each joining and leaving at any step.
+
+One background thread owns the model and repeats one step (``Engine._step``):
+
+    schedule  cancelled sequences leave; waiting ones take free slots (``scheduler``)
+    prefill   their prompts go straight into their slots of the KV cache (``runner``)
+    sample    every active sequence samples its next token (``sampler``)
+    emit      its text goes out through the request's handle; finished ones leave (``output``)
+    decode    one forward pass of the active sequences' new tokens (B, 1) (``runner``)
+
+Because every sequence has its own generator and is sampled on its own, a seeded request
+gives the same text whether it ran alone or in a full batch (up to the last bits of batched
+matrix products, which the tests check do not change the text).
+
+The engine knows token ids, not HTTP: ``moorelm.serve.api`` turns HTTP requests into
+``Request`` objects and the events of a ``RequestHandle`` into OpenAI responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import torch
+
+from moorelm.errors import MoorelmError
+from moorelm.inference.limits import ModelLimits
+from moorelm.inference.output import ChoiceText, token_logprobs
+from moorelm.inference.runner import Runner
+from moorelm.inference.sampler import sample_all
+from moorelm.inference.scheduler import Prefill, Scheduler
+from moorelm.inference.sequence import (
+    Request,
+    RequestHandle,
+    Sequence,
+    TokenEvent,
+    deliver,
+    error_event,
+)
+from moorelm.model import GPT
+from moorelm.tokenizer import Tokenizer
+
+log = logging.getLogger("moorelm.inference")
+
+Outbox = dict[RequestHandle, list[TokenEvent]]  # one step's events, per request
+SHUTTING_DOWN = "the server is shutting down"  # the error of requests still running at stop
+
+
+class Engine:
+    """A model served with continuous batching by one background thread.
+
+    ``max_batch``: sequences decoded together (KV cache slots); ``max_queue``: requests
+    allowed to wait while every slot is busy, beyond which ``submit`` raises ``QueueFull``.
+
+    ``threads``: torch CPU threads for the engine's computations (default: torch's count
+    when the engine is made). The engine's own thread applies it when it starts: torch's
+    setting is per thread for MKL's matrix products, so a count set elsewhere would
+    otherwise not reach them.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
+                 max_queue: int = 64, threads: int | None = None):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise MoorelmError(f"max batch must be an integer >= 1, got {max_batch}")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise MoorelmError(f"max queue must be an integer >= 0, got {max_queue}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise MoorelmError(f"threads must be an integer >= 1, got {threads}")
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.threads = threads or torch.get_num_threads()
+        self.device = model.wte.weight.device
+        self.vocab_size = model.config.vocab_size
+        # ids the model has but the tokenizer does not (vocab padding) are never sampled
+        self.limits = ModelLimits(model.config.seq_len, min(tokenizer.vocab_size, self.vocab_size))
+        self.scheduler = Scheduler(max_batch, max_queue)
+        self.runner = Runner(model, max_batch, self.limits.token_vocab)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.failure: str | None = None  # set if the loop itself died
+        self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "rejected": 0,
+                         "tokens": 0, "steps": 0, "errors": 0}
+
+    @property
+    def seq_len(self) -> int:
+        return self.limits.seq_len
+
+    @property
+    def token_vocab(self) -> int:
+        return self.limits.token_vocab
+
+    # -- lifecycle
+
+    def start(self) -> Engine:
+        """Start the decode thread (idempotent)."""
+        with self.scheduler.cond:
+            if self._thread is not None:
+                return self
+            self._stopping = False
+            self.runner.start()
+            self._thread = threading.Thread(target=self._run, name="moorelm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the decode thread; unfinished requests end with an error event."""
+        with self.scheduler.cond:
+            self._stopping = True
+            self.scheduler.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def pause(self) -> None:
+        """Admit no new requests (running ones go on); ``resume()`` undoes it."""
+        self.scheduler.pause(True)
+
+    def resume(self) -> None:
+        self.scheduler.pause(False)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict:
+        return {"active": len(self.scheduler.active), "waiting": self.scheduler.waiting_count(),
+                "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counters}
+
+    # -- requests
+
+    def validate(self, request: Request) -> None:
+        """``limits.RequestError`` unless the model can serve the request."""
+        self.limits.check(request)
+
+    def submit(self, request: Request,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request; its events arrive through the returned handle.
+
+        Raises ``RequestError`` (a MoorelmError) for a request the model cannot serve,
+        ``QueueFull`` when the queue is full, and MoorelmError when the engine is not running.
+        """
+        self.limits.check(request)
+        handle = RequestHandle(request, self.scheduler.poke, loop)
+        if self._thread is None or self._stopping or self.failure:
+            raise MoorelmError("the engine is not running")
+        try:
+            self.scheduler.add(handle)
+        except Exception:
+            self.counters["rejected"] += 1
+            raise
+        self.counters["requests"] += 1
+        return handle
+
+    def generate(self, request: Request) -> list[list[TokenEvent]]:
+        """Submit and wait: each choice's events, in choice order (for scripts and tests)."""
+        handle = self.submit(request)
+        out: list[list[TokenEvent]] = [[] for _ in range(request.num_choices)]
+        for events in handle:
+            for e in events:
+                out[e.index].append(e)
+        return out
+
+    # -- the loop
+
+    def _run(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        sched = self.scheduler
+        try:
+            with torch.no_grad():
+                while True:
+                    with sched.cond:
+                        while not (self._stopping or sched.has_work()):
+                            sched.cond.wait()
+                        if self._stopping:
+                            break
+                        sched.poked = False
+                    self._step()
+        except BaseException as e:  # the loop must never die silently
+            log.exception("engine loop failed")
+            self.failure = f"{type(e).__name__}: {e}"
+        finally:
+            self._fail_all(self.failure or SHUTTING_DOWN)
+
+    def _step(self) -> None:
+        out: Outbox = {}
+        active = self.scheduler.active
+        try:
+            self._drop_cancelled()
+            for chunk in self.scheduler.admit():
+                self._prefill(chunk, out)
+            tokens = sample_all(active)
+            self._leave([i for i, (seq, tok) in enumerate(zip(active, tokens))
+                         if self._emit(seq, tok, out)])
+            if active:
+                logits = self.runner.decode([seq.last for seq in active])  # (B, V)
+                for i, seq in enumerate(active):
+                    seq.logits = logits[i : i + 1]
+        except Exception as e:  # a failure of one step fails its sequences, not the server
+            log.exception("engine step failed")
+            self.counters["errors"] += 1
+            for seq in self.scheduler.clear():
+                out.setdefault(seq.handle, []).append(error_event(seq.index, str(e)))
+                seq.handle.finish_one()
+            self.runner.reset()
+        self.counters["steps"] += 1
+        deliver(out)
+
+    def _drop_cancelled(self) -> None:
+        gone, count = self.scheduler.cancelled()
+        self.counters["cancelled"] += count
+        if gone:
+            self._leave(gone)
+
+    def _leave(self, slots: list[int]) -> None:
+        for dst, src in self.scheduler.leave(slots):
+            if dst != src:
+                self.runner.copy(dst, src)
+            self.runner.free(src)
+
+    def _prefill(self, chunk: list[Prefill], out: Outbox) -> None:
+        """Prefill a pass of equal-length prompts into the next slots; further choices of a
+        prompt get copies of its slot. A failure fails these requests only."""
+        first = len(self.scheduler.active)
+        try:
+            logits = self.runner.prefill(first, [p.prompt for p in chunk])  # (k, V)
+        except Exception as e:
+            log.exception("prefill failed")
+            self.counters["errors"] += 1
+            for p in chunk:
+                out.setdefault(p.handle, []).extend(error_event(c, str(e)) for c in p.choices)
+                for _ in p.choices:
+                    p.handle.finish_one()
+            return
+        for j, p in enumerate(chunk):
+            self._join(p.handle, p.choices[0], logits[j : j + 1])
+        for j, p in enumerate(chunk):
+            for c in p.choices[1:]:
+                self.runner.copy(len(self.scheduler.active), first + j)
+                self._join(p.handle, c, logits[j : j + 1])
+
+    def _join(self, handle: RequestHandle, choice: int, logits: torch.Tensor) -> None:
+        req = handle.request
+        text = ChoiceText(self.tokenizer, req.stop, req.stop_at_eot, req.params.max_new_tokens)
+        seq = Sequence(handle, choice, text, self.vocab_size, self.device)
+        seq.logits = logits
+        self.scheduler.join(seq)
+
+    def _emit(self, seq: Sequence, tok: int | str, out: Outbox) -> bool:
+        """Record a sequence's sampled token and emit its text; True when it has finished.
+        A message in place of a token (its sampling failed) ends it with an error."""
+        if isinstance(tok, str):
+            self.counters["errors"] += 1
+            out.setdefault(seq.handle, []).append(error_event(seq.index, tok))
+            seq.handle.finish_one()
+            return True
+        seq.last = tok
+        self.counters["tokens"] += 1
+        if seq.counts is not None:
+            seq.counts[tok] += 1
+        event = TokenEvent(seq.index, "", tok, step=self.counters["steps"])
+        top = seq.handle.request.logprobs
+        if top is not None:
+            event.logprob, event.top_logprobs = token_logprobs(seq.logits, tok, top)
+        event.text, event.finish_reason = seq.text.push(tok)
+        if event.finish_reason and seq.handle.finish_one():
+            self.counters["finished"] += 1
+        out.setdefault(seq.handle, []).append(event)
+        return event.finish_reason is not None
+
+    def _fail_all(self, message: str) -> None:
+        out: Outbox = {}
+        for seq in self.scheduler.clear():
+            out.setdefault(seq.handle, []).append(error_event(seq.index, message))
+        for handle in self.scheduler.take_waiting():
+            out.setdefault(handle, []).extend(error_event(c, message) for c in handle.pending)
+            handle.pending.clear()
+        deliver(out)

@@ -1,0 +1,90 @@
+"""Output handling: one choice's token ids become text and a finish reason.
+
+``ChoiceText`` streams text without ever splitting a character (``generate.TextStreamer``),
+holds back text that could be the start of a stop string (``StopText``), and says when the
+choice is done: "stop" (end of text or a stop string) or "length" (max tokens).
+``token_logprobs`` reports log-probabilities as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moorelm.generate import TextStreamer
+from moorelm.tokenizer import Tokenizer
+
+
+class StopText:
+    """Text in, text out, cut before the first stop sequence.
+
+    Text that could be the beginning of a stop sequence is held back until the next piece
+    shows whether it is one, so a stop sequence never leaks out split across two tokens.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """-> (text safe to emit, whether a stop sequence was found)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self.held = buf[len(buf) - hold:]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class ChoiceText:
+    """Token ids of one choice in; the text each completes and, at the end, why it ended."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], stop_at_eot: bool,
+                 max_new_tokens: int):
+        self.streamer = TextStreamer(tokenizer)
+        self.stop = StopText(stop)
+        self.eot = tokenizer.eot_id if stop_at_eot else None
+        self.max_new_tokens = max_new_tokens
+        self.generated = 0
+
+    def push(self, tok: int) -> tuple[str, str | None]:
+        """-> (text to emit, finish reason or None while the choice goes on)."""
+        self.generated += 1
+        eot = tok == self.eot
+        text = self.streamer.flush() if eot else self.streamer.push(tok)
+        text, hit = self.stop.push(text)
+        if hit or eot:
+            finish = "stop"
+        elif self.generated >= self.max_new_tokens:
+            finish = "length"
+        else:
+            return text, None
+        if not hit:  # what the streamer and the stop check still hold goes out now
+            tail, hit = self.stop.push(self.streamer.flush())
+            text += tail if hit else tail + self.stop.flush()
+            finish = "stop" if hit else finish
+        return text, finish
+
+
+def token_logprobs(logits: torch.Tensor, tok: int,
+                   top: int) -> tuple[float, list[tuple[int, float]] | None]:
+    """Log-probability of ``tok`` and the ``top`` most likely (id, log-probability) under the
+    model's own distribution, logits (1, V) before temperature, penalties and bias, as
+    OpenAI reports them."""
+    lp = torch.log_softmax(logits[0], dim=-1)  # (V,)
+    if not top:
+        return float(lp[tok]), None
+    values, ids = torch.topk(lp, top)
+    return float(lp[tok]), list(zip(ids.tolist(), values.tolist()))
