@@ -23,7 +23,7 @@ LAYERS = [
     {"tokenizer"},
     {"data", "decode_plan", "model"},
     {"optim", "checkpoint", "run", "plots"},  # run: the run folder (replaces checkpoint)
-    {"generate", "evaluate", "train", "training"},  # training/: the loop (replaces train.py)
+    {"generate", "evaluate", "training"},  # training/: the loop
     {"inference"},  # the engine's parts, below the HTTP server
     {"finetune", "interop", "scaling"},
     {""},
@@ -35,9 +35,6 @@ LAYERS = [
 # occurs is harmless. (importer, imported): why it is still here.
 KNOWN = {
     ("finetune.sft", ""): "loads its result with moorelm.load until the run folder owns loading",
-    ("serve.api", "serve"): "reads MAX_BODY_BYTES from serve/__init__, which imports serve.api",
-    ("finetune.sft", "serve.engine"): "scores exact match with the server's engine until the "
-                                      "inference package holds it",
 }
 
 
