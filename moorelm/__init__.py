@@ -25,10 +25,11 @@ __version__ = "0.1.0"
 def load(run: str | Path, device: str = "auto") -> LanguageModel:
     """The newest checkpoint of a run folder, ready to generate (LoRA adapters merged in)."""
     from moorelm.device import resolve_device
-    from moorelm.finetune.lora import load_model_with_adapters
+    from moorelm.run import RunFolder
 
-    model, tokenizer, cfg, state = load_model_with_adapters(run, device=resolve_device(device))
-    return LanguageModel(model, tokenizer, Path(run), meta={"config": cfg, "state": state})
+    loaded = RunFolder(run).load(device=resolve_device(device))
+    return LanguageModel(loaded.model, loaded.tokenizer, Path(run),
+                         meta={"config": loaded.config, "state": loaded.state})
 
 
 def pretrain(out, **kwargs):

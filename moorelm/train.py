@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from moorelm import checkpoint as ckpt
+from moorelm.atomic import atomic_write_text
 from moorelm.config import ModelConfig, TrainConfig, build_configs, with_vocab
 from moorelm.corpus import load_corpus
 from moorelm.data import (
@@ -55,6 +55,13 @@ from moorelm.errors import MoorelmError
 from moorelm.model import GPT
 from moorelm.optim import build_optimizer, decay_progress, lr_multiplier
 from moorelm.plots import plot_loss
+from moorelm.run import (
+    RunFolder,
+    codec_for,
+    load_gpt_weights,
+    load_optimizer_state,
+    optimizer_state,
+)
 from moorelm.tokenizer import Tokenizer
 
 METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "tokens_per_s",
@@ -203,7 +210,7 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     lines = [",".join(METRIC_FIELDS)]
     for r in rows:
         lines.append(",".join(str(r.get(k, "")) for k in METRIC_FIELDS))
-    ckpt.atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _fmt(x: float | None, nd: int = 4) -> str:
@@ -277,20 +284,20 @@ def train(
     precision = choose_precision(device, cfg.dtype)
     # fp16 (older GPUs) needs loss scaling; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type) if precision.use_scaler else None
-    if d.main and not resume and ckpt.list_checkpoints(out):
-        raise MoorelmError(
-            f"{out} already holds a trained run; pass --resume to continue it or choose another --out"
-        )
+    run = RunFolder(out)
+    if d.main:
+        run.check_new(resume)
+        held = run.lock()  # noqa: F841  (held until train() returns)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
     if init_weights is not None:
-        ckpt.load_weights(model, init_weights, Path("initial weights"))
+        load_gpt_weights(model, init_weights, "initial weights")
     if model_hook is not None:
         model_hook(model)
-    last = ckpt.latest_checkpoint(out) if resume else None
+    last = run.latest() if resume else None
     if last is not None:  # full weights go in before the model is moved or sharded
-        ckpt.load_weights(model, ckpt.read_tensors(last / "model.safetensors"), last)
+        run.load_into(model, last)
     sharded = cfg.fsdp and d.world > 1
     if sharded and precision.use_scaler:
         # fp16 loss scaling must agree across shards on overflow; not wired up for FSDP2
@@ -308,18 +315,15 @@ def train(
     step, tokens, elapsed = 0, 0, 0.0
     history: list[dict] = []
     if last is not None:
-        state = ckpt.read_state(last)
-        opt_file = last / "optimizer.safetensors"
-        if not opt_file.exists():
-            raise MoorelmError(f"{last} has no optimizer state, so it cannot be resumed")
-        tensors = ckpt.read_tensors(opt_file, "cpu" if sharded else device)
+        state = run.read_state(last)
+        tensors = run.read_optimizer(last, "cpu" if sharded else device)
         metas = state["optimizer"]
         by_opt: list[dict[str, torch.Tensor]] = [{} for _ in opt.opts]
         for name, t in tensors.items():
             i, rest = name.split("/", 1)
             by_opt[int(i)][rest] = t
         for o, ts, meta in zip(opt.opts, by_opt, metas):
-            ckpt.load_optimizer_state(o, _shard_like_params(o, ts) if sharded else ts, meta)
+            load_optimizer_state(o, _shard_like_params(o, ts) if sharded else ts, meta)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         saved_batch = state.get("global_batch")
         now_batch = cfg.batch_size * cfg.grad_accum * d.world
@@ -359,7 +363,8 @@ def train(
     }
     if d.main:
         tok = Tokenizer.load(data.tokenizer_path)
-        ckpt.write_run_files(out, config_json, tok)
+        run.write_files(config_json, tok)
+    codec = codec_for(config_json)  # how this kind of model is saved
 
     def save(at_step: int) -> None:
         if not (d.main or sharded):  # sharded: every rank takes part in gathering
@@ -367,16 +372,16 @@ def train(
         opt_tensors: dict[str, torch.Tensor] = {}
         metas = []
         for i, o in enumerate(opt.opts):
-            ts, meta = ckpt.optimizer_state(o, _full_optimizer_state(o) if sharded else None)
+            ts, meta = optimizer_state(o, _full_optimizer_state(o) if sharded else None)
             opt_tensors.update({f"{i}/{k}": v for k, v in ts.items()})
             metas.append(meta)
-        weights = ckpt.model_state(
+        files = codec.checkpoint_files(
             model, {k: _gather(v) for k, v in model.state_dict().items()} if sharded else None)
         if not d.main:
             return
         state = {"tokens": tokens, "elapsed": elapsed, "optimizer": metas,
                  "val_loss": last_val, "world_size": d.world, "global_batch": global_batch}
-        ckpt.save_checkpoint(out, at_step, weights, state, opt_tensors, keep=cfg.keep_checkpoints)
+        run.save(at_step, files, state, opt_tensors, keep=cfg.keep_checkpoints)
 
     def evaluate_and_log(train_loss: float | None, tok_s: float) -> dict:
         nonlocal last_val
@@ -497,7 +502,7 @@ def train(
 
     if step == 0 or last_val is None:  # resumed a finished run, or no step was taken
         last_val = estimate_loss(run_model, data, cfg, T, device, precision, d)
-        if step > 0 and not ckpt.list_checkpoints(out):
+        if step > 0 and not run.checkpoints():
             save(step)
     if d.main and history:
         plot_loss(history, out / "loss.png", title=out.name)
@@ -565,8 +570,8 @@ def pretrain(
     """Corpus -> tokenizer and token shards -> configs -> trained run folder."""
     out = Path(out)
     if resume:
-        saved = ckpt.read_run_config(out)
-        ckpt.latest_checkpoint(out)  # fail early and clearly when there is nothing to resume
+        saved = RunFolder(out).read_config()
+        RunFolder(out).latest()  # fail early and clearly when there is nothing to resume
         model_cfg = ModelConfig.from_dict(saved["model"])
         t = dict(saved["train"])
         t.update({k: v for k, v in (train_overrides or {}).items() if v is not None})

@@ -58,16 +58,11 @@ import numpy as np
 import torch
 
 from moorelm import checkpoint as ckpt
+from moorelm.checkpoint import finalize_checkpoint, plain_weights, to_training_checkpoint
 from moorelm.config import ModelConfig, TrainConfig
 from moorelm.errors import MoorelmError
 from moorelm.finetune.classify import TruncationWarning, read_table
-from moorelm.finetune.lora import (
-    LoRAConfig,
-    apply_lora,
-    finalize_checkpoint,
-    plain_weights,
-    to_training_checkpoint,
-)
+from moorelm.finetune.lora import LoRAConfig, apply_lora
 from moorelm.generate import LanguageModel, apply_template, check_template
 from moorelm.tokenizer import Tokenizer
 from moorelm.train import TrainResult, train
