@@ -718,15 +718,15 @@ class RunFolder:
              codec: Codec | None = None) -> LoadedRun:
         """The model of a checkpoint (the newest by default), ready for inference.
 
-        Without ``codec``, the kind the checkpoint records picks it (a plain or LoRA language
-        model); a given codec must match that kind.
+        Without ``codec``, the kind the checkpoint records picks it, among the language models
+        (plain, LoRA, registered formats); a given codec must match that kind.
         """
         config = self.read_config()
         cfg = self.model_config(config)
         ck = checkpoint or self.latest()
         kind = self.kind(ck, config)
         if codec is None:
-            if kind in _ELSEWHERE and kind not in _CODECS:
+            if kind in _ELSEWHERE:  # a model that is not a language model
                 raise MoorelmError(f"{self.path} {_ELSEWHERE[kind]}")
             codec = codec_for(config, kind)
         elif codec.kind != kind:
