@@ -4,7 +4,7 @@
       config.json                 {"model": ModelConfig, "train": TrainConfig, "recipe", "data", ...}
       tokenizer.json              Hugging Face tokenizers format
       metrics.csv, loss.png       written by the training loop
-      .lock                       held (fcntl.flock) by the process writing the run
+      .lock.json                  flock-ed by the process writing the run ({"pid": N})
       checkpoints/step-000500/    one complete checkpoint per folder
         model.safetensors         weights (metadata: step, format, kind)
         adapter.safetensors       LoRA adapters (LoRA runs only)
@@ -63,7 +63,7 @@ MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
-LOCK_FILE = ".lock"
+LOCK_FILE = ".lock.json"  # {"pid": N} of the holder; JSON like every file of a run
 FORMAT = "moorelm-1"
 ADAPTER_FORMAT = "moorelm-lora-1"
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
@@ -503,13 +503,16 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            other = os.read(fd, 32).decode("ascii", "replace").strip()
+            try:
+                other = json.loads(os.read(fd, 64).decode("ascii")).get("pid")
+            except (ValueError, AttributeError):
+                other = None
             os.close(fd)
-            who = f" (pid {other})" if other.isdigit() else ""
+            who = f" (pid {other})" if isinstance(other, int) else ""
             raise MoorelmError(f"{run} is in use by another moorelm process{who}; wait for it "
                                "to finish or choose another folder") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, json.dumps({"pid": os.getpid()}).encode() + b"\n")
         _HELD[self.key] = [fd, 1]
 
     def release(self) -> None:
