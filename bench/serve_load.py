@@ -117,10 +117,11 @@ def make_random_run(run: str, preset: str) -> None:
     bundled Shakespeare: serving speed does not depend on what the weights learned."""
     import torch
 
+    from moorelm.codecs import LMCodec
     from moorelm.config import build_configs, with_vocab
     from moorelm.corpus import load_corpus
     from moorelm.model import GPT
-    from moorelm.run import LMCodec, RunFolder
+    from moorelm.run import RunFolder
     from moorelm.tokenizer import Tokenizer
 
     tok = Tokenizer.train(("".join(d.chunks()) for d in load_corpus(None).documents), "char")

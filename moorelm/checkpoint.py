@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from moorelm.atomic import atomic_write_json  # noqa: F401  (sft.py writes finetune.json)
+from moorelm.codecs import model_tensors
 from moorelm.run import TOKENIZER_FILE as TOKENIZER  # noqa: F401
-from moorelm.run import RunFolder, model_tensors
+from moorelm.run import RunFolder
 
 
 def read_run_config(run_dir: Path) -> dict:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from moorelm.atomic import atomic_write_text
+from moorelm.codecs import codec_for, load_gpt_weights
 from moorelm.config import ModelConfig, TrainConfig, build_configs, with_vocab
 from moorelm.corpus import load_corpus
 from moorelm.data import (
@@ -55,13 +56,7 @@ from moorelm.errors import MoorelmError
 from moorelm.model import GPT
 from moorelm.optim import build_optimizer, decay_progress, lr_multiplier
 from moorelm.plots import plot_loss
-from moorelm.run import (
-    RunFolder,
-    codec_for,
-    load_gpt_weights,
-    load_optimizer_state,
-    optimizer_state,
-)
+from moorelm.run import RunFolder, load_optimizer_state, optimizer_state
 from moorelm.tokenizer import Tokenizer
 
 METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "tokens_per_s",

@@ -88,7 +88,8 @@ def test_checkpoint_saved_under_autocast_loads_in_fp32(tmp_path, small_corpus):
     """A run trained under bf16 autocast saves fp32 weights; reloaded in fp32 they give the
     same logits as the in-memory model."""
     import moorelm
-    from moorelm.run import RunFolder, load_gpt_weights, read_tensors
+    from moorelm.codecs import load_gpt_weights, read_tensors
+    from moorelm.run import RunFolder
     from moorelm.train import pretrain
     from tests.conftest import TINY_MODEL, TINY_TRAIN
 

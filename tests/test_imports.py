@@ -13,7 +13,7 @@ LAYERS = [
     {"config", "corpus", "device"},
     {"tokenizer"},
     {"data", "decode_plan", "model"},
-    {"optim", "run", "checkpoint", "plots"},
+    {"optim", "codecs", "run", "checkpoint", "plots"},
     {"generate", "evaluate", "train"},
 ]
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from moorelm.cli import main
+from moorelm.codecs import LMCodec
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
-from moorelm.run import LMCodec, RunFolder
+from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

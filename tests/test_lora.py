@@ -6,6 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moorelm.codecs import (
+    ADAPTER_FILE,
+    MODEL_FILE,
+    add_delta,
+    model_tensors,
+    read_header,
+    read_tensors,
+    split_adapters,
+)
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.finetune.lora import (
@@ -18,16 +27,7 @@ from moorelm.finetune.lora import (
 )
 from moorelm.model import GPT
 from moorelm.optim import param_groups
-from moorelm.run import (
-    ADAPTER_FILE,
-    MODEL_FILE,
-    RunFolder,
-    add_delta,
-    model_tensors,
-    read_header,
-    read_tensors,
-    split_adapters,
-)
+from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
 
 TOK = Tokenizer.train(["abc def"], "char")

@@ -13,12 +13,13 @@ import torch
 
 import moorelm
 from moorelm.cli import main
+from moorelm.codecs import MODEL_FILE, LMCodec, model_tensors, read_header, read_tensors
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.finetune.lora import LoRAConfig, apply_lora
 from moorelm.interop.hf import export_hf, hf_state_dict
 from moorelm.model import GPT
-from moorelm.run import MODEL_FILE, LMCodec, RunFolder, model_tensors, read_header, read_tensors
+from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
 from tests.conftest import SMALL_TEXT
 

@@ -11,6 +11,7 @@ import torch
 
 import moorelm
 from moorelm.cli import main
+from moorelm.codecs import ADAPTER_FILE, read_tensors
 from moorelm.errors import MoorelmError
 from moorelm.finetune.classify import TruncationWarning
 from moorelm.finetune.lora import LoRAConfig
@@ -25,7 +26,7 @@ from moorelm.finetune.sft import (
 )
 from moorelm.finetune.tasks import date_pair, make_pairs, number_pair, number_words, write_pairs
 from moorelm.generate import apply_template, check_template
-from moorelm.run import ADAPTER_FILE, RunFolder, read_tensors
+from moorelm.run import RunFolder
 
 FAST = dict(batch_size=4, eval_interval=0, log_interval=2, warmup_steps=0, threads=1,
             schedule="constant", lr=3e-3)

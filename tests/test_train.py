@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import moorelm
+from moorelm.codecs import load_gpt_weights, read_tensors
 from moorelm.config import RECIPES, TrainConfig
 from moorelm.errors import MoorelmError
-from moorelm.run import RunFolder, load_gpt_weights, read_tensors
+from moorelm.run import RunFolder
 from moorelm.train import pretrain
 from tests.conftest import DEVICES, TINY_MODEL, TINY_TRAIN
 

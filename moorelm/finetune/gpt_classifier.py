@@ -47,6 +47,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moorelm.atomic import atomic_write_json
+from moorelm.codecs import (
+    MODEL_FILE,
+    CheckpointFiles,
+    Files,
+    Header,
+    build_gpt,
+    check_gpt_header,
+    kind_metadata,
+    load_gpt_weights,
+    model_tensors,
+    register_codec,
+)
 from moorelm.config import ModelConfig, TrainConfig
 from moorelm.device import resolve_device
 from moorelm.errors import MoorelmError
@@ -64,19 +76,7 @@ from moorelm.finetune.classify import (
 )
 from moorelm.model import GPT
 from moorelm.optim import build_optimizer, decay_progress, lr_multiplier
-from moorelm.run import (
-    MODEL_FILE,
-    CheckpointFiles,
-    Files,
-    Header,
-    RunFolder,
-    build_gpt,
-    check_gpt_header,
-    kind_metadata,
-    load_gpt_weights,
-    model_tensors,
-    register_codec,
-)
+from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
 
 POOLINGS = ("last", "mean")

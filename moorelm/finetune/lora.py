@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moorelm.codecs import LoRACodec
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
-from moorelm.run import LoRACodec
 
 
 @dataclass(frozen=True)

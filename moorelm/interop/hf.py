@@ -32,10 +32,11 @@ import torch
 from safetensors.torch import save_file
 
 from moorelm.atomic import replace_dir
+from moorelm.codecs import LMCodec, build_gpt, read_tensors
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
-from moorelm.run import LMCodec, RunFolder, build_gpt, read_tensors
+from moorelm.run import RunFolder
 from moorelm.tokenizer import EOT, Tokenizer
 
 ARCHITECTURES = ("gpt2", "llama")
