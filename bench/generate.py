@@ -35,10 +35,9 @@ from moorelm.model import GPT
 
 def build(run: str | None, preset: str, vocab: int) -> GPT:
     if run:
-        from moorelm.checkpoint import load_model
+        from moorelm.run import RunFolder
 
-        model, _, _, _ = load_model(run, device="cpu")
-        return model.eval()
+        return RunFolder(run).load(device="cpu").model
     cfg, _ = build_configs(preset=preset, recipe="gpt2-baseline")
     torch.manual_seed(0)
     return GPT(with_vocab(cfg, vocab)).eval()

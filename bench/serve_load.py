@@ -117,10 +117,11 @@ def make_random_run(run: str, preset: str) -> None:
     bundled Shakespeare: serving speed does not depend on what the weights learned."""
     import torch
 
-    from moorelm import checkpoint
+    from moorelm.codecs import LMCodec
     from moorelm.config import build_configs, with_vocab
     from moorelm.corpus import load_corpus
     from moorelm.model import GPT
+    from moorelm.run import RunFolder
     from moorelm.tokenizer import Tokenizer
 
     tok = Tokenizer.train(("".join(d.chunks()) for d in load_corpus(None).documents), "char")
@@ -128,9 +129,9 @@ def make_random_run(run: str, preset: str) -> None:
     model_cfg = with_vocab(model_cfg, tok.vocab_size)
     torch.manual_seed(0)
     model = GPT(model_cfg)
-    checkpoint.write_run_files(Path(run), {"model": model_cfg.to_dict(),
-                                           "train": train_cfg.to_dict()}, tok)
-    checkpoint.save_checkpoint(Path(run), 0, checkpoint.model_state(model), {"tokens": 0})
+    folder = RunFolder(run)
+    folder.write_files({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}, tok)
+    folder.save(0, LMCodec().checkpoint_files(model), {"tokens": 0})
 
 
 def start_server(run: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:

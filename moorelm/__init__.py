@@ -54,11 +54,12 @@ def __dir__() -> list[str]:
 def load(run: str | Path, device: str = "auto") -> LanguageModel:
     """The newest checkpoint of a run folder, ready to generate (LoRA adapters merged in)."""
     from moorelm.device import resolve_device
-    from moorelm.finetune.lora import load_model_with_adapters
     from moorelm.generate import LanguageModel
+    from moorelm.run import RunFolder
 
-    model, tokenizer, cfg, state = load_model_with_adapters(run, device=resolve_device(device))
-    return LanguageModel(model, tokenizer, Path(run), meta={"config": cfg, "state": state})
+    loaded = RunFolder(run).load(device=resolve_device(device))
+    return LanguageModel(loaded.model, loaded.tokenizer, Path(run),
+                         meta={"config": loaded.config, "state": loaded.state})
 
 
 def pretrain(out, **kwargs):

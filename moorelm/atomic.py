@@ -1,6 +1,8 @@
-"""Atomic file writes: temp file in the same folder, fsync, rename, fsync the folder.
+"""Atomic writes: temp file (or folder) beside the target, fsync, rename, fsync the parent.
 
 A process killed at any instant leaves either the old file or the new one, never a torn one.
+``replace_dir`` does the same for a whole folder (a checkpoint, an exported model, a run
+replaced by an import): the files appear together or not at all.
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +58,37 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
+
+
+@contextlib.contextmanager
+def replace_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; when the block ends without error, fsync
+    everything in it and rename it to ``path`` (replacing what was there). On error the
+    temporary folder is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists() or path.is_symlink():
+            old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old.tmp")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)

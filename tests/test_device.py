@@ -88,19 +88,20 @@ def test_checkpoint_saved_under_autocast_loads_in_fp32(tmp_path, small_corpus):
     """A run trained under bf16 autocast saves fp32 weights; reloaded in fp32 they give the
     same logits as the in-memory model."""
     import moorelm
-    from moorelm import checkpoint as ckpt
+    from moorelm.codecs import load_gpt_weights, read_tensors
+    from moorelm.run import RunFolder
     from moorelm.training.pretrain import pretrain
     from tests.conftest import TINY_MODEL, TINY_TRAIN
 
     run = tmp_path / "run"
     pretrain(run, corpus=str(small_corpus), model_overrides=TINY_MODEL,
              train_overrides=dict(TINY_TRAIN, dtype="bf16", max_steps=5), progress=False)
-    tensors = ckpt.read_tensors(ckpt.latest_checkpoint(run) / "model.safetensors")
+    tensors = read_tensors(RunFolder(run).latest() / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in tensors.values())
     lm = moorelm.load(run, device="cpu")
     from moorelm.model import GPT
 
     fresh = GPT(lm.config)
-    ckpt.load_weights(fresh, tensors, run)
+    load_gpt_weights(fresh, tensors, run)
     idx = torch.randint(0, lm.config.vocab_size, (1, 16))
     assert torch.equal(lm.model(idx)[0], fresh.eval()(idx)[0])

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moorelm import checkpoint as ckpt
 from moorelm.data import PrepareOptions, prepare
+from moorelm.run import RunFolder
 from moorelm.training.pretrain import pretrain
 
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32)
@@ -72,12 +72,12 @@ def test_two_processes_match_one_and_resume_single(tmp_path, dataset, recipe, fs
         assert max(abs(x - y) for x, y in zip(a, b)) < 2e-3, (column, a, b)
 
     # the checkpoint is complete (weights + optimizer) and records the 2-process run
-    [last] = ckpt.list_checkpoints(multi)
-    state = ckpt.read_state(last)
+    [last] = RunFolder(multi).checkpoints()
+    state = RunFolder(multi).read_state(last)
     assert state["step"] == STEPS and state["world_size"] == 2 and state["global_batch"] == 8
     assert (last / "optimizer.safetensors").exists()
-    assert ckpt.read_run_config(multi)["fsdp"] is fsdp
-    model, _, _, _ = ckpt.load_model(multi)
+    assert RunFolder(multi).read_config()["fsdp"] is fsdp
+    model = RunFolder(multi).load().model
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
     more = {"max_steps": STEPS + 3, "grad_accum": 2}

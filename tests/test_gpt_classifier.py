@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import moorelm
-from moorelm import checkpoint as ckpt
 from moorelm.classify.metrics import TruncationWarning
 from moorelm.errors import MoorelmError
 from moorelm.finetune.gpt_classifier import (
@@ -22,6 +21,7 @@ from moorelm.finetune.gpt_classifier import (
     is_moorelm_run,
     load_gpt_classifier,
 )
+from moorelm.run import RunFolder
 
 WORDS = "the a was it is of and to in on".split()
 
@@ -53,7 +53,7 @@ FAST = dict(epochs=4, lr=3e-3, batch_size=16, progress=False, device="cpu")
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_right_padding_never_changes_a_texts_logits(tiny_run, pooling):
     """A short text's logits are the same alone and right-padded in a batch of longer ones."""
-    gpt, *_ = ckpt.load_model(tiny_run)
+    gpt = RunFolder(tiny_run).load().model
     torch.manual_seed(0)
     model = GPTClassifier(gpt, 3, pooling).eval()
     short, long = [5, 6, 7], [8, 9, 10, 11, 12, 13]
@@ -73,7 +73,7 @@ def test_finetune_saves_a_run_folder_that_classify_reads(tiny_run, tmp_path):
     out = tmp_path / "clf"
     r = finetune_gpt_classifier(tiny_run, train, out, eval_file=evalf, **FAST)
     assert r["backend"] == "moorelm-gpt" and r["labels"] == ["moon", "sun"]
-    cfg = ckpt.read_run_config(out)
+    cfg = RunFolder(out).read_config()
     assert cfg["classifier"]["labels"] == ["moon", "sun"] and cfg["classifier"]["pooling"] == "last"
     assert is_moorelm_run(out) and (out / "metrics.json").exists() and (out / "confusion_matrix.png").exists()
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == r["accuracy"]

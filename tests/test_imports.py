@@ -22,7 +22,7 @@ LAYERS = [
     {"config", "corpus", "device", "classify"},  # classify: HF encoders, nothing of moorelm's GPT
     {"tokenizer"},
     {"data", "decode_plan", "model"},
-    {"optim", "checkpoint", "run", "plots"},  # run: the run folder (replaces checkpoint)
+    {"optim", "codecs", "run", "plots"},  # run: the run folder; codecs: one per kind of model
     {"generate", "evaluate", "training"},  # training/: the loop
     {"inference"},  # the engine's parts, below the HTTP server
     {"finetune", "interop", "scaling"},
@@ -34,7 +34,6 @@ LAYERS = [
 # Imports against the layers or in a cycle that other branches remove; an entry that no longer
 # occurs is harmless. (importer, imported): why it is still here.
 KNOWN = {
-    ("finetune.sft", ""): "loads its result with moorelm.load until the run folder owns loading",
 }
 
 

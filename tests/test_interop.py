@@ -8,11 +8,12 @@ import re
 import pytest
 import torch
 
-from moorelm import checkpoint as ckpt
 from moorelm.cli import main
+from moorelm.codecs import LMCodec
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
+from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -45,8 +46,8 @@ def _make_run(path, seed: int = 0, **kw):
     """A run folder holding a random model and a char tokenizer (no training needed)."""
     tok = Tokenizer.train([TEXT], "char")
     model = _random_model(seed, vocab_size=tok.vocab_size, **kw)
-    ckpt.write_run_files(path, {"model": model.config.to_dict()}, tok)
-    ckpt.save_checkpoint(path, 7, ckpt.model_state(model), {"tokens": 0, "elapsed": 0.0})
+    RunFolder(path).write_files({"model": model.config.to_dict()}, tok)
+    RunFolder(path).save(7, LMCodec().checkpoint_files(model), {"tokens": 0, "elapsed": 0.0})
     return path
 
 
@@ -112,8 +113,8 @@ def test_export_import_round_trip(tmp_path, variant):
     run = _make_run(tmp_path / "run", **variant)
     export_hf(run, tmp_path / "hf")
     back = import_hf(tmp_path / "hf", tmp_path / "back")
-    m1, _, c1, _ = ckpt.load_model(run)
-    m2, _, c2, _ = ckpt.load_model(back)
+    a, b = RunFolder(run).load(), RunFolder(back).load()
+    m1, c1, m2, c2 = a.model, a.config, b.model, b.config
     assert c1["model"] == c2["model"]
     s1, s2 = m1.state_dict(), m2.state_dict()
     assert s1.keys() == s2.keys()
@@ -134,7 +135,8 @@ def test_import_transformers_gpt2_with_biases(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text(Tokenizer.train([TEXT]).to_json(), encoding="utf-8")
     run = import_hf(tmp_path / "hf", tmp_path / "run")
-    model, _, cfg, _ = ckpt.load_model(run)
+    loaded = RunFolder(run).load()
+    model, cfg = loaded.model, loaded.config
     assert cfg["model"]["bias"] is True and cfg["model"]["tie_embeddings"] is False
     idx = torch.randint(0, 300, (2, 32))
     with torch.no_grad():
@@ -162,7 +164,7 @@ def test_import_renames_llama_style_eos(tmp_path):
         run = import_hf(hf_dir, tmp_path / "run", seq_len=16)
     loaded = Tokenizer.load(run / "tokenizer.json")
     assert loaded.eot_id == 2 and loaded.encode("abc") == [3, 4, 5]
-    assert ckpt.read_run_config(run)["model"]["seq_len"] == 16
+    assert RunFolder(run).read_config()["model"]["seq_len"] == 16
 
 
 def test_import_refuses_pickled_weights(tmp_path):

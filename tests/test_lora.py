@@ -1,33 +1,37 @@
-"""Tests for moorelm.finetune.lora: wrapping, freezing, merging and the checkpoint forms."""
+"""Tests for moorelm.finetune.lora: wrapping, freezing, merging, and how the run folder's
+LoRA codec stores and restores adapters."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moorelm import checkpoint as ckpt
+from moorelm.codecs import (
+    ADAPTER_FILE,
+    MODEL_FILE,
+    add_delta,
+    model_tensors,
+    read_header,
+    read_tensors,
+    split_adapters,
+)
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.finetune.lora import (
-    ADAPTER_FILE,
     LoRAConfig,
     LoRALinear,
-    add_delta,
     apply_lora,
-    checkpoint_form,
-    finalize_checkpoint,
-    load_model_with_adapters,
     merge_lora,
     resolve_targets,
-    split_state,
-    to_training_checkpoint,
     trainable_parameters,
 )
 from moorelm.model import GPT
 from moorelm.optim import param_groups
+from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
 
-CFG = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, n_embd=32, mlp="swiglu",
+TOK = Tokenizer.train(["abc def"], "char")
+CFG = ModelConfig(vocab_size=TOK.vocab_size, seq_len=16, n_layer=2, n_head=2, n_embd=32, mlp="swiglu",
                   pos="rope", norm="rmsnorm", tie_embeddings=False)
 
 
@@ -49,7 +53,7 @@ def _logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         return model(idx)[0]
 
 
-IDX = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+IDX = torch.randint(0, CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
 def test_wrapped_model_starts_identical_to_the_base():
@@ -79,7 +83,7 @@ def test_train_embeddings_adds_embedding_and_head():
     grouped = {n for g in param_groups(model).values() for n, _ in g}
     assert {"wte.weight", "lm_head.weight"} <= grouped and "wpe.weight" not in grouped
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert trainable_parameters(model) == adapters + 2 * 300 * 32
+    assert trainable_parameters(model) == adapters + 2 * CFG.vocab_size * 32
 
 
 def test_targets_select_layers_by_suffix():
@@ -120,53 +124,74 @@ def test_add_delta_inverts():
     lcfg = LoRAConfig(rank=2)
     apply_lora(model, lcfg)
     _randomize_adapters(model)
-    base, adapters = split_state(model.state_dict())
+    base, adapters = split_adapters(model.state_dict())
     back = add_delta(add_delta(base, adapters, lcfg.scale), adapters, lcfg.scale, sign=-1.0)
     for k in base:
         torch.testing.assert_close(back[k], base[k], atol=1e-6, rtol=0)
 
 
-def _lora_run(tmp_path, merged: bool):
-    """A run folder holding a LoRA training checkpoint (as train() writes it)."""
+def _lora_run(tmp_path, merged: bool, legacy: bool = False):
+    """A run folder holding a LoRA checkpoint as train() saves it (through the codec), or as
+    older versions left an interrupted run (adapters inside model.safetensors)."""
     lcfg = LoRAConfig(rank=4, merged=merged)
     model = _model()
     apply_lora(model, lcfg)
     _randomize_adapters(model)
-    tok = Tokenizer.train(["abc def"], "char")
-    run = tmp_path / ("merged" if merged else "separate")
-    ckpt.write_run_files(run, {"model": CFG.to_dict(), "lora": lcfg.to_dict()}, tok)
-    ck = ckpt.save_checkpoint(run, 5, ckpt.model_state(model), {"tokens": 0, "elapsed": 0.0})
-    return run, ck, lcfg, _logits(model, IDX)
+    run = RunFolder(tmp_path / ("merged" if merged else "separate"))
+    run.write_files({"model": CFG.to_dict(), "lora": lcfg.to_dict()}, TOK)
+    files = ({MODEL_FILE: (model_tensors(model), {})} if legacy
+             else lcfg.codec().checkpoint_files(model))
+    ck = run.save(5, files, {"tokens": 0, "elapsed": 0.0})
+    return run, ck, model
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["final", "legacy-training-form"])
 @pytest.mark.parametrize("merged", [True, False])
-def test_every_checkpoint_form_loads_to_the_same_model(tmp_path, merged):
-    """Training form, saved form (merged or separate) and back all load to the same outputs."""
-    run, ck, lcfg, expected = _lora_run(tmp_path, merged)
-    assert checkpoint_form(ck) == "training"
-    model, *_ = load_model_with_adapters(run)
-    torch.testing.assert_close(_logits(model, IDX), expected, atol=1e-5, rtol=1e-5)
+def test_every_checkpoint_form_loads_to_the_adapted_model(tmp_path, merged, legacy):
+    """Merged, kept separate, or an older version's training form: RunFolder.load gives a
+    plain GPT computing what the wrapped model did."""
+    run, ck, model = _lora_run(tmp_path, merged, legacy)
+    loaded = run.load()
+    assert loaded.kind == "lora"
+    assert not any(isinstance(m, LoRALinear) for m in loaded.model.modules())
+    torch.testing.assert_close(_logits(loaded.model, IDX), _logits(model, IDX), atol=1e-5, rtol=1e-5)
+    if legacy:
+        return
+    assert (ck / ADAPTER_FILE).exists() and read_header(ck / MODEL_FILE)[1]["kind"] == "lora"
+    stored = read_tensors(ck / MODEL_FILE)
+    assert not split_adapters(stored)[1]  # model.safetensors is a plain GPT either way
+    if not merged:  # the base weights are untouched
+        base = model_tensors(_model())
+        assert all(torch.equal(stored[k], base[k]) for k in base)
 
-    finalize_checkpoint(ck, lcfg)
-    assert checkpoint_form(ck) == "saved" and (ck / ADAPTER_FILE).exists()
-    plain = ckpt.read_tensors(ck / "model.safetensors")
-    assert not split_state(plain)[1]  # model.safetensors is a plain GPT now
-    model, *_ = load_model_with_adapters(run)
-    torch.testing.assert_close(_logits(model, IDX), expected, atol=1e-5, rtol=1e-5)
-    if not merged:  # the base weights are untouched: a plain load gives the base model
-        base, *_ = ckpt.load_model(run)
-        torch.testing.assert_close(_logits(base, IDX), _logits(_model(), IDX))
 
-    to_training_checkpoint(ck, lcfg)
-    assert checkpoint_form(ck) == "training"
-    model, *_ = load_model_with_adapters(run)
-    torch.testing.assert_close(_logits(model, IDX), expected, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("legacy", [False, True], ids=["final", "legacy-training-form"])
+@pytest.mark.parametrize("merged", [True, False])
+def test_resume_restores_the_wrapped_model_bit_for_bit(tmp_path, merged, legacy):
+    """Loading a checkpoint into a freshly wrapped model (what --resume does) restores the
+    frozen base weights and the adapters exactly, merged or not."""
+    run, _, model = _lora_run(tmp_path, merged, legacy)
+    fresh = GPT(CFG)
+    apply_lora(fresh, LoRAConfig(rank=4, merged=merged))
+    run.load_into(fresh)
+    want = model.state_dict()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, want[k]), k
 
 
 def test_separate_adapters_missing_file_is_a_clear_error(tmp_path):
-    """A run whose config says 'kept separate' but lacks adapter.safetensors says so."""
-    run, ck, lcfg, _ = _lora_run(tmp_path, merged=False)
-    finalize_checkpoint(ck, lcfg)
+    """A run whose config says LoRA but lacks adapter.safetensors says so in one line."""
+    run, ck, _ = _lora_run(tmp_path, merged=False)
     (ck / ADAPTER_FILE).unlink()
     with pytest.raises(MoorelmError, match="adapter.safetensors"):
-        load_model_with_adapters(run)
+        run.load()
+
+
+def test_adapters_that_do_not_fit_the_model_are_one_line(tmp_path):
+    """An adapter file with a rank other than config.json's is refused before loading."""
+    run, _, _ = _lora_run(tmp_path, merged=True)
+    cfg = run.read_config()
+    cfg["lora"]["rank"] = 2
+    run.write_files(cfg, TOK)
+    with pytest.raises(MoorelmError, match="LoRA rank 2"):
+        run.load()

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import moorelm
-from moorelm import checkpoint as ckpt
 from moorelm.classify.metrics import TruncationWarning
 from moorelm.cli import main
+from moorelm.codecs import ADAPTER_FILE, read_tensors
 from moorelm.errors import MoorelmError
-from moorelm.finetune.lora import ADAPTER_FILE, LoRAConfig
+from moorelm.finetune.lora import LoRAConfig
 from moorelm.finetune.sft import (
     DEFAULT_TEMPLATE,
     RESULT_FILE,
@@ -26,6 +26,7 @@ from moorelm.finetune.sft import (
 )
 from moorelm.finetune.tasks import date_pair, make_pairs, number_pair, number_words, write_pairs
 from moorelm.generate import apply_template, check_template
+from moorelm.run import RunFolder
 
 FAST = dict(batch_size=4, eval_interval=0, log_interval=2, warmup_steps=0, threads=1,
             schedule="constant", lr=3e-3)
@@ -229,7 +230,7 @@ def test_full_finetune_writes_a_templated_run(tiny_run, pairs_file, tmp_path, mo
     monkeypatch.undo()
     assert len(calls) >= 6 and all(calls)
     assert r.method == "full" and r.train.step == 6 and r.trainable_params == r.total_params
-    cfg = ckpt.read_run_config(out)
+    cfg = RunFolder(out).read_config()
     assert cfg["prompt_template"] == DEFAULT_TEMPLATE and cfg["finetune"]["rows"] == {"train": 36, "eval": 4}
     saved = json.loads((out / RESULT_FILE).read_text())
     assert saved["exact_match"]["rows"] == 4 and 0.0 <= saved["exact_match"]["exact_match"] <= 1.0
@@ -304,13 +305,13 @@ def test_lora_merged_and_separate_give_the_same_model(tiny_run, pairs_file, tmp_
                      lora=LoRAConfig(rank=2, alpha=4, merged=merged, targets=("c_attn", "c_fc")),
                      train_overrides={**FAST, "max_steps": 5}, exact_match_rows=0, progress=False)
         assert 0 < r.trainable_params < r.total_params / 5
-        assert (ckpt.latest_checkpoint(out) / ADAPTER_FILE).exists()
+        assert (RunFolder(out).latest() / ADAPTER_FILE).exists()
         runs[merged] = out
     a, b = _weights(runs[True]), _weights(runs[False])
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
-    base = ckpt.read_tensors(ckpt.latest_checkpoint(tiny_run) / "model.safetensors")
-    sep = ckpt.read_tensors(ckpt.latest_checkpoint(runs[False]) / "model.safetensors")
+    base = read_tensors(RunFolder(tiny_run).latest() / "model.safetensors")
+    sep = read_tensors(RunFolder(runs[False]).latest() / "model.safetensors")
     assert all(torch.equal(base[k], sep[k]) for k in base)
     lm = moorelm.load(runs[False], device="cpu")
     assert lm.complete("2001-02-03", max_new_tokens=4, temperature=0) == \
@@ -344,7 +345,7 @@ def test_cli_demo_data_finetune_and_eval(tiny_run, tmp_path, capsys):
                  "--template", "Q: {prompt}\\nA: "]) == 0
     text = capsys.readouterr().out
     assert "lora fine-tuning: 3 steps" in text and "exact match" in text
-    assert ckpt.read_run_config(out)["prompt_template"] == "Q: {prompt}\nA: "
+    assert RunFolder(out).read_config()["prompt_template"] == "Q: {prompt}\nA: "
     assert main(["finetune-eval", str(out), "--data", str(data), "--rows", "3", "--json",
                  "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 3

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import moorelm
-from moorelm import checkpoint as ckpt
+from moorelm.codecs import load_gpt_weights, read_tensors
 from moorelm.config import RECIPES, TrainConfig
 from moorelm.errors import MoorelmError
+from moorelm.run import RunFolder
 from moorelm.training.pretrain import pretrain
 from tests.conftest import DEVICES, TINY_MODEL, TINY_TRAIN
 
@@ -30,7 +31,7 @@ def test_run_folder_contents(tiny_run):
     """A run folder holds config, tokenizer, metrics, loss plot and a complete checkpoint."""
     for name in ("config.json", "tokenizer.json", "metrics.csv", "loss.png"):
         assert (tiny_run / name).exists(), name
-    last = ckpt.latest_checkpoint(tiny_run)
+    last = RunFolder(tiny_run).latest()
     assert last.name == "step-00000020"
     assert {p.name for p in last.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json"}
     with open(tiny_run / "metrics.csv", newline="") as f:
@@ -57,11 +58,11 @@ def test_tiny_model_overfits_small_text(tmp_path):
 def test_save_load_identical_logits(tiny_run, device):
     """Loading a run gives a model with exactly the trained weights' logits."""
     lm = moorelm.load(tiny_run, device=device)
-    tensors = ckpt.read_tensors(ckpt.latest_checkpoint(tiny_run) / "model.safetensors")
+    tensors = read_tensors(RunFolder(tiny_run).latest() / "model.safetensors")
     from moorelm.model import GPT
 
     fresh = GPT(lm.config)
-    ckpt.load_weights(fresh, tensors, tiny_run)
+    load_gpt_weights(fresh, tensors, tiny_run)
     idx = torch.randint(0, lm.config.vocab_size, (2, 16))
     a, _ = lm.model(idx.to(device))
     b, _ = fresh.to(device).eval()(idx.to(device))
@@ -88,11 +89,11 @@ def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path, recipe, dev
 
     with pytest.raises(Crash):
         pretrain(tmp_path / "part", train_overrides=over, on_step=crash_at_12, **common)
-    assert ckpt.latest_checkpoint(tmp_path / "part").name == "step-00000010"
+    assert RunFolder(tmp_path / "part").latest().name == "step-00000010"
     r = pretrain(tmp_path / "part", resume=True, progress=False)
     assert r.step == 20
-    a = ckpt.read_tensors(ckpt.latest_checkpoint(tmp_path / "full") / "model.safetensors")
-    b = ckpt.read_tensors(ckpt.latest_checkpoint(tmp_path / "part") / "model.safetensors")
+    a = read_tensors(RunFolder(tmp_path / "full").latest() / "model.safetensors")
+    b = read_tensors(RunFolder(tmp_path / "part").latest() / "model.safetensors")
     if device == "cpu":
         assert losses(tmp_path / "part") == losses(tmp_path / "full")
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -131,16 +132,16 @@ KILLER = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from moorelm import checkpoint as ckpt
-    run = Path(sys.argv[1])
+    from moorelm.run import RunFolder
+    run = RunFolder(sys.argv[1])
     big = {"w": torch.randn(1024, 1024), "v": torch.randn(512, 1024)}
     step = int(sys.argv[2])
     print("ready", flush=True)
     while True:
         step += 1
         big["w"].fill_(float(step))
-        ckpt.save_checkpoint(run, step, {"wte.weight": big["w"], "x": big["v"]},
-                             {"tokens": step}, {"0/exp_avg": big["v"]}, keep=1)
+        run.save(step, {"model.safetensors": ({"wte.weight": big["w"], "x": big["v"]}, {})},
+                 {"tokens": step}, {"0/exp_avg": big["v"]}, keep=1)
     """
 )
 
@@ -157,17 +158,17 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
         # wait for the first checkpoint of this attempt, then kill at a varying instant
         deadline = time.time() + 120
         while time.time() < deadline and not any(
-            int(p.name.split("-")[1]) > step for p in ckpt.list_checkpoints(run)
+            int(p.name.split("-")[1]) > step for p in RunFolder(run).checkpoints()
         ):
             time.sleep(0.01)
         time.sleep(0.05 + 0.07 * attempt)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        last = ckpt.latest_checkpoint(run)
-        tensors = ckpt.read_tensors(last / "model.safetensors")
-        state = ckpt.read_state(last)
+        last = RunFolder(run).latest()
+        tensors = read_tensors(last / "model.safetensors")
+        state = RunFolder(run).read_state(last)
         assert float(tensors["wte.weight"][0, 0]) == state["step"] == int(last.name.split("-")[1])
-        ckpt.read_tensors(last / "optimizer.safetensors")
+        read_tensors(last / "optimizer.safetensors")
         step = state["step"] + 1000
 
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moorelm import checkpoint as ckpt
+from moorelm.codecs import LMCodec
 from moorelm.config import ModelConfig, TrainConfig
 from moorelm.data import Batch, PrepareOptions, TokenData, prepare
-from moorelm.errors import MoorelmError
+from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
-from moorelm.training.checkpointing import PlainCodec
 from moorelm.training.loop import train
 from moorelm.training.state import TrainState
 from tests.conftest import SMALL_TEXT
@@ -69,35 +68,27 @@ def test_any_data_source_with_the_protocol_trains(tmp_path, tokenizer_path):
 
 
 def test_checkpoints_are_written_through_the_codec(tmp_path, tokenizer_path):
-    """Each checkpoint's model file comes from the codec's checkpoint_files; a codec naming
-    files the checkpoint writer cannot store is refused in one line."""
+    """Each checkpoint's files come from the codec's checkpoint_files, every file it names
+    (a second file too), and the run folder loads what it wrote."""
 
-    class Halved(PlainCodec):
-        kind = "halved"
+    class Halved(LMCodec):
         calls = 0
 
-        def checkpoint_files(self, model):
+        def checkpoint_files(self, model, state=None):
             Halved.calls += 1
-            files = super().checkpoint_files(model)
+            files = super().checkpoint_files(model, state)
             tensors, meta = files["model.safetensors"]
-            return {"model.safetensors": ({k: v / 2 for k, v in tensors.items()}, meta)}
+            return {"model.safetensors": ({k: v / 2 for k, v in tensors.items()}, meta),
+                    "extra.safetensors": ({"one": torch.ones(1)}, {})}
 
     cfg = TrainConfig(**FAST, ckpt_interval=2, keep_checkpoints=5)
     r = train(MODEL, cfg, Counting(tokenizer_path), tmp_path / "run", progress=False,
               codec=Halved())
-    assert Halved.calls == 2 == len(ckpt.list_checkpoints(tmp_path / "run")) and r.step == 4
-    model, _, _, _ = ckpt.load_model(tmp_path / "run")
+    run = RunFolder(tmp_path / "run")
+    assert Halved.calls == 2 == len(run.checkpoints()) and r.step == 4
+    assert (run.latest() / "extra.safetensors").exists()
+    model = run.load().model
     assert float(model.ln_f.weight[0].detach()) == pytest.approx(0.5, abs=0.05)  # gains start at 1
-
-    class Extra(PlainCodec):
-        kind = "extra"
-
-        def checkpoint_files(self, model):
-            return {**super().checkpoint_files(model), "adapter.safetensors": ({}, {})}
-
-    with pytest.raises(MoorelmError, match="'extra' codec names"):
-        train(MODEL, cfg, Counting(tokenizer_path), tmp_path / "other", progress=False,
-              codec=Extra())
 
 
 def test_a_resumed_run_saves_the_state_an_uninterrupted_one_does(tmp_path, tokenizer_path):
@@ -121,7 +112,7 @@ def test_a_resumed_run_saves_the_state_an_uninterrupted_one_does(tmp_path, token
     train(MODEL, cfg, Counting(tokenizer_path), tmp_path / "part", progress=False, resume=True)
 
     def state_at(run, step):
-        s = ckpt.read_state(run / "checkpoints" / f"step-{step:08d}")
+        s = RunFolder(run).read_state(run / "checkpoints" / f"step-{step:08d}")
         return TrainState.from_checkpoint(s, []).to_checkpoint() | {"elapsed": None}
 
     assert state_at(tmp_path / "part", 6) == state_at(tmp_path / "full", 6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,6 +170,10 @@ def cmd_train(args) -> int:
     if args.resume and (model_over or args.preset or args.recipe):
         raise MoorelmError("--resume continues a run with its saved model and recipe; "
                            "drop --preset/--recipe and model flags")
+    from moorelm.run import RunFolder
+
+    if int(os.environ.get("RANK", "0")) == 0:  # before preparing data: refuse a folder not ours
+        RunFolder(out).check_new(args.resume)
     result = pretrain(
         out, corpus=args.corpus, data_dir=args.data, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, val_frac=args.val_frac, preset=args.preset,
@@ -176,8 +181,6 @@ def cmd_train(args) -> int:
         resume=args.resume, text_field=args.text_field, extensions=_exts(args),
         plays=_plays(args), progress=not args.quiet,
     )
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         print(describe(result))
         print(f"run folder: {result.run_dir}")

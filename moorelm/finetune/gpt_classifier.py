@@ -17,7 +17,7 @@ after a token never changes that token's hidden state and no padding mask is nee
 The trunk is ``moorelm.model.GPT`` itself: ``GPT.hidden_states`` is its forward pass up to the
 final norm, without the language-model head.
 
-Training is a small plain loop, not ``moorelm.train.train``: that loop trains a language model
+Training is a small plain loop, not ``moorelm.training.loop.train``: that loop trains a language model
 on token windows and builds its own ``GPT``; a classifier needs a head, one label per
 variable-length text, and evaluation by macro-F1 each epoch that keeps the best state and
 stops early. It reuses moorelm's AdamW parameter groups and warmup + cosine schedule, and
@@ -27,13 +27,12 @@ and the returned summary are those of the Hugging Face backend
 
 The output is a moorelm run folder: config.json (``"model"`` and a ``"classifier"`` section
 with labels, pooling and max_length), tokenizer.json, checkpoints/step-N/model.safetensors
-(the trunk's tensors plus ``score.weight``/``score.bias``), metrics.json and
-confusion_matrix.png.
+(the trunk's tensors plus ``score.weight``/``score.bias``, written by ``ClassifierCodec``
+through ``moorelm.run.RunFolder``), metrics.json and confusion_matrix.png.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -47,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moorelm import checkpoint as ckpt
+from moorelm.atomic import atomic_write_json
 from moorelm.classify.data import label_maps, prepare_splits
 from moorelm.classify.metrics import (
     CONFUSION_FILE,
@@ -59,12 +58,24 @@ from moorelm.classify.metrics import (
     say,
     truncation_message,
 )
+from moorelm.codecs import (
+    MODEL_FILE,
+    CheckpointFiles,
+    Files,
+    Header,
+    build_gpt,
+    check_gpt_header,
+    kind_metadata,
+    load_gpt_weights,
+    model_tensors,
+    register_codec,
+)
 from moorelm.config import ModelConfig, TrainConfig
 from moorelm.device import resolve_device
 from moorelm.errors import MoorelmError
-from moorelm.finetune.lora import plain_weights
 from moorelm.model import GPT
 from moorelm.optim import build_optimizer, decay_progress, lr_multiplier
+from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
 
 POOLINGS = ("last", "mean")
@@ -73,15 +84,7 @@ POOLINGS = ("last", "mean")
 def is_moorelm_run(path: str | os.PathLike | None) -> bool:
     """True for a moorelm run folder (config.json with a "model" section), e.g. to choose
     between this backend and the Hugging Face one."""
-    if path is None:
-        return False
-    cfg = Path(path) / ckpt.CONFIG
-    if not cfg.is_file():
-        return False
-    try:
-        return "model" in json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+    return path is not None and RunFolder(path).is_run()
 
 
 class GPTClassifier(nn.Module):
@@ -106,6 +109,59 @@ class GPTClassifier(nn.Module):
             keep = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None])  # (B, T)
             pooled = (h * keep[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
         return self.score(pooled)
+
+
+class ClassifierCodec:
+    """The run folder codec of a GPT classifier: model.safetensors holds the trunk's tensors
+    and the head's as ``score.weight``/``score.bias``; config.json's "classifier" section
+    gives the labels and pooling."""
+
+    kind = "classifier"
+    files = (MODEL_FILE,)
+
+    def __init__(self, config: dict):
+        spec = config.get("classifier")
+        if not isinstance(spec, dict) or not isinstance(spec.get("labels"), list) \
+                or len(spec["labels"]) < 2:
+            raise MoorelmError("config.json's 'classifier' section needs a list of at least two "
+                               "labels; the run is damaged")
+        self.n_labels, self.pooling = len(spec["labels"]), spec.get("pooling", "last")
+
+    def checkpoint_files(self, model: nn.Module,
+                         state: dict[str, torch.Tensor] | None = None) -> CheckpointFiles:
+        tensors = {**model_tensors(model.gpt),
+                   **{f"score.{k}": v.detach().cpu().contiguous()
+                      for k, v in model.score.state_dict().items()}}
+        return {MODEL_FILE: (tensors, kind_metadata(self.kind))}
+
+    def check(self, cfg: ModelConfig, headers: dict[str, Header], checkpoint: Path) -> None:
+        head = {"score.weight": (self.n_labels, cfg.n_embd), "score.bias": (self.n_labels,)}
+        try:
+            check_gpt_header(cfg, headers[MODEL_FILE], checkpoint / MODEL_FILE, extra=head)
+        except MoorelmError as e:
+            if "score." in str(e):
+                raise MoorelmError(f"{checkpoint / MODEL_FILE} has no classification head "
+                                   f"matching {self.n_labels} labels") from None
+            raise
+
+    def _split(self, files: Files) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        tensors = dict(files[MODEL_FILE])
+        head = {k.split(".", 1)[1]: tensors.pop(k) for k in [k for k in tensors if k.startswith("score.")]}
+        return tensors, head
+
+    def from_files(self, cfg: ModelConfig, files: Files) -> GPTClassifier:
+        trunk, head = self._split(files)
+        model = GPTClassifier(build_gpt(cfg, trunk, MODEL_FILE), self.n_labels, self.pooling)
+        model.score.load_state_dict(head)
+        return model
+
+    def load_files(self, model: nn.Module, files: Files) -> None:
+        trunk, head = self._split(files)
+        load_gpt_weights(model.gpt, trunk, MODEL_FILE)
+        model.score.load_state_dict(head)
+
+
+register_codec(ClassifierCodec.kind, ClassifierCodec)
 
 
 def _encode(tok: Tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
@@ -185,7 +241,7 @@ def finetune_gpt_classifier(
         raise MoorelmError(f"{out} exists and is not a folder")
     if out.exists() and out.resolve() == run_dir.resolve():
         raise MoorelmError(f"--out {out} is the base run itself; choose a new folder")
-    if is_moorelm_run(out) and "classifier" not in ckpt.read_run_config(out):
+    if is_moorelm_run(out) and "classifier" not in RunFolder(out).read_config():
         raise MoorelmError(f"{out} holds a language-model run; choose a new folder for the classifier")
 
     # ---- data: every check before any weights are loaded
@@ -196,20 +252,19 @@ def finetune_gpt_classifier(
     eval_source, balance = d.eval_source, d.balance
 
     # ---- base model
-    base_cfg, tensors, base_ck = plain_weights(run_dir)
-    if "classifier" in base_cfg:
+    base_run = RunFolder(run_dir)
+    if "classifier" in base_run.read_config():
         raise MoorelmError(f"{run_dir} is already a classifier; start from a language-model run")
-    model_cfg = ModelConfig.from_dict(base_cfg["model"])
+    base = base_run.load()
+    model_cfg = base.model.config
     max_length = max_length or model_cfg.seq_len
     if not 2 <= max_length <= model_cfg.seq_len:
         raise MoorelmError(f"max_length must be between 2 and the model's context length "
                            f"{model_cfg.seq_len}, got {max_length}")
-    tok = Tokenizer.load(run_dir / ckpt.TOKENIZER)
+    tok = base.tokenizer
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    gpt = GPT(model_cfg)
-    ckpt.load_weights(gpt, tensors, base_ck / "model.safetensors")
-    model = GPTClassifier(gpt, len(names), pooling).to(dev)
+    model = GPTClassifier(base.model.train(), len(names), pooling).to(dev)
     _, label2id = label_maps(names)
 
     train_rows, train_cut = _encode(tok, train.texts, max_length)
@@ -276,14 +331,13 @@ def finetune_gpt_classifier(
         "classifier": {"labels": names, "pooling": pooling, "max_length": max_length,
                        "text_column": train.text_column},
         "finetune": {"method": "classifier", "base_run": str(run_dir.resolve()),
-                     "base_step": ckpt.read_state(base_ck)["step"]},
+                     "base_step": base.state["step"]},
         "params": {"total": sum(p.numel() for p in model.parameters())},
     }
-    ckpt.write_run_files(out, config, tok)
-    weights = {**ckpt.model_state(model.gpt),
-               **{f"score.{k}": v.detach().cpu().contiguous() for k, v in model.score.state_dict().items()}}
-    ckpt.save_checkpoint(out, best[1], weights, {"tokens": 0, "elapsed": train_time,
-                                                 "best_macro_f1": best[0]})
+    run = RunFolder(out)
+    run.write_files(config, tok)
+    run.save(best[1], ClassifierCodec(config).checkpoint_files(model),
+             {"tokens": 0, "elapsed": train_time, "best_macro_f1": best[0]})
     result: dict[str, Any] = {
         "task": "text-classification",
         "backend": "moorelm-gpt",
@@ -320,7 +374,7 @@ def finetune_gpt_classifier(
         "out_dir": str(out),
     }
     metrics_path = out / METRICS_FILE
-    ckpt.atomic_write_json(metrics_path, result)
+    atomic_write_json(metrics_path, result)
     png = save_confusion_png(metrics["confusion_matrix"], names, out / CONFUSION_FILE,
                              title=f"accuracy {metrics['accuracy']:.3f}, macro-F1 "
                              f"{metrics['macro_f1']:.3f} ({len(eval_data)} eval rows)")
@@ -333,24 +387,13 @@ def finetune_gpt_classifier(
 def load_gpt_classifier(run_dir: str | os.PathLike, device: str = "auto") -> tuple[GPTClassifier, Tokenizer, dict]:
     """(classifier in eval mode, tokenizer, run config) of a folder made by
     ``finetune_gpt_classifier``."""
-    run_dir = Path(run_dir)
-    cfg = ckpt.read_run_config(run_dir)
-    spec = cfg.get("classifier")
-    if not spec:
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
+    if not cfg.get("classifier"):
         raise MoorelmError(f"{run_dir} is a language-model run, not a classifier; fine-tune one "
                            "first (moorelm finetune-classifier --model RUN)")
-    last = ckpt.latest_checkpoint(run_dir)
-    tensors = ckpt.read_tensors(last / "model.safetensors")
-    head = {k.split(".", 1)[1]: tensors.pop(k) for k in [k for k in tensors if k.startswith("score.")]}
-    gpt = GPT(ModelConfig.from_dict(cfg["model"]))
-    ckpt.load_weights(gpt, tensors, last / "model.safetensors")
-    model = GPTClassifier(gpt, len(spec["labels"]), spec.get("pooling", "last"))
-    try:
-        model.score.load_state_dict(head)
-    except RuntimeError:
-        raise MoorelmError(f"{last}/model.safetensors has no classification head matching "
-                           f"{len(spec['labels'])} labels") from None
-    return model.to(resolve_device(device)).eval(), Tokenizer.load(run_dir / ckpt.TOKENIZER), cfg
+    loaded = run.load(resolve_device(device), codec=ClassifierCodec(cfg))
+    return loaded.model, loaded.tokenizer, cfg
 
 
 def classify_gpt(

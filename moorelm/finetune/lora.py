@@ -15,43 +15,28 @@ unless ``train_embeddings`` trains them in full alongside the adapters (as PEFT'
 never trained, e.g. digits (byte-fallback tokens) for a model pretrained on Shakespeare:
 adapters inside the blocks cannot give such tokens distinct embeddings or logits.
 
-Where the tensors live. While training, a checkpoint's ``model.safetensors`` holds the wrapped
-model's state: the base weights plus ``<layer>.lora_A`` / ``<layer>.lora_B`` (the training
-form, which ``train()`` saves and resumes from). When fine-tuning finishes,
-``finalize_checkpoint`` rewrites it into the saved form:
-
-- merged (the default): ``model.safetensors`` is a plain GPT with ``W + (alpha/rank) B A``,
-  readable by anything that reads moorelm runs;
-- kept separate: ``model.safetensors`` holds the base weights (untouched, except the
-  embedding and head when ``train_embeddings`` trained them).
-
-Both also write ``adapter.safetensors`` (the adapters, with rank/alpha/targets in its
-metadata), which is what ``--resume`` continues from; config.json's ``"lora"`` section says
-which form was chosen. ``load_model_with_adapters`` (used by ``moorelm.load``) reads all three
-forms and returns a plain GPT with the adapters merged in.
+How they are stored. The run folder's ``LoRACodec`` (``moorelm.run``) writes every
+checkpoint in its final form as it is saved: merged into the weights (the default:
+model.safetensors is a plain GPT with ``W + (alpha/rank) B A``) or kept separate
+(model.safetensors holds the base weights), with the adapters in adapter.safetensors either
+way; config.json's ``"lora"`` section (``LoRAConfig.to_dict``) says which. ``moorelm.load``
+returns a plain GPT with the adapters merged in; ``--resume`` puts the base weights and the
+adapters back into a wrapped model.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save as safetensors_bytes
 
-from moorelm import checkpoint as ckpt
-from moorelm.config import ModelConfig
+from moorelm.codecs import LoRACodec
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
-from moorelm.tokenizer import Tokenizer
-
-ADAPTER_FILE = "adapter.safetensors"
-A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 
 
 @dataclass(frozen=True)
@@ -83,6 +68,10 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def codec(self) -> LoRACodec:
+        """The run folder codec that saves and loads models with these adapters."""
+        return LoRACodec(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -202,136 +191,3 @@ def merge_lora(model: GPT) -> GPT:
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ----------------------------------------------------------------------------- tensor dicts
-
-
-def split_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A state dict -> (base tensors, adapter tensors)."""
-    adapters = {k: v for k, v in tensors.items() if k.endswith((A_SUFFIX, B_SUFFIX))}
-    base = {k: v for k, v in tensors.items() if k not in adapters}
-    return base, adapters
-
-
-def _pairs(adapters: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """layer name -> (A, B)."""
-    out = {}
-    for k, a in adapters.items():
-        if k.endswith(A_SUFFIX):
-            layer = k[: -len(A_SUFFIX)]
-            b = adapters.get(layer + B_SUFFIX)
-            if b is None:
-                raise MoorelmError(f"adapter tensors have {k} but no {layer + B_SUFFIX}")
-            out[layer] = (a, b)
-    return out
-
-
-def add_delta(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scale: float,
-              sign: float = 1.0) -> dict[str, torch.Tensor]:
-    """Base weights with ``sign * scale * B A`` added to each adapted layer (new dict).
-
-    ``sign=-1`` undoes a merge (exact up to float rounding); the sum is formed in float64.
-    """
-    out = dict(base)
-    for layer, (a, b) in _pairs(adapters).items():
-        key = layer + ".weight"
-        if key not in base:
-            raise MoorelmError(f"adapter for {layer} has no matching weight {key} in the model")
-        w = base[key]
-        out[key] = (w.double() + sign * scale * (b.double() @ a.double())).to(w.dtype)
-    return out
-
-
-def adapter_metadata(cfg: LoRAConfig) -> dict[str, str]:
-    return {"format": "moorelm-lora-1", "lora": json.dumps(cfg.to_dict())}
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    ckpt.atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
-
-
-# ----------------------------------------------------------------------------- checkpoint forms
-
-
-def _model_metadata(ckpt_dir: Path) -> dict[str, str]:
-    return {"step": str(ckpt.read_state(ckpt_dir)["step"]), "format": "moorelm-1"}
-
-
-def checkpoint_form(ckpt_dir: Path) -> str:
-    """'training' (adapters inside model.safetensors), 'saved' (adapter.safetensors), or 'plain'."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(ckpt_dir / "model.safetensors"), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise MoorelmError(f"{ckpt_dir}/model.safetensors is unreadable ({str(e)[:100]})") from None
-    if any(k.endswith((A_SUFFIX, B_SUFFIX)) for k in keys):
-        return "training"
-    return "saved" if (ckpt_dir / ADAPTER_FILE).exists() else "plain"
-
-
-def finalize_checkpoint(ckpt_dir: Path, cfg: LoRAConfig) -> None:
-    """Training form -> saved form (see the module docstring). A no-op on a saved one.
-
-    adapter.safetensors is written before model.safetensors is replaced, and the form is read
-    from model.safetensors' keys, so a kill between the two writes leaves a readable,
-    resumable checkpoint either way.
-    """
-    if checkpoint_form(ckpt_dir) != "training":
-        return
-    base, adapters = split_state(ckpt.read_tensors(ckpt_dir / "model.safetensors"))
-    _write_safetensors(ckpt_dir / ADAPTER_FILE, adapters, adapter_metadata(cfg))
-    weights = add_delta(base, adapters, cfg.scale) if cfg.merged else base
-    _write_safetensors(ckpt_dir / "model.safetensors", weights, _model_metadata(ckpt_dir))
-
-
-def to_training_checkpoint(ckpt_dir: Path, cfg: LoRAConfig) -> None:
-    """Saved form -> training form, so that ``train(resume=True)`` can continue the adapters."""
-    form = checkpoint_form(ckpt_dir)
-    if form == "training":
-        return
-    if form == "plain":
-        raise MoorelmError(f"{ckpt_dir} has no {ADAPTER_FILE}; this LoRA run cannot be resumed")
-    weights = ckpt.read_tensors(ckpt_dir / "model.safetensors")
-    adapters = ckpt.read_tensors(ckpt_dir / ADAPTER_FILE)
-    base = add_delta(weights, adapters, cfg.scale, sign=-1.0) if cfg.merged else weights
-    _write_safetensors(ckpt_dir / "model.safetensors", {**base, **adapters},
-                       _model_metadata(ckpt_dir))
-
-
-def plain_weights(run_dir: str | Path, checkpoint: Path | None = None) -> tuple[dict, dict[str, torch.Tensor], Path]:
-    """(run config, plain GPT tensors with any adapters merged in, checkpoint folder)."""
-    run_dir = Path(run_dir)
-    cfg = ckpt.read_run_config(run_dir)
-    ck = checkpoint or ckpt.latest_checkpoint(run_dir)
-    tensors = ckpt.read_tensors(ck / "model.safetensors")
-    if cfg.get("lora"):
-        lcfg = LoRAConfig.from_dict(cfg["lora"])
-        base, adapters = split_state(tensors)
-        if adapters:  # training form (an interrupted run)
-            tensors = add_delta(base, adapters, lcfg.scale)
-        elif not lcfg.merged:
-            if not (ck / ADAPTER_FILE).exists():
-                raise MoorelmError(f"{ck} has no {ADAPTER_FILE}, which this run's config needs")
-            tensors = add_delta(tensors, ckpt.read_tensors(ck / ADAPTER_FILE), lcfg.scale)
-    return cfg, tensors, ck
-
-
-def load_model_with_adapters(run_dir: str | Path, device: str | torch.device = "cpu",
-                             checkpoint: Path | None = None) -> tuple[GPT, Tokenizer, dict, dict]:
-    """Like ``checkpoint.load_model``, also for LoRA runs in any form (adapters merged)."""
-    run_dir = Path(run_dir)
-    cfg = ckpt.read_run_config(run_dir)
-    if "classifier" in cfg:
-        raise MoorelmError(f"{run_dir} is a text classifier, not a language model; use "
-                           "'moorelm classify'")
-    if not cfg.get("lora"):
-        return ckpt.load_model(run_dir, device=device, checkpoint=checkpoint)
-    cfg, tensors, ck = plain_weights(run_dir, checkpoint)
-    model = GPT(ModelConfig.from_dict(cfg["model"]))
-    ckpt.load_weights(model, tensors, ck / "model.safetensors")
-    tokenizer = Tokenizer.load(run_dir / ckpt.TOKENIZER)
-    return model.to(device).eval(), tokenizer, cfg, ckpt.read_state(ck)

@@ -57,20 +57,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from moorelm import checkpoint as ckpt
+from moorelm.atomic import atomic_write_json
 from moorelm.classify.data import read_table
 from moorelm.classify.metrics import TruncationWarning
+from moorelm.codecs import model_tensors
 from moorelm.config import ModelConfig, TrainConfig
 from moorelm.data import Batch
+from moorelm.device import resolve_device
 from moorelm.errors import MoorelmError
-from moorelm.finetune.lora import (
-    LoRAConfig,
-    apply_lora,
-    finalize_checkpoint,
-    plain_weights,
-    to_training_checkpoint,
-)
+from moorelm.finetune.lora import LoRAConfig, apply_lora
 from moorelm.generate import LanguageModel, apply_template, check_template
+from moorelm.run import TOKENIZER_FILE, RunFolder
 from moorelm.tokenizer import Tokenizer
 from moorelm.training.loop import train
 from moorelm.training.state import TrainResult
@@ -423,12 +420,12 @@ def finetune(
     overrides = dict(train_overrides or {})
     saved_cfg: dict[str, Any] | None = None
     if resume:
-        saved_cfg = ckpt.read_run_config(out)
+        saved_cfg = RunFolder(out).read_config()
         ft = saved_cfg.get("finetune")
         if not ft:
             raise MoorelmError(f"{out} is not a fine-tuned run (config.json has no 'finetune' "
                                "section); resume it with 'moorelm train --resume'")
-        latest = ckpt.latest_checkpoint(out)
+        RunFolder(out).latest()  # fail early when there is nothing to resume
         saved_lora = LoRAConfig.from_dict(saved_cfg["lora"]) if saved_cfg.get("lora") else None
         if lora is not None and lora != saved_lora:
             raise MoorelmError(f"{out} was trained with LoRA settings {saved_cfg.get('lora')}; "
@@ -444,7 +441,7 @@ def finetune(
     else:
         if base_run is None or data is None:
             raise MoorelmError("fine-tuning needs a base run and --data")
-        if ckpt.list_checkpoints(out):
+        if RunFolder(out).checkpoints():
             raise MoorelmError(f"{out} already holds a trained run; pass --resume to continue "
                                "it or choose another --out")
         template = check_template(DEFAULT_TEMPLATE if template is None else template)
@@ -461,12 +458,12 @@ def finetune(
         train_pairs, eval_pairs = split_pairs(pairs, eval_rows, seed)
 
     # ---- base model
-    base_cfg = ckpt.read_run_config(base_run)
+    base_cfg = RunFolder(base_run).read_config()
     if "classifier" in base_cfg:
         raise MoorelmError(f"{base_run} is a text classifier; fine-tune a language model run")
-    tok_path = base_run / ckpt.TOKENIZER
+    tok_path = base_run / TOKENIZER_FILE
     if not tok_path.exists():
-        raise MoorelmError(f"{base_run} has no {ckpt.TOKENIZER}")
+        raise MoorelmError(f"{base_run} has no {TOKENIZER_FILE}")
     model_cfg = ModelConfig.from_dict((saved_cfg or base_cfg)["model"])
     fingerprint = _fingerprint(data.read_bytes(), eval_data.read_bytes() if eval_data else b"",
                                str(eval_rows), str(seed), template, tok_path.read_bytes())
@@ -491,12 +488,11 @@ def finetune(
     init = None
     base_step = None
     if not resume:
-        _, init, base_ck = plain_weights(base_run)
-        base_step = ckpt.read_state(base_ck)["step"]
+        base = RunFolder(base_run).load()
+        init, base_step = model_tensors(base.model), base.state["step"]
+        del base
     else:
         base_step = saved_cfg["finetune"].get("base_step")
-        if lora is not None:
-            to_training_checkpoint(latest, lora)
 
     wrapped: list[tuple[int, int]] = []  # (trainable, adapter) parameter counts
 
@@ -518,22 +514,20 @@ def finetune(
     if lora is not None:
         run_meta["lora"] = lora.to_dict()
     result = train(model_cfg, cfg, sft, out, resume=resume, run_meta=run_meta, init_weights=init,
-                   progress=progress, model_hook=hook if lora is not None else None)
-    if lora is not None:
-        for ck in ckpt.list_checkpoints(out):
-            finalize_checkpoint(ck, lora)
+                   progress=progress, model_hook=hook if lora is not None else None,
+                   codec=lora.codec() if lora is not None else None)
     trainable = wrapped[0][0] if wrapped else result.params["total"]
     total = result.params["total"] - (wrapped[0][1] if wrapped else 0)  # the base model's
 
     em = None
     if exact_match_rows:
-        import moorelm
-
-        lm = moorelm.load(out, device=cfg.device)
+        loaded = RunFolder(out).load(device=resolve_device(cfg.device))
+        lm = LanguageModel(loaded.model, loaded.tokenizer, out,
+                           meta={"config": loaded.config, "state": loaded.state})
         em = exact_match(lm, eval_pairs[:exact_match_rows])
     rows = {"train": len(train_pairs), "eval": len(eval_pairs)}
     res = SFTResult(out, method, result, trainable, total, em, rows, time.perf_counter() - started)
-    ckpt.atomic_write_json(out / RESULT_FILE, result_dict(res))
+    atomic_write_json(out / RESULT_FILE, result_dict(res))
     return res
 
 

@@ -89,7 +89,7 @@ def make_pairs(task: str = "dates", rows: int = 6000, seed: int = 0) -> list[dic
 
 def write_pairs(pairs: list[dict[str, str]], out: str | Path) -> Path:
     """Write pairs as JSON Lines (UTF-8, one object per line); returns the path."""
-    from moorelm.checkpoint import atomic_write_text
+    from moorelm.atomic import atomic_write_text
 
     out = Path(out)
     if out.is_dir():

@@ -24,9 +24,6 @@ Import reads safetensors only and never unpickles ``.bin`` files.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,10 +31,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from moorelm import checkpoint as ckpt
+from moorelm.atomic import replace_dir
+from moorelm.codecs import LMCodec, build_gpt, read_tensors
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
+from moorelm.run import RunFolder
 from moorelm.tokenizer import EOT, Tokenizer
 
 ARCHITECTURES = ("gpt2", "llama")
@@ -221,18 +220,18 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> P
 
     The folder holds config.json, generation_config.json, model.safetensors and the tokenizer
     (tokenizer.json, tokenizer_config.json); ``AutoModelForCausalLM.from_pretrained(out)`` and
-    ``AutoTokenizer.from_pretrained(out)`` load it. Written to a temporary folder and renamed
-    into place, so a killed export leaves nothing that looks complete.
+    ``AutoTokenizer.from_pretrained(out)`` load it. A LoRA run exports the adapted model (its
+    adapters merged in). Written to a temporary folder and renamed into place, so a killed
+    export leaves nothing that looks complete.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MoorelmError(f"{out} already exists and is not empty; choose another folder or pass --force")
-    model, tokenizer, _, state = ckpt.load_model(run, device="cpu")
+    loaded = RunFolder(run).load(device="cpu")
+    model, tokenizer, state = loaded.model, loaded.tokenizer, loaded.state
     conf = hf_config(model.config, tokenizer.eot_id)  # raises for configs outside both families
     tensors = hf_state_dict(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with replace_dir(out) as tmp:
         # what transformers' config cannot say (initialisation choices) rides along, so an
         # import of this folder restores the run's config exactly
         conf["moorelm"] = {"step": state.get("step"), "source": str(Path(run).resolve()),
@@ -243,12 +242,6 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> P
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
         for name, text in _tokenizer_files(tokenizer, model.config.seq_len).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -296,7 +289,7 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     for f in files:
         if not f.exists():
             raise MoorelmError(f"{f} is listed in {HF_INDEX} but missing")
-        tensors.update(ckpt.read_tensors(f))
+        tensors.update(read_tensors(f))
     return tensors
 
 
@@ -525,7 +518,9 @@ def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None
     hf_dir, run = Path(hf_dir), Path(run)
     if not hf_dir.is_dir():
         raise MoorelmError(f"{hf_dir} is not a folder; pass a Hugging Face model folder")
-    if ckpt.list_checkpoints(run) and not overwrite:
+    target = RunFolder(run)
+    target.check_new(resume=True)  # no folder of the user's files is written over
+    if target.checkpoints() and not overwrite:
         raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
     conf = _read_hf_config(hf_dir)
     family = conf["model_type"]
@@ -552,15 +547,15 @@ def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None
         raise MoorelmError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{cfg.vocab_size} embeddings")
 
-    model = GPT(cfg)  # checks every name and shape against the config
-    ckpt.load_weights(model, sd, hf_dir)
+    model = build_gpt(cfg, sd, hf_dir)  # checks every name and shape against the config
     run_config = {
         "model": cfg.to_dict(),
         "params": model.param_counts(),
         "imported_from": {"format": "hf", "architecture": family, "path": str(hf_dir.resolve())},
     }
-    ckpt.write_run_files(run, run_config, tokenizer)
-    ckpt.save_checkpoint(run, 0, ckpt.model_state(model), {"tokens": 0, "elapsed": 0.0})
+    with target.rewrite(force=overwrite) as new:  # the whole run is replaced, or nothing
+        new.write_files(run_config, tokenizer)
+        new.save(0, LMCodec().checkpoint_files(model), {"tokens": 0, "elapsed": 0.0})
     return run
 
 

@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from moorelm import checkpoint as ckpt
 from moorelm.atomic import atomic_write_json
 from moorelm.data import TokenData
 from moorelm.errors import MoorelmError
+from moorelm.run import RunFolder
 from moorelm.scaling.compare import _plot_comparison, compare_recipes, comparison_sentence
 from moorelm.scaling.ladder_plan import (
     LadderSpec,
@@ -94,7 +94,7 @@ def run_rung(spec: LadderSpec, data: TokenData, out: Path, rung: dict, *,
     shape = tuple(rung["shape"])
     mcfg, tcfg = rung_configs(spec, shape, rung["recipe"], data.vocab_size, rung["steps"])
     run_dir = out / "runs" / rung["name"]
-    resume = bool(ckpt.list_checkpoints(run_dir))
+    resume = bool(RunFolder(run_dir).checkpoints())
     meta = {"recipe": rung["recipe"], "ladder": {k: v for k, v in rung.items() if k != "shape"}}
     t0 = time.perf_counter()
     r = train(mcfg, tcfg, data, run_dir, resume=resume, run_meta=meta, progress=progress)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from moorelm.codecs import Codec
 from moorelm.config import ModelConfig, TrainConfig
 from moorelm.data import DataSource, bits_per_byte
 from moorelm.device import autocast, mfu
@@ -30,7 +31,6 @@ from moorelm.model import GPT
 from moorelm.optim import decay_progress, lr_multiplier
 from moorelm.plots import plot_loss
 from moorelm.training import checkpointing
-from moorelm.training.checkpointing import ModelCodec, PlainCodec
 from moorelm.training.distributed import all_mean, broadcast_float
 from moorelm.training.metrics import METRICS_FILE, LossWindow, metrics_row, write_metrics
 from moorelm.training.setup import Setup, set_up
@@ -51,18 +51,19 @@ def train(
     on_eval: Callable[[dict], None] | None = None,
     model_hook: Callable[[GPT], None] | None = None,
     on_step: Callable[[int], None] | None = None,
-    codec: ModelCodec | None = None,
+    codec: Codec | None = None,
 ) -> TrainResult:
     """Train ``model_cfg`` on ``data`` into the run folder ``out_dir``.
 
     ``data`` is a prepared dataset folder or any ``DataSource`` (the fine-tuning set
     ``moorelm.finetune.sft.SFTData`` is one). ``model_hook`` changes the model in place after
     ``init_weights`` are loaded and before the optimizer sees it (LoRA wraps layers and freezes
-    the base there); ``codec`` (default ``PlainCodec``) says which files a checkpoint writes
-    for the model. ``on_eval`` gets each evaluated metrics row, ``on_step`` each step number
-    after its checkpoint (a callback that raises simulates a crash).
+    the base there); ``codec`` (default: the one ``moorelm.codecs.codec_for`` picks from the
+    run's config) says which files a checkpoint writes for the model. ``on_eval`` gets each
+    evaluated metrics row, ``on_step`` each step number after its checkpoint (a callback that
+    raises simulates a crash). Rank 0 holds the run folder's lock until it returns.
     """
-    s = set_up(model_cfg, cfg, data, Path(out_dir), resume=resume, codec=codec or PlainCodec(),
+    s = set_up(model_cfg, cfg, data, Path(out_dir), resume=resume, codec=codec,
                run_meta=run_meta, init_weights=init_weights, model_hook=model_hook)
     state, cfg, start = s.state, s.cfg, s.state.step
     window, train_loss = LossWindow(), None
@@ -93,9 +94,11 @@ def train(
                 _save(s)
             if on_step:
                 on_step(state.step)
+        return _finish(s, train_loss, ran=state.step > start)
     finally:
         bar.close()
-    return _finish(s, train_loss, ran=state.step > start)
+        if s.lock is not None:
+            s.lock.release()
 
 
 def _optimizer_step(s: Setup, step: int) -> torch.Tensor:

@@ -15,14 +15,15 @@ from typing import Any
 
 import torch
 
+from moorelm.codecs import Codec, codec_for
 from moorelm.config import ModelConfig, TrainConfig, with_vocab
 from moorelm.data import DataSource, TokenData
 from moorelm.device import Precision, choose_precision, peak_flops, setup_device
 from moorelm.errors import MoorelmError
 from moorelm.model import GPT
 from moorelm.optim import Optimizers, build_optimizer
+from moorelm.run import RunLock
 from moorelm.training import checkpointing
-from moorelm.training.checkpointing import ModelCodec
 from moorelm.training.distributed import (
     Dist,
     fully_shard,
@@ -41,7 +42,7 @@ class Setup:
     cfg: TrainConfig
     data: DataSource
     out: Path
-    codec: ModelCodec
+    codec: Codec
     d: Dist
     device: torch.device
     precision: Precision
@@ -57,6 +58,7 @@ class Setup:
     flops_per_token: float
     peak_flops: float | None
     bytes_per_token: float  # of the val split, for bits per byte
+    lock: RunLock | None  # rank 0 holds the run folder while training
 
     @property
     def tokens_per_step(self) -> int:
@@ -64,7 +66,7 @@ class Setup:
 
 
 def set_up(model_cfg: ModelConfig, cfg: TrainConfig, data: DataSource | str | Path, out: Path,
-           *, resume: bool, codec: ModelCodec, run_meta: dict[str, Any] | None = None,
+           *, resume: bool, codec: Codec | None, run_meta: dict[str, Any] | None = None,
            init_weights: dict[str, torch.Tensor] | None = None,
            model_hook: Callable[[GPT], None] | None = None) -> Setup:
     """Check the inputs, place the model and optimizer, restore a checkpoint when resuming,
@@ -84,6 +86,7 @@ def set_up(model_cfg: ModelConfig, cfg: TrainConfig, data: DataSource | str | Pa
     # fp16 (older GPUs) needs loss scaling; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type) if precision.use_scaler else None
     last = checkpointing.resume_point(out, resume, d)
+    lock = checkpointing.hold(out, d)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
@@ -92,7 +95,7 @@ def set_up(model_cfg: ModelConfig, cfg: TrainConfig, data: DataSource | str | Pa
     if model_hook is not None:
         model_hook(model)
     if last is not None:  # full weights go in before the model is moved or sharded
-        checkpointing.load_checkpoint_weights(model, last)
+        checkpointing.load_checkpoint_weights(model, out, last, codec)
     sharded = cfg.fsdp and d.world > 1
     if sharded and precision.use_scaler:
         # fp16 loss scaling must agree across shards on overflow; not wired up for FSDP2
@@ -121,11 +124,12 @@ def set_up(model_cfg: ModelConfig, cfg: TrainConfig, data: DataSource | str | Pa
     }
     if d.main:
         checkpointing.write_run_files(out, config_json, data.tokenizer_path)
+    codec = codec or codec_for(config_json)  # how this kind of model is saved
     return Setup(
         model_cfg=model_cfg, cfg=cfg, data=data, out=out, codec=codec, d=d, device=device,
         precision=precision, scaler=scaler, sharded=sharded, model=model, run_model=run_model,
         step_model=wrap_for_data_parallel(run_model, d, device, sharded), opt=opt, state=state,
         global_batch=global_batch, params=params,
         flops_per_token=model.flops_per_token(model_cfg.seq_len),
-        peak_flops=peak_flops(device, cfg.peak_flops), bytes_per_token=data.bytes_per_token("val"),
+        peak_flops=peak_flops(device, cfg.peak_flops), bytes_per_token=data.bytes_per_token("val"), lock=lock,
     )
