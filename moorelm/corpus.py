@@ -25,6 +25,7 @@ import io
 import itertools
 import os
 import re
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -347,6 +348,35 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
     return docs
 
 
+def _folder_files(root: Path, exts: tuple[str, ...]) -> list[Path]:
+    """The regular files under ``root`` ending in ``exts`` (or those + ".gz"), sorted.
+
+    A link is followed only when its target lies inside ``root`` (links to folders are not
+    descended: a link loop cannot recurse), so a corpus folder cannot pull in ``/etc/passwd``
+    through a symlink. What was skipped is said in one warning."""
+    ends = exts + tuple(e + ".gz" for e in exts)
+    top = root.resolve()
+    files, outside = [], []
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder)
+        for d in dirs:
+            if (here / d).is_symlink() and not (here / d).resolve().is_relative_to(top):
+                outside.append(here / d)
+        for n in names:
+            p = here / n
+            if not n.lower().endswith(ends) or not p.is_file():
+                continue
+            if p.is_symlink() and not p.resolve().is_relative_to(top):
+                outside.append(p)
+                continue
+            files.append(p)
+    if outside:
+        first = min(outside)
+        warnings.warn(f"skipped {len(outside)} link(s) in {root} that lead outside it (such as "
+                      f"{first.relative_to(root)} -> {first.resolve()})", stacklevel=3)
+    return sorted(files)
+
+
 def load_corpus(
     source: str | os.PathLike | None = None,
     *,
@@ -367,15 +397,13 @@ def load_corpus(
     path = Path(source).expanduser()
     if not path.exists():
         raise MoorelmError(f"corpus {str(source)!r} does not exist; pass a .txt, .gz, .jsonl file or a folder")
+    if not path.is_dir() and not path.is_file():
+        raise MoorelmError(f"corpus {str(source)!r} is not a regular file or a folder (a device "
+                           "or a pipe); pass a .txt, .gz, .jsonl file or a folder")
     name = path.name.lower()
     if path.is_dir():
         exts = tuple(e if e.startswith(".") else "." + e for e in extensions)
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and (p.name.lower().endswith(exts) or p.name.lower().endswith(tuple(e + ".gz" for e in exts)))
-        )
+        files = _folder_files(path, exts)
         if not files:
             raise MoorelmError(
                 f"folder {path} has no files ending in {', '.join(exts)}; pass --ext to choose extensions"
