@@ -565,7 +565,33 @@ def read_manifest(folder: str | Path, missing_ok: bool = False) -> dict | None:
         raise MoorelmError(f"{path} is not a moorelm dataset manifest; prepare the dataset again")
     if m.get("format") != FORMAT_VERSION:
         raise MoorelmError(f"{folder} was prepared by another moorelm version; prepare it again")
+    problem = _manifest_problem(m)
+    if problem:
+        raise MoorelmError(f"{path} is damaged ({problem}); delete {folder} and prepare again")
     return m
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with a manifest's fields TokenData relies on, or None. Shard names must
+    be moorelm's own (no path can lead out of the folder)."""
+    def count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if m.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {str(m.get('dtype'))[:20]!r}"
+    if not count(m.get("vocab_size")) or m["vocab_size"] < 1:
+        return "vocab_size"
+    for split in SPLITS:
+        s = m["splits"].get(split)
+        if not isinstance(s, dict) or not count(s.get("tokens")) or not count(s.get("bytes")) \
+                or not isinstance(s.get("shards"), list):
+            return f"split {split!r}"
+        for shard in s["shards"]:
+            if not isinstance(shard, dict) or not count(shard.get("tokens")) \
+                    or not isinstance(shard.get("file"), str) \
+                    or not re.fullmatch(rf"{split}-\d{{5}}\.bin", shard["file"]):
+                return f"a {split} shard entry {str(shard)[:40]}"
+    return None
 
 
 def default_data_dir(corpus: Corpus, options: PrepareOptions) -> Path:

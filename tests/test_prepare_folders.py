@@ -123,3 +123,24 @@ def test_full_disk_is_one_line_and_keeps_the_old_dataset(small_corpus, tmp_path,
     assert err.count("\n") == 1 and "no space left" in err
     assert _snapshot(out) == before
     TokenData(out)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["splits"]["train"]["shards"][0].update(file="../../secret.bin"), "shard entry"),
+    (lambda m: m.update(dtype="float64"), "dtype"),
+    (lambda m: m.update(vocab_size="322"), "vocab_size"),
+    (lambda m: m["splits"].pop("val"), "split 'val'"),
+    (lambda m: m["splits"]["train"].update(tokens=-1), "split 'train'"),
+])
+def test_a_tampered_manifest_is_one_line(small_corpus, tmp_path, edit, message):
+    """TokenData never opens a file a manifest names outside its folder, and fields of the
+    wrong type or range are refused in one line (they were tracebacks from numpy)."""
+    import json
+
+    out = prepare(small_corpus, tmp_path / "data", progress=False)
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 4096)
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(MoorelmError, match=message):
+        TokenData(out)
