@@ -203,6 +203,8 @@ _OWN_NAMES = re.compile(r"(manifest\.json|tokenizer\.json|progress\.json|(train|
 def _dataset_folder(out_dir: str | Path) -> Path:
     """``out_dir`` as an absolute path with ``..`` and links resolved (so ``X/sub/..`` is
     ``X``, never a sibling of ``X/sub``); a file there is refused."""
+    if not str(out_dir).strip():
+        raise MoorelmError("the dataset folder is an empty name; give a folder to write")
     out = Path(out_dir).expanduser().resolve()
     if not out.name:
         raise MoorelmError(f"{out_dir} is the root folder; give a dataset folder to write")
