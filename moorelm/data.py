@@ -284,8 +284,9 @@ def _prepare(corpus: Corpus, out: Path, fp: str, options: PrepareOptions, progre
     # Build in a temp folder next to the target, then swap it in: a killed prepare never
     # leaves a half-written dataset that looks complete.
     tmp = out.with_name(out.name + ".preparing")
-    if tmp.is_dir() and (read_manifest(tmp, missing_ok=True) or {}).get("fingerprint") == fp:
-        _swap_in(tmp, out)  # killed between finishing the dataset and moving it into place
+    if _finished(tmp, fp):  # killed between finishing the dataset and moving it into place
+        (tmp / PROGRESS).unlink(missing_ok=True)
+        _swap_in(tmp, out)
         return out
     state = _read_progress(tmp, fp)
     if state is None:
@@ -335,6 +336,14 @@ def _prepare(corpus: Corpus, out: Path, fp: str, options: PrepareOptions, progre
     (tmp / PROGRESS).unlink()
     _swap_in(tmp, out)
     return out
+
+
+def _finished(tmp: Path, fp: str) -> bool:
+    """Whether the temp folder holds a complete dataset of this fingerprint."""
+    try:
+        return tmp.is_dir() and (read_manifest(tmp, missing_ok=True) or {}).get("fingerprint") == fp
+    except MoorelmError:  # not a manifest of ours: whatever it is, _remove_own judges it
+        return False
 
 
 def _sample_text(corpus: Corpus) -> Iterator[str]:

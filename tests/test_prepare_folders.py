@@ -144,3 +144,23 @@ def test_a_tampered_manifest_is_one_line(small_corpus, tmp_path, edit, message):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(MoorelmError, match=message):
         TokenData(out)
+
+
+def test_a_finished_temp_folder_is_moved_into_place(small_corpus, tmp_path, monkeypatch):
+    """Killed after the dataset was complete but before the swap, a rerun moves the finished
+    temp folder into place (no retokenizing) and the result equals an uninterrupted one."""
+    ref = prepare(small_corpus, tmp_path / "ref", progress=False)
+    real = data._swap_in
+
+    def killed(tmp, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_swap_in", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(small_corpus, tmp_path / "data", progress=False)
+    assert (tmp_path / "data.preparing" / "manifest.json").exists()
+    monkeypatch.setattr(data, "_swap_in", real)
+    monkeypatch.setattr(data, "_tokenize", None)  # would fail if called
+    out = prepare(small_corpus, tmp_path / "data", progress=False)
+    assert _snapshot(out) == _snapshot(ref)
+    assert not (tmp_path / "data.preparing").exists()
