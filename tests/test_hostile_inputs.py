@@ -573,8 +573,9 @@ def _run_subprocess(argv: list[str], cwd: Path, timeout: int) -> tuple[int, str]
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=c.xfail, strict=False)]
-                  if c.xfail else []) for c in CASES],
+    [pytest.param(c, id=c.id, marks=([pytest.mark.xfail(reason=c.xfail, strict=False)]
+                                     if c.xfail else [])
+                  + ([pytest.mark.slow] if c.subprocess else [])) for c in CASES],
 )
 def test_hostile_input(case: Case, tmp_path, tiny_run, shared_hf, capsys, monkeypatch):
     """The case exits with status 2 and one 'moorelm: error:' line, no traceback, and leaves
