@@ -14,6 +14,9 @@ Both round-trip through JSON (``to_dict``/``from_dict``) and live in the run fol
   ``moorelm``), i.e. the "how" of training, independent of size.
 
 Precedence: dataclass defaults < recipe < preset sizes < explicit overrides (flags).
+``from_dict`` is the way in for any dict read from a file: every field is type-checked
+(``n_embd: 32.0``, ``n_head: true`` and ``vocab_size: "322"`` are refused with one line naming
+the field, the value and the type expected) before the range checks of ``__post_init__``.
 This module does not import torch.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -77,6 +81,15 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise MoorelmError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("rope_base", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise MoorelmError(f"model {name} must be > 0, got {getattr(self, name)}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise MoorelmError(f"logit_softcap must be > 0 (or null), got {self.logit_softcap}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise MoorelmError(f"mlp_hidden must be >= 1 (or null), got {self.mlp_hidden}")
+        if not self.init_std >= 0:
+            raise MoorelmError(f"init_std must be >= 0, got {self.init_std}")
 
     @property
     def head_dim(self) -> int:
@@ -166,6 +179,22 @@ class TrainConfig:
             raise MoorelmError(f"eval_iters must be >= 1, got {self.eval_iters}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise MoorelmError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        for name in ("beta1", "beta2", "muon_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise MoorelmError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise MoorelmError(f"eps must be > 0, got {self.eps}")
+        for name in ("weight_decay", "grad_clip", "embed_lr_scale", "eval_interval",
+                     "ckpt_interval"):
+            if getattr(self, name) < 0:
+                raise MoorelmError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("log_interval", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise MoorelmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise MoorelmError(f"threads must be >= 1, got {self.threads}")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise MoorelmError(f"peak_flops must be > 0, got {self.peak_flops}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,13 +268,54 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise MoorelmError(f"{name} {value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
+_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _value_fits(base: str, value: Any) -> bool:
+    if base == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # bool is an int subclass: true is not a width
+        return False
+    if base == "int":
+        return isinstance(value, int)
+    if base == "float":
+        if isinstance(value, int):
+            return abs(value) < 2**1023  # converts to a finite float
+        return isinstance(value, float) and math.isfinite(value)
+    return isinstance(value, str)
+
+
+def _check_types(cls, d: dict[str, Any], what: str) -> None:
+    """Every field of ``d`` has its dataclass field's type (an int is a valid float; null only
+    where the field is optional), else one line naming field, value and expected type."""
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        value = d[f.name]
+        parts = [p.strip() for p in str(f.type).split("|")]
+        optional = "None" in parts
+        base = next(p for p in parts if p != "None")
+        if value is None and optional:
+            continue
+        if value is None or not _value_fits(base, value):
+            try:
+                shown = repr(value)
+            except ValueError:  # an integer past Python's digit limit for str()
+                shown = "a very long integer"
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            expected = _EXPECTED[base] + (" or null" if optional else "")
+            raise MoorelmError(f"{what} field {f.name!r} must be {expected}, got {shown} "
+                               f"({'null' if value is None else type(value).__name__})")
+
+
 def _from_dict(cls, d: dict[str, Any], what: str):
     if not isinstance(d, dict):
-        raise MoorelmError(f"{what} must be a JSON object")
+        raise MoorelmError(f"{what} must be a JSON object, got {type(d).__name__}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
+    unknown = sorted(map(str, set(d) - known))
     if unknown:
         raise MoorelmError(f"{what} has unknown field(s): {', '.join(unknown)}")
+    _check_types(cls, d, what)
     try:
         return cls(**d)
     except TypeError as e:

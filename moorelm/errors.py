@@ -6,9 +6,24 @@ do. The CLI prints it and exits with status 2; the server turns it into a 4xx JS
 Internal invariants use ``assert``.
 """
 
+from __future__ import annotations
+
+import errno
+
 
 class MoorelmError(Exception):
     """A problem with the user's input, explained in one line."""
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def from_os_error(e: OSError, action: str) -> MoorelmError:
+    """One line for an ``OSError`` met while ``action`` ("write data/train-00000.bin"): a full
+    disk says so and what to do; anything else gives the system's reason."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MoorelmError(f"cannot {action}: no space left on the device; free some space "
+                            "and run the same command again")
+    reason = e.strerror or str(e) or type(e).__name__
+    where = f" ({e.filename})" if e.filename else ""
+    return MoorelmError(f"cannot {action}: {reason}{where}")
