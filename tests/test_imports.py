@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "moorelm"
 # An entry for a module that does not exist (yet) is harmless, so a branch that adds one merges
 # without touching this table.
 LAYERS = [
-    {"errors", "atomic"},
+    {"errors", "atomic", "jsonfile"},
     {"config", "corpus", "device", "classify"},  # classify: HF encoders, nothing of moorelm's GPT
     {"tokenizer"},
     {"data", "decode_plan", "model"},
