@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
@@ -41,7 +42,57 @@ def add_parser(sub) -> None:
                    help="torch CPU threads (default: one per core)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
+    _add_limit_flags(p)
     p.set_defaults(func=cmd_serve)
+
+
+# --- server limits (moorelm.serve.ServerLimits). The defaults shown are ServerLimits'
+# own (tests/test_cli_serve.py keeps them in step); a flag left out keeps its field's default.
+LIMIT_FLAGS = {  # flag -> (ServerLimits field, zero allowed)
+    "--keep-alive": ("keep_alive_s", True),
+    "--header-timeout": ("header_timeout_s", False),
+    "--body-timeout": ("body_timeout_s", False),
+    "--drain": ("drain_s", True),
+}
+
+
+def _add_limit_flags(p) -> None:
+    g = p.add_argument_group("limits on what a client may hold of the server")
+    g.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
+                   help="close a kept-alive connection idle this long (default 5; "
+                   "0: close after each response)")
+    g.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
+                   help="close a connection that has not sent a request's headers this long "
+                   "after connecting or after its last response (default 10)")
+    g.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
+                   help="answer 408 to a request whose body has not fully arrived this long "
+                   "after its headers (default 30)")
+    g.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open connections beyond which new requests get 503 (default: half "
+                   "the open-file limit, ulimit -n, at most 1024)")
+    g.add_argument("--drain", type=float, default=None, metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, let running requests finish this long, then "
+                   "end them with 503 shutting_down (default 5; 0: at once)")
+
+
+def server_limits(args: argparse.Namespace):
+    """The ``ServerLimits`` the limit flags ask for (one line, MoorelmError, if invalid)."""
+    from moorelm.serve import ServerLimits
+
+    given = {}
+    for flag, (name, zero_ok) in LIMIT_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            least = "0 or more" if zero_ok else "more than 0"
+            raise MoorelmError(f"{flag} must be a number of seconds, {least}; got {value:g}")
+        given[name] = value
+    if args.max_connections is not None:
+        if args.max_connections < 1:
+            raise MoorelmError(f"--max-connections must be at least 1, got {args.max_connections}")
+        given["max_connections"] = args.max_connections
+    return ServerLimits(**given)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -54,11 +105,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise MoorelmError(f"{flag} must be at least 1, got {value}")
     if args.max_queue < 0:
         raise MoorelmError(f"--max-queue must be at least 0, got {args.max_queue}")
+    limits = server_limits(args)
     if args.threads is not None:
         if args.threads < 1:
             raise MoorelmError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key or None,
           max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body,
-          device=args.device, model_name=args.model_name, log_level=args.log_level)
+          device=args.device, model_name=args.model_name, log_level=args.log_level,
+          limits=limits)
     return 0
