@@ -103,7 +103,10 @@ def write_gguf(path, qtype=Q.F32, arch="llama", width=64, tied=True, seed=0, pre
     w.add_block_count(L)
     w.add_context_length(64)
     w.add_embedding_length(C)
-    w.add_feed_forward_length(meta_ffn or F)
+    if isinstance(meta_ffn, str):
+        w.add_string(f"{arch}.feed_forward_length", meta_ffn)
+    else:
+        w.add_feed_forward_length(meta_ffn or F)
     w.add_head_count(H)
     w.add_head_count_kv(K)
     w.add_rope_dimension_count(D)
@@ -355,6 +358,12 @@ def test_tensor_shapes_that_disagree_with_metadata(tmp_path):
     naming the tensor, its shape and the shape the metadata implies."""
     path = write_gguf(tmp_path / "m.gguf", meta_ffn=96)
     _one_line_error(read_gguf, path, match=r"has shape \(128, 64\), but the metadata implies \(96, 64\)")
+
+
+def test_metadata_of_the_wrong_kind(tmp_path):
+    """A hyper-parameter stored as text where a number belongs is reported, not a traceback."""
+    path = write_gguf(tmp_path / "m.gguf", meta_ffn="wide")
+    _one_line_error(read_gguf, path, match="malformed metadata")
 
 
 def test_missing_bundled_model_says_how_to_install(monkeypatch):

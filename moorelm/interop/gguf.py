@@ -85,9 +85,11 @@ def bundled_model_path(name: str) -> Path:
 
 def resolve_source(source: str | Path) -> Path | None:
     """The GGUF file ``source`` names (a bundled short name or a path ending in .gguf), else None."""
+    path = Path(source)
+    if path.is_dir():  # a Hugging Face folder, even one named like a bundled model
+        return None
     if str(source) in BUNDLED:
         return bundled_model_path(str(source))
-    path = Path(source)
     if path.suffix.lower() == ".gguf" or (path.is_file() and _has_gguf_magic(path)):
         return path
     return None
@@ -315,8 +317,12 @@ def read_gguf(path: str | Path, *, weights: bool = True) -> GGUFModel:
         raise MoorelmError(f"{path}: GGUF architecture {arch!r} cannot be imported; moorelm imports "
                            f"{ARCHITECTURE_HELP}")
     names = {t.name for t in reader.tensors}
-    conf = _hf_config(meta, arch, names, path)
-    files = _tokenizer_files(meta, conf, path)
+    try:
+        conf = _hf_config(meta, arch, names, path)
+        files = _tokenizer_files(meta, conf, path)
+    except (TypeError, ValueError, KeyError, IndexError) as e:  # a value of the wrong kind
+        raise MoorelmError(f"{path} has malformed metadata ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:100]}); the file is corrupt") from None
     tensors = _tensors(reader, conf, arch, path) if weights else {}
     return GGUFModel(conf, tensors, files, arch, meta.get("general.name"), _special_ids(meta))
 
@@ -439,7 +445,11 @@ def _sentencepiece_tokenizer(meta: dict, path: Path):
     else:
         raise MoorelmError(f"{path}: the SentencePiece vocabulary has neither scores nor merges")
     vocab = {t: i for i, t in enumerate(tokens)}
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None))
+    try:
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True,
+                                    dropout=None))
+    except Exception as e:
+        raise MoorelmError(f"{path}: the tokenizer's merges do not fit its vocabulary ({e})") from None
     hf.normalizer = None
     hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
@@ -513,10 +523,13 @@ def import_gguf(path: str | Path, run: str | Path, *, force: bool = False,
     equivalent Hugging Face folder, which is written to a temporary folder next to ``run``.
     """
     from moorelm.atomic import atomic_write_json
+    from moorelm.checkpoint import list_checkpoints
     from moorelm.interop.hf import import_hf
 
     source = resolve_source(path) or Path(path)
     run = Path(run)
+    if list_checkpoints(run) and not force:  # before decoding a large file for nothing
+        raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
     model = read_gguf(source)
     run.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run.parent, prefix=f".{run.name}.gguf.", suffix=".tmp"))
