@@ -23,9 +23,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from moorelm.interop.gguf import import_gguf, resolve_source
     from moorelm.interop.hf import import_hf
 
-    run = import_hf(args.hf_dir, args.run, seq_len=args.seq_len, overwrite=args.force)
+    if resolve_source(args.hf_dir) is not None:  # FILE.gguf or a bundled name (smollm2)
+        run = import_gguf(args.hf_dir, args.run, seq_len=args.seq_len, force=args.force)
+    else:
+        run = import_hf(args.hf_dir, args.run, seq_len=args.seq_len, overwrite=args.force)
     print(f"imported {args.hf_dir} -> {run} (try: moorelm generate {run} --prompt '...')")
     return 0
 
@@ -50,7 +54,8 @@ def add_parser(sub) -> None:
         "pickled .bin files are refused) and write a moorelm run folder that generate, "
         "evaluate and fine-tuning can use.",
     )
-    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder (local)")
+    p.add_argument("hf_dir", metavar="SOURCE", help="Hugging Face model folder (local), a "
+                   "Llama-family FILE.gguf, or 'smollm2' (the bundled SmolLM2-135M-Instruct GGUF)")
     p.add_argument("run", metavar="RUN", help="run folder to write")
     p.add_argument("--seq-len", type=int, default=None,
                    help="shorten the context window (bounds KV-cache memory of long-context models)")
