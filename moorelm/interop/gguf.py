@@ -523,12 +523,12 @@ def import_gguf(path: str | Path, run: str | Path, *, force: bool = False,
     equivalent Hugging Face folder, which is written to a temporary folder next to ``run``.
     """
     from moorelm.atomic import atomic_write_json
-    from moorelm.checkpoint import list_checkpoints
     from moorelm.interop.hf import import_hf
+    from moorelm.run import RunFolder
 
     source = resolve_source(path) or Path(path)
     run = Path(run)
-    if list_checkpoints(run) and not force:  # before decoding a large file for nothing
+    if RunFolder(run).checkpoints() and not force:  # before decoding a large file for nothing
         raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
     model = read_gguf(source)
     run.parent.mkdir(parents=True, exist_ok=True)

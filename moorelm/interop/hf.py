@@ -476,8 +476,7 @@ def convert_tokenizer(hf_dir: str | Path, eos_token: str | None = None) -> Token
             f"the tokenizer of {hf_dir} has no {EOT} token and no end-of-sequence token in "
             "tokenizer_config.json; moorelm needs one to separate documents"
         )
-    kind = "bpe" if isinstance(hf.pre_tokenizer, pre_tokenizers.ByteLevel) else "char"
-    return Tokenizer(hf, kind)
+    return Tokenizer(hf, Tokenizer.kind_of(hf))
 
 
 def _rename_token(node: Any, old: str, new: str) -> Any:
