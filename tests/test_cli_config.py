@@ -38,7 +38,9 @@ def test_every_verb_takes_config_and_print_config(capsys):
 def test_print_config_round_trips_and_command_line_wins(capsys, tmp_path):
     """--print-config's JSON fed back with --config resolves to the same settings; keys may
     use dashes or underscores; a flag on the command line beats the file."""
-    first = _printed(capsys, ["train", "--preset", "tiny", "--max-steps", "3", "--no-compile"])
+    first = _printed(capsys, ["train", "--preset", "tiny", "--max-steps", "3", "--no-compile",
+                              "--logger", "tensorboard", "--logger", "wandb"])
+    assert first["logger"] == ["tensorboard", "wandb"]
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps(first), encoding="utf-8")
     assert _printed(capsys, ["train", "--config", str(saved)]) == first
@@ -46,6 +48,8 @@ def test_print_config_round_trips_and_command_line_wins(capsys, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"max-steps": 7, "lr": 0.01, "quiet": True}))
     got = _printed(capsys, ["train", "--config", str(tmp_path / "b.json"), "--lr", "0.02"])
     assert (got["max_steps"], got["lr"], got["quiet"]) == (7, 0.02, True)
+    got = _printed(capsys, ["train", "--config", str(saved), "--logger", "trackio"])
+    assert got["logger"] == ["trackio"]  # a repeatable flag replaces the file's list
 
 
 def test_print_config_shows_the_recipe_values(capsys):

@@ -150,6 +150,10 @@ def _expected(a: argparse.Action) -> str:
 
 
 def _check_value(key: str, value: Any, a: argparse.Action, path: str) -> None:
+    if isinstance(a, argparse._AppendAction) and isinstance(value, list):
+        for v in value:  # a repeatable flag: a list of values, each checked
+            _check_value(key, v, a, path)
+        return
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     if _is_bool(a):
         ok = isinstance(value, bool)
@@ -176,6 +180,8 @@ def _tokens(value: Any, a: argparse.Action) -> list[str]:
         return [flag] if value else []
     if isinstance(a, argparse._StoreFalseAction):
         return [] if value else [flag]
+    if isinstance(a, argparse._AppendAction) and isinstance(value, list):
+        return [t for v in value for t in _tokens(v, a)]
     return [flag, value if isinstance(value, str) else repr(value)]
 
 
@@ -207,12 +213,15 @@ def apply(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], 
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise MoorelmError(f"config file {path} has unknown key(s) for 'moorelm {argv[0]}': "
                            + ", ".join(hints))
+    given = {t.split("=", 1)[0] for t in argv[1:] if t.startswith("--")}
     flags: list[str] = []
     for raw, value in data.items():
         key = str(raw).replace("-", "_")
         a = known[key]
         if value is None:
             continue  # null: the flag's default
+        if isinstance(a, argparse._AppendAction) and given & set(a.option_strings):
+            continue  # a repeatable flag on the command line replaces the file's list
         _check_value(str(raw), value, a, path)
         if not a.option_strings:  # a positional: the file's value unless the command line gives one
             a.required, a.nargs, a.default = False, "?", value
