@@ -142,3 +142,42 @@ def test_missing_tracker_names_the_extra(capsys, monkeypatch, tmp_path, tiny_run
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'moorelm[track]'" in err and name in err, err
     assert not (out / "metrics.csv").exists()
+
+
+def test_classifier_report_to_tensorboard(tmp_path):
+    """The Hugging Face classifier passes report_to through to Trainer (no longer forced to
+    "none"): TensorBoard's events land in the result folder's tb/, readable by its reader."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("transformers")
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from moorelm.classify.train import finetune_classifier
+    from tests.test_classify import _toy_rows, _write_csv
+
+    encoder = _tiny_encoder_folder(tmp_path)
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(40, 2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune_classifier(str(encoder), train, tmp_path / "m", epochs=2, lr=5e-3,
+                            batch_size=8, max_length=16, early_stopping_patience=None,
+                            report_to=["tensorboard"], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    acc = EventAccumulator(str(tmp_path / "m" / "tb"))
+    acc.Reload()
+    assert any("macro_f1" in t for t in acc.Tags()["scalars"]), acc.Tags()
+
+
+def _tiny_encoder_folder(tmp_path):
+    """test_classify's tiny random BERT, built here (its fixture is module-scoped there)."""
+    from tests.test_classify import tiny_encoder
+
+    class _Factory:
+        def mktemp(self, name):
+            path = tmp_path / name
+            path.mkdir()
+            return path
+
+    return tiny_encoder.__wrapped__(_Factory())
