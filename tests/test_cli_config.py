@@ -79,9 +79,11 @@ def test_positional_from_config_file(capsys, tmp_path):
     """A verb's positional (generate's run folder) may come from the file; the command line's
     still wins."""
     f = tmp_path / "g.json"
-    f.write_text(json.dumps({"run": "runs/a", "temperature": 0, "max_new_tokens": 5}))
+    f.write_text(json.dumps({"run": "runs/a", "temperature": 0, "max_new_tokens": 5,
+                             "prompt": "--dash"}))
     got = _printed(capsys, ["generate", "--config", str(f)])
     assert (got["run"], got["temperature"], got["max_new_tokens"]) == ("runs/a", 0, 5)
+    assert got["prompt"] == "--dash"  # a value that looks like a flag stays a value
     assert _printed(capsys, ["generate", "runs/b", "--config", str(f)])["run"] == "runs/b"
 
 

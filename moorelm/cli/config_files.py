@@ -182,7 +182,8 @@ def _tokens(value: Any, a: argparse.Action) -> list[str]:
         return [] if value else [flag]
     if isinstance(a, argparse._AppendAction) and isinstance(value, list):
         return [t for v in value for t in _tokens(v, a)]
-    return [flag, value if isinstance(value, str) else repr(value)]
+    # --flag=VALUE: a value that starts with a dash stays a value
+    return [f"{flag}={value if isinstance(value, str) else repr(value)}"]
 
 
 def subparser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser | None:
