@@ -172,9 +172,10 @@ def make_loggers(names: Sequence[str], out: str | Path) -> list[MetricsLogger]:
     return [MAKERS[n](out) for n in names]
 
 
-def report_to(names: Sequence[str]) -> list[str] | str:
-    """The same choice as Hugging Face ``TrainingArguments.report_to`` (``"none"``: none),
-    with wandb offline unless ``WANDB_MODE`` is set."""
-    if "wandb" in names:
-        os.environ.setdefault("WANDB_MODE", "offline")
-    return list(names) if names else "none"
+def report_to(names: Sequence[str]) -> list[str]:
+    """The same choice for Hugging Face ``TrainingArguments.report_to`` (what
+    ``moorelm.classify.train.finetune_classifier`` takes; empty: none), each tracker checked
+    to be installed here, before training."""
+    for n in names:
+        __import__(n)  # a missing tracker raises ModuleNotFoundError naming it
+    return list(names)
