@@ -181,3 +181,16 @@ def _tiny_encoder_folder(tmp_path):
             return path
 
     return tiny_encoder.__wrapped__(_Factory())
+
+
+def test_report_to_checks_the_trackers(monkeypatch):
+    """report_to (the classifier's choice of trackers) refuses a tracker that is not
+    installed with an ImportError the CLI turns into one line naming the extra."""
+    from moorelm.cli import missing_extra
+    from moorelm.training.trackers import report_to
+
+    assert report_to([]) == []
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ImportError) as e:
+        report_to(["wandb"])
+    assert "pip install 'moorelm[track]'" in str(missing_extra(e.value, "finetune-classifier"))
