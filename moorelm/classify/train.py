@@ -11,6 +11,7 @@ previous classifier) or complete; the work folder is removed after that.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -176,6 +177,30 @@ def _start_work(work: Path, job: dict[str, Any], resume: bool) -> Path | None:
     return _last_checkpoint(work / "trainer")
 
 
+TRACKER_DIRS = ("tb", "wandb")  # what report_to's trackers write, kept in the result folder
+
+
+@contextlib.contextmanager
+def _tracker_env(report_to: Sequence[str], work: Path):
+    """Point ``report_to``'s trackers at the work folder while training (TensorBoard event
+    files in ``tb/``, wandb offline in ``wandb/``), restoring the environment afterwards."""
+    want = {}
+    if "tensorboard" in report_to:
+        want["TENSORBOARD_LOGGING_DIR"] = str(work / "tb")
+    if "wandb" in report_to:
+        want.update(WANDB_DIR=str(work), WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+    before = {k: os.environ.get(k) for k in want}
+    os.environ.update({k: v for k, v in want.items() if before[k] is None or k == "WANDB_MODE"})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _publish(staged: Path, out: Path, work: Path) -> None:
     """Put the finished folder in place of ``out`` (two renames), then drop the work folder."""
     previous = work / "previous"
@@ -217,6 +242,7 @@ def finetune_classifier(
     warmup_ratio: float = 0.1,
     weight_decay: float = 0.01,
     resume: bool = False,
+    report_to: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Fine-tune a pretrained encoder into a text classifier with ``transformers.Trainer``.
 
@@ -368,7 +394,7 @@ def finetune_classifier(
         greater_is_better=True,
         logging_strategy="steps",
         logging_steps=max(1, min(50, steps_per_epoch // 2)),
-        report_to="none",
+        report_to=list(report_to) if report_to else "none",
         seed=seed,
         data_seed=seed,
         bf16=bf16,
@@ -387,6 +413,8 @@ def finetune_classifier(
     )
     if timer is not None:
         callbacks.append(timer)
+    env = contextlib.ExitStack()  # trackers read their folders when Trainer makes them
+    env.enter_context(_tracker_env(report_to, work))
     trainer = Trainer(
         model=net,
         args=args,
@@ -401,7 +429,7 @@ def finetune_classifier(
         trainer.remove_callback(PrinterCallback)
     if checkpoint is not None:
         say(progress, f"resuming from {checkpoint.name}")
-    with quiet_transformers(not progress):
+    with quiet_transformers(not progress), env:
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_time = time.perf_counter() - started
@@ -464,6 +492,9 @@ def finetune_classifier(
         title=f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
         f"({len(eval_data)} eval rows)",
     )
+    for name in TRACKER_DIRS:
+        if (work / name).is_dir():
+            shutil.copytree(work / name, staged / name, dirs_exist_ok=True)
     atomic_write_json(staged / METRICS_FILE, result)  # written last: marks the folder whole
     _publish(staged, out, work)
     result["metrics_path"] = str(out / METRICS_FILE)

@@ -3,7 +3,9 @@
 A thin layer: each verb's module adds its flags and calls the Python API. Verbs are listed
 in ``VERBS`` (name -> module under moorelm.cli); each module defines ``add_parser(sub)``
 which registers its verb(s) with a ``func(args)`` to run. User errors (``MoorelmError``,
-bad flags) print one line and exit with status 2; warnings print one line each.
+bad flags, a config file that does not fit, an optional extra that is not installed) print
+one line and exit with status 2; warnings print one line each. Every verb takes ``--config
+FILE`` and ``--print-config`` (``moorelm.cli.config_files``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import sys
 import warnings
 
+from moorelm.cli import config_files
 from moorelm.errors import MoorelmError
 
 # module (under moorelm.cli) -> the verbs it registers, in the order --help lists them
@@ -27,11 +30,33 @@ VERBS: dict[str, tuple[str, ...]] = {
 }
 
 
+# top-level module an optional feature imports -> the extra of pyproject.toml that installs it
+EXTRAS: dict[str, str] = {
+    "fastapi": "serve", "uvicorn": "serve", "httptools": "serve", "uvloop": "serve",
+    "starlette": "serve", "transformers": "hf", "accelerate": "hf",
+    "tensorboard": "track", "wandb": "track", "trackio": "track", "yaml": "yaml",
+}
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage dump) with exit status 2."""
 
     def error(self, message: str):  # noqa: D401
-        raise MoorelmError(f"{self.prog}: {message} (see --help)")
+        raise MoorelmError(f"{message} (see '{self.prog} --help')")
+
+
+def missing_extra(e: ImportError, verb: str | None) -> MoorelmError | None:
+    """One line naming the extra that installs the module ``e`` could not import, or None
+    when that module is not an optional dependency (a real bug, left to surface)."""
+    name = (getattr(e, "name", None) or "").split(".")[0]
+    extra = EXTRAS.get(name)
+    if extra is None:
+        return None
+    what = f"'moorelm {verb}'" if verb else "this"
+    if extra == "yaml":
+        return MoorelmError(f"{what} needs PyYAML, which is not installed: pip install pyyaml")
+    return MoorelmError(f"{what} needs {name}, which is not installed: "
+                        f"pip install 'moorelm[{extra}]'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
     for module in VERBS:
         importlib.import_module(f"moorelm.cli.{module}").add_parser(sub)
+    config_files.install(sub)
     return parser
 
 
@@ -55,16 +81,30 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warnings
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = argv[0] if argv and not argv[0].startswith("-") else None
     try:
         parser = build_parser()
+        argv, config_path = config_files.apply(parser, argv)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
+            return 0
+        if getattr(args, "print_config", None):
+            settings = config_files.resolved(args, config_files.subparser(parser, args.verb))
+            fmt = config_files.print_format(args.print_config, config_path)
+            sys.stdout.write(config_files.dump(settings, fmt))
             return 0
         result = args.func(args)
         return int(result or 0)
     except MoorelmError as e:
         print(f"moorelm: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        err = missing_extra(e, verb)
+        if err is None:
+            raise
+        print(f"moorelm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moorelm: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from moorelm.config import (
+    DEFAULT_RECIPE,
     DTYPES,
     MLPS,
     NORMS,
@@ -54,16 +55,18 @@ def _field_type(f: dataclasses.Field):
     return str
 
 
-def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: set[str], title: str) -> None:
+def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: set[str], title: str,
+                        defaults: dict | None = None) -> None:
     """One flag per config field (--n-layer, --max-steps, ...), all defaulting to None so
-    that only flags the user gives override the recipe and preset."""
+    that only flags the user gives override the recipe and preset. ``--help`` shows the value
+    that applies when the flag is not given: ``defaults`` (a recipe's) over the field's own."""
     g = p.add_argument_group(title)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         typ = _field_type(f)
-        default = f.default
+        default = (defaults or {}).get(f.name, f.default)
         help_ = HELP.get(f.name, "") + (f" (default {default})" if default is not None else "")
         if typ is bool:
             g.add_argument(flag, dest=f"{cls.__name__}.{f.name}", default=None,
@@ -72,6 +75,22 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: set[str], title: 
             g.add_argument(flag, dest=f"{cls.__name__}.{f.name}", default=None, type=typ,
                            choices=CHOICES.get(f.name), metavar=None if f.name in CHOICES else f.name.upper(),
                            help=help_.strip())
+
+
+def add_logger_flag(p: argparse.ArgumentParser) -> None:
+    """``--logger`` (repeatable, or comma-separated): trackers beside metrics.csv."""
+    p.add_argument("--logger", action="append", default=None, metavar="NAME",
+                   help="also log to tensorboard, wandb or trackio (several allowed, repeated "
+                   "or comma-separated; offline, files in the run folder; needs "
+                   "'moorelm[track]'); default none: metrics.csv and loss.png only")
+
+
+def make_loggers(args: argparse.Namespace, out: Path) -> list:
+    """The loggers ``--logger`` names for the run folder ``out`` (checked before training)."""
+    from moorelm.training.trackers import make_loggers as make
+    from moorelm.training.trackers import parse_logger_names
+
+    return make(parse_logger_names(args.logger), out)
 
 
 def collect(args: argparse.Namespace, cls) -> dict:
@@ -158,6 +177,65 @@ def _default_out(args) -> Path:
     return Path("runs") / f"{stamp}-{args.preset or args.recipe or 'run'}"
 
 
+def resume_conflicts(args, saved: dict) -> list[str]:
+    """The flags of a ``--resume`` command line that disagree with the saved run (those that
+    agree are fine: the same command line with --resume added continues the run)."""
+    bad = []
+    saved_recipe = saved.get("recipe") or DEFAULT_RECIPE
+    if args.recipe is not None and args.recipe != saved_recipe:
+        bad.append(f"--recipe {args.recipe} (the run used {saved_recipe})")
+    if args.preset is not None and args.preset != saved.get("preset"):
+        bad.append(f"--preset {args.preset} (the run used {saved.get('preset') or 'none'})")
+    model = saved.get("model") or {}
+    for k, v in sorted(collect(args, ModelConfig).items()):
+        if model.get(k) != v:
+            bad.append(f"--{k.replace('_', '-')} {v} (the run has {model.get(k)})")
+    return bad
+
+
+def _check_resume(args, out: Path) -> None:
+    from moorelm.training.checkpointing import resumable_config
+
+    bad = resume_conflicts(args, resumable_config(out))
+    if bad:
+        raise MoorelmError(f"--resume continues {out} as it was built; these flags conflict "
+                           f"with it: {'; '.join(bad)}. Drop them, or train a new run")
+
+
+def resolve_train(args) -> dict:
+    """What ``--print-config`` shows for train: every model and training setting as the
+    recipe, preset and flags resolve it (the saved run's, with --resume), validated."""
+    from moorelm.config import build_configs
+
+    if args.resume:
+        if not args.out:
+            raise MoorelmError("--resume needs --out RUN, the run folder to continue")
+        from moorelm.training.checkpointing import resumable_config
+
+        saved = resumable_config(Path(args.out))
+        bad = resume_conflicts(args, saved)
+        if bad:
+            raise MoorelmError(f"these flags conflict with {args.out}: {'; '.join(bad)}")
+        model = dict(saved["model"])
+        train = {**saved["train"], **collect(args, TrainConfig)}
+        TrainConfig.from_dict({k: v for k, v in train.items()})
+        recipe, preset = saved.get("recipe") or DEFAULT_RECIPE, saved.get("preset")
+    else:
+        m, t = build_configs(preset=args.preset, recipe=args.recipe,
+                             model_overrides=collect(args, ModelConfig),
+                             train_overrides=collect(args, TrainConfig))
+        model, train = m.to_dict(), t.to_dict()
+        recipe, preset = args.recipe or DEFAULT_RECIPE, args.preset
+    if args.logger:
+        from moorelm.training.trackers import parse_logger_names
+
+        parse_logger_names(args.logger)
+    out = {"recipe": recipe, "preset": preset}
+    out.update({k: v for k, v in train.items() if k not in SKIP_TRAIN})
+    out.update({k: v for k, v in model.items() if k not in SKIP_MODEL})
+    return out
+
+
 def cmd_train(args) -> int:
     from moorelm.training.pretrain import describe, pretrain
 
@@ -167,19 +245,20 @@ def cmd_train(args) -> int:
     if args.resume and not args.out:
         raise MoorelmError("--resume needs --out RUN, the run folder to continue")
     out = Path(args.out) if args.out else _default_out(args)
-    if args.resume and (model_over or args.preset or args.recipe):
-        raise MoorelmError("--resume continues a run with its saved model and recipe; "
-                           "drop --preset/--recipe and model flags")
     from moorelm.run import RunFolder
 
-    if int(os.environ.get("RANK", "0")) == 0:  # before preparing data: refuse a folder not ours
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:  # before preparing data: refuse a folder not ours
         RunFolder(out).check_new(args.resume)
+    if args.resume:
+        _check_resume(args, out)
+    loggers = make_loggers(args, out) if main_rank else []
     result = pretrain(
         out, corpus=args.corpus, data_dir=args.data, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, val_frac=args.val_frac, preset=args.preset,
         recipe=args.recipe, model_overrides=model_over, train_overrides=train_over,
         resume=args.resume, text_field=args.text_field, extensions=_exts(args),
-        plays=_plays(args), progress=not args.quiet,
+        plays=_plays(args), progress=not args.quiet, loggers=loggers,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(describe(result))
@@ -271,11 +350,19 @@ def add_parser(sub) -> None:
     add_corpus_flags(p)
     add_tokenizer_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint (the same command "
+                   "line with --resume added works: only flags that conflict with the run are "
+                   "refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_dataclass_flags(p, TrainConfig, SKIP_TRAIN, "training")
-    add_dataclass_flags(p, ModelConfig, SKIP_MODEL, "model")
-    p.set_defaults(func=cmd_train)
+    add_logger_flag(p)
+    r = RECIPES[DEFAULT_RECIPE]
+    note = (f"(defaults shown are those of the default recipe, {DEFAULT_RECIPE}; another "
+            "--recipe or a --preset changes them)")
+    add_dataclass_flags(p, TrainConfig, SKIP_TRAIN, f"training {note}", defaults=r.train)
+    add_dataclass_flags(p, ModelConfig, SKIP_MODEL, f"model {note}",
+                        defaults=r.model)
+    p.set_defaults(func=cmd_train, resolve=resolve_train)
 
     p = sub.add_parser("generate", help="sample text from a trained run",
                        description="Sample a continuation of --prompt with a KV cache; tokens "

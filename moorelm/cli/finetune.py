@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from moorelm.cli.core import add_dataclass_flags, collect
+from moorelm.cli.core import add_dataclass_flags, add_logger_flag, collect, make_loggers
 from moorelm.config import TrainConfig
 from moorelm.errors import MoorelmError
 
@@ -51,7 +52,7 @@ def cmd_finetune(args) -> int:
         args.run, args.data, args.out, eval_data=args.eval_data, eval_rows=args.eval_rows,
         template=_template(args.template), lora=lora, train_overrides=overrides, epochs=args.epochs,
         seed=args.split_seed, pack=args.packing, resume=args.resume, exact_match_rows=args.exact_match_rows,
-        progress=not args.quiet,
+        progress=not args.quiet, loggers=make_loggers(args, Path(args.out)),
     )
     print(describe(result))
     return 0
@@ -137,6 +138,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_logger_flag(p)
     add_dataclass_flags(p, TrainConfig, SKIP_TRAIN, "training (defaults: AdamW, lr 3e-4 full / "
                         "2e-3 LoRA, cosine, batch 16)")
     p.set_defaults(func=cmd_finetune)

@@ -50,6 +50,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ from moorelm.generate import LanguageModel, apply_template, check_template
 from moorelm.run import TOKENIZER_FILE, RunFolder
 from moorelm.tokenizer import Tokenizer
 from moorelm.training.loop import train
+from moorelm.training.metrics import MetricsLogger
 from moorelm.training.state import TrainResult
 
 DEFAULT_TEMPLATE = "{prompt}\n=> "
@@ -403,6 +405,7 @@ def finetune(
     resume: bool = False,
     exact_match_rows: int = DEFAULT_EVAL_ROWS,
     progress: bool = True,
+    loggers: Sequence[MetricsLogger] = (),
 ) -> SFTResult:
     """Fine-tune the newest checkpoint of ``base_run`` on prompt/completion pairs.
 
@@ -414,6 +417,7 @@ def finetune(
     ``resume``, the run in ``out_dir`` continues with its saved settings (base, data, template,
     LoRA); only budgets and training flags may change. Returns the metrics also written to
     ``out_dir/finetune.json``; ``exact_match_rows`` held-out rows are scored (0: skip).
+    ``loggers``: experiment trackers beside metrics.csv (``moorelm.training.trackers``).
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -515,7 +519,7 @@ def finetune(
         run_meta["lora"] = lora.to_dict()
     result = train(model_cfg, cfg, sft, out, resume=resume, run_meta=run_meta, init_weights=init,
                    progress=progress, model_hook=hook if lora is not None else None,
-                   codec=lora.codec() if lora is not None else None)
+                   codec=lora.codec() if lora is not None else None, loggers=loggers)
     trainable = wrapped[0][0] if wrapped else result.params["total"]
     total = result.params["total"] - (wrapped[0][1] if wrapped else 0)  # the base model's
 

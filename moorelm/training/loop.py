@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,14 @@ from moorelm.optim import decay_progress, lr_multiplier
 from moorelm.plots import plot_loss
 from moorelm.training import checkpointing
 from moorelm.training.distributed import all_mean, broadcast_float
-from moorelm.training.metrics import METRICS_FILE, LossWindow, metrics_row, write_metrics
+from moorelm.training.metrics import (
+    METRICS_FILE,
+    LossWindow,
+    MetricsLogger,
+    metrics_row,
+    run_summary,
+    write_metrics,
+)
 from moorelm.training.setup import Setup, set_up
 from moorelm.training.state import TrainResult
 from moorelm.training.validation import estimate_loss
@@ -52,6 +59,7 @@ def train(
     model_hook: Callable[[GPT], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     codec: Codec | None = None,
+    loggers: Sequence[MetricsLogger] = (),
 ) -> TrainResult:
     """Train ``model_cfg`` on ``data`` into the run folder ``out_dir``.
 
@@ -61,10 +69,15 @@ def train(
     the base there); ``codec`` (default: the one ``moorelm.codecs.codec_for`` picks from the
     run's config) says which files a checkpoint writes for the model. ``on_eval`` gets each
     evaluated metrics row, ``on_step`` each step number after its checkpoint (a callback that
-    raises simulates a crash). Rank 0 holds the run folder's lock until it returns.
+    raises simulates a crash). ``loggers`` (``moorelm.training.trackers``) get the config,
+    every metrics.csv row and the loss plot, on rank 0. Rank 0 holds the run folder's lock
+    until it returns.
     """
     s = set_up(model_cfg, cfg, data, Path(out_dir), resume=resume, codec=codec,
                run_meta=run_meta, init_weights=init_weights, model_hook=model_hook)
+    loggers = list(loggers) if s.d.main else []
+    for lg in loggers:
+        lg.start(run_summary(s.model_cfg, s.cfg, s.params, run_meta))
     state, cfg, start = s.state, s.cfg, s.state.step
     window, train_loss = LossWindow(), None
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and s.d.main),
@@ -87,14 +100,14 @@ def train(
             if state.step % cfg.log_interval == 0 or done:
                 train_loss, tok_s = _close_window(s, window)
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                _log(s, cfg.lr * lr_mult, train_loss, tok_s, on_eval, evaluate=done or (
+                _log(s, cfg.lr * lr_mult, train_loss, tok_s, on_eval, loggers, evaluate=done or (
                     cfg.eval_interval > 0 and state.step % cfg.eval_interval == 0))
             bar.update(1)
             if done or (cfg.ckpt_interval > 0 and state.step % cfg.ckpt_interval == 0):
                 _save(s)
             if on_step:
                 on_step(state.step)
-        return _finish(s, train_loss, ran=state.step > start)
+        return _finish(s, train_loss, loggers, ran=state.step > start)
     finally:
         bar.close()
         if s.lock is not None:
@@ -159,8 +172,10 @@ def _close_window(s: Setup, window: LossWindow) -> tuple[float, float]:
 
 
 def _log(s: Setup, lr: float, train_loss: float, tok_s: float,
-         on_eval: Callable[[dict], None] | None, *, evaluate: bool) -> None:
-    """Append a metrics row (with the val loss when ``evaluate``) and write metrics.csv."""
+         on_eval: Callable[[dict], None] | None, loggers: list[MetricsLogger], *,
+         evaluate: bool) -> None:
+    """Append a metrics row (with the val loss when ``evaluate``), write metrics.csv and hand
+    the row to the loggers."""
     state = s.state
     val = None
     if evaluate:
@@ -173,6 +188,8 @@ def _log(s: Setup, lr: float, train_loss: float, tok_s: float,
     state.history.append(row)
     if s.d.main:
         write_metrics(s.out / METRICS_FILE, state.history)
+        for lg in loggers:
+            lg.log(row)
         if evaluate:
             plot_loss(state.history, s.out / "loss.png", title=s.out.name)
 
@@ -182,7 +199,8 @@ def _save(s: Setup) -> None:
                        global_batch=s.global_batch, keep=s.cfg.keep_checkpoints)
 
 
-def _finish(s: Setup, train_loss: float | None, *, ran: bool) -> TrainResult:
+def _finish(s: Setup, train_loss: float | None, loggers: list[MetricsLogger], *,
+            ran: bool) -> TrainResult:
     state = s.state
     if not ran or state.val_loss is None:  # resumed a finished run, or no step was taken
         state.val_loss = estimate_loss(s.run_model, s.data, s.cfg, s.model_cfg.seq_len, s.device,
@@ -191,6 +209,8 @@ def _finish(s: Setup, train_loss: float | None, *, ran: bool) -> TrainResult:
             _save(s)
     if s.d.main and state.history:
         plot_loss(state.history, s.out / "loss.png", title=s.out.name)
+    for lg in loggers:
+        lg.finish(s.out / "loss.png" if state.history else None)
     fpt = s.flops_per_token
     return TrainResult(
         run_dir=s.out, step=state.step, tokens=state.tokens, elapsed=state.elapsed,

@@ -5,16 +5,37 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from moorelm.atomic import atomic_write_text
+from moorelm.config import ModelConfig, TrainConfig
 from moorelm.data import bits_per_byte
 from moorelm.training.state import TrainState
 
 METRICS_FILE = "metrics.csv"
 METRIC_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "tokens_per_s",
                  "elapsed", "mfu"]
+
+
+class MetricsLogger(Protocol):
+    """The loop's one seam for experiment trackers (``moorelm.training.trackers``): called on
+    the main process with the run's config, each metrics.csv row as written, then the loss
+    plot when training ends."""
+
+    def start(self, config: dict[str, Any]) -> None: ...
+
+    def log(self, row: dict[str, Any]) -> None: ...
+
+    def finish(self, loss_plot: Path | None) -> None: ...
+
+
+def run_summary(model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, int],
+                run_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The config a tracker records as the run's hyperparameters."""
+    meta = {k: v for k, v in (run_meta or {}).items() if isinstance(v, (str, int, float, bool))}
+    return {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "params": dict(params), **meta}
 
 
 def fmt(x: float | None, nd: int = 4) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from moorelm.data import (
 from moorelm.errors import MoorelmError
 from moorelm.training import checkpointing
 from moorelm.training.loop import train
+from moorelm.training.metrics import MetricsLogger
 from moorelm.training.state import TrainResult
 
 
@@ -73,8 +74,10 @@ def pretrain(
     plays: list[str] | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    loggers: Sequence[MetricsLogger] = (),
 ) -> TrainResult:
-    """Corpus -> tokenizer and token shards -> configs -> trained run folder."""
+    """Corpus -> tokenizer and token shards -> configs -> trained run folder (``loggers``:
+    experiment trackers beside metrics.csv, ``moorelm.training.trackers``)."""
     out = Path(out)
     if resume:
         saved = checkpointing.resumable_config(out)
@@ -89,7 +92,7 @@ def pretrain(
             raise MoorelmError(f"the dataset differs from the one {out} was trained on; resume with the same corpus")
         meta = {k: v for k, v in saved.items() if k not in ("model", "train", "data", "params", "world_size")}
         return train(model_cfg, cfg, data, out, resume=True, run_meta=meta, progress=progress,
-                     on_step=on_step)
+                     on_step=on_step, loggers=loggers)
 
     # validate every flag before the (possibly long) data preparation
     model_cfg, cfg = build_configs(preset=preset, recipe=recipe, model_overrides=model_overrides,
@@ -98,7 +101,8 @@ def pretrain(
                         extensions, plays, progress)
     model_cfg = with_vocab(model_cfg, data.vocab_size)
     meta = {"recipe": recipe or DEFAULT_RECIPE, "preset": preset}
-    return train(model_cfg, cfg, data, out, run_meta=meta, progress=progress, on_step=on_step)
+    return train(model_cfg, cfg, data, out, run_meta=meta, progress=progress, on_step=on_step,
+                 loggers=loggers)
 
 
 def describe(result: TrainResult) -> str:
