@@ -263,6 +263,16 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_RECIPE = "moorelm"
 
 
+# Training defaults for fine-tuning (flags override them). AdamW for both methods: Muon's
+# orthogonalised update is meant for full hidden matrices, not rank-r adapter factors.
+SFT_TRAIN: dict[str, Any] = dict(
+    optimizer="adamw", lr=3e-4, warmup_steps=20, schedule="cosine", weight_decay=0.0,
+    decay_embeddings=False, beta1=0.9, beta2=0.99, grad_clip=1.0, batch_size=16,
+    eval_interval=100, log_interval=10, ckpt_interval=500, keep_checkpoints=1,
+)
+LORA_LR = 2e-3  # adapters start at zero and are small: a higher rate than full fine-tuning
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise MoorelmError(f"{name} {value!r} is not valid; choose one of: {', '.join(choices)}")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from moorelm.cli.core import add_dataclass_flags, add_logger_flag, collect, make_loggers
-from moorelm.config import TrainConfig
+from moorelm.config import LORA_LR, SFT_TRAIN, TrainConfig
 from moorelm.errors import MoorelmError
 
 # pretraining-only or handled-by-hand training fields get no flag here
@@ -139,8 +139,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_logger_flag(p)
-    add_dataclass_flags(p, TrainConfig, SKIP_TRAIN, "training (defaults: AdamW, lr 3e-4 full / "
-                        "2e-3 LoRA, cosine, batch 16)")
+    add_dataclass_flags(p, TrainConfig, SKIP_TRAIN, "training (defaults: fine-tuning's; lr 3e-4 "
+                        f"full / {LORA_LR:g} LoRA)", defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("finetune-eval", help="exact match of a run on prompt/completion pairs",

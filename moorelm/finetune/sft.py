@@ -62,7 +62,7 @@ from moorelm.atomic import atomic_write_json
 from moorelm.classify.data import read_table
 from moorelm.classify.metrics import TruncationWarning
 from moorelm.codecs import model_tensors
-from moorelm.config import ModelConfig, TrainConfig
+from moorelm.config import LORA_LR, SFT_TRAIN, ModelConfig, TrainConfig
 from moorelm.data import Batch
 from moorelm.device import resolve_device
 from moorelm.errors import MoorelmError
@@ -77,14 +77,6 @@ from moorelm.training.state import TrainResult
 DEFAULT_TEMPLATE = "{prompt}\n=> "
 RESULT_FILE = "finetune.json"
 FIELDS = ("prompt", "completion")
-# Training defaults for fine-tuning (flags override them). AdamW for both methods: Muon's
-# orthogonalised update is meant for full hidden matrices, not rank-r adapter factors.
-SFT_TRAIN: dict[str, Any] = dict(
-    optimizer="adamw", lr=3e-4, warmup_steps=20, schedule="cosine", weight_decay=0.0,
-    decay_embeddings=False, beta1=0.9, beta2=0.99, grad_clip=1.0, batch_size=16,
-    eval_interval=100, log_interval=10, ckpt_interval=500, keep_checkpoints=1,
-)
-LORA_LR = 2e-3  # adapters start at zero and are small: a higher rate than full fine-tuning
 DEFAULT_EPOCHS = 3.0
 DEFAULT_EVAL_ROWS = 200
 
