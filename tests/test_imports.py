@@ -24,7 +24,7 @@ LAYERS = [
     {"data", "decode_plan", "model"},
     {"optim", "checkpoint", "run", "plots"},  # run: the run folder (replaces checkpoint)
     {"generate", "evaluate", "training"},  # training/: the loop
-    {"inference"},  # the engine's parts, below the HTTP server
+    {"inference", "inspect"},  # the engine's parts, below the HTTP server; inspect: a forward pass laid open
     {"finetune", "interop", "scaling"},
     {""},
     {"serve"},
