@@ -23,8 +23,9 @@ LAYERS = [
     {"tokenizer"},
     {"data", "decode_plan", "model"},
     {"optim", "checkpoint", "run", "plots"},  # run: the run folder (replaces checkpoint)
+    {"inspect"},  # a forward pass laid open; LanguageModel.inspect calls it
     {"generate", "evaluate", "training"},  # training/: the loop
-    {"inference", "inspect"},  # the engine's parts, below the HTTP server; inspect: a forward pass laid open
+    {"inference"},  # the engine's parts, below the HTTP server
     {"finetune", "interop", "scaling"},
     {""},
     {"serve"},

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from moorelm.errors import MoorelmError
-from moorelm.generate import generate_tokens
 from moorelm.model import GPT, norm_rotate
 from moorelm.tokenizer import Tokenizer
 
@@ -228,13 +227,14 @@ def _top(lp: torch.Tensor, k: int, tokenizer: Tokenizer, texts: dict) -> list[tu
 def inspect(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int],
             max_new_tokens: int = 0, top_k: int = 5, temperature: float = 0.0,
             seed: int | None = None, layers: Sequence[int] | None = None,
-            truncate: bool = False, stop_at_eot: bool = True) -> Inspection:
+            truncate: bool = False, stop_at_eot: bool = True, lens: bool = True) -> Inspection:
     """Score every token of ``prompt`` (text or token ids) and of a continuation of
     ``max_new_tokens`` tokens (greedy unless ``temperature``), keep the attention of
     ``layers`` (default all) and read the logit lens.
 
     A prompt that with the continuation does not fit the context window raises
-    MoorelmError, unless ``truncate`` keeps its last tokens.
+    MoorelmError, unless ``truncate`` keeps its last tokens. ``lens=False`` skips the logit
+    lens (its tensors are then empty).
     """
     cfg = model.config
     if not isinstance(top_k, int) or top_k < 0:
@@ -266,12 +266,8 @@ def inspect(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int],
         ids = ids[-room:]
     n_prompt = len(ids)
     if max_new_tokens:
-        stop = {tokenizer.eot_id} if stop_at_eot else None
-        for tok in generate_tokens(model, torch.tensor([ids]), max_new_tokens, temperature,
-                                   seed=seed, stop_ids=stop):
-            ids.append(int(tok[0]))
-            if stop and ids[-1] in stop:
-                break
+        ids += _continue(model, ids, max_new_tokens, temperature, seed,
+                         tokenizer.eot_id if stop_at_eot else None)
     kept = list(range(cfg.n_layer)) if layers is None else sorted(set(layers))
     T = len(ids)
     if len(kept) * cfg.n_head * T * T > ATTENTION_BUDGET:
@@ -292,7 +288,11 @@ def inspect(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int],
             score.rank = 1 + int((row > row[tok]).sum())
             score.top = _top(row, top_k, tokenizer, texts)
         tokens.append(score)
-    lens_ids, lens_probs, lens_final = _lens(model, tr)
+    if lens:
+        lens_ids, lens_probs, lens_final = _lens(model, tr)
+    else:
+        lens_ids = torch.zeros(0, T, dtype=torch.long)
+        lens_probs = lens_final = torch.zeros(0, T)
     lens_texts = []
     for row in lens_ids.tolist():
         for i in row:
@@ -302,6 +302,38 @@ def inspect(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int],
     return Inspection(tokens, _top(lp[-1], top_k, tokenizer, texts), tr.attention, lens_ids,
                       lens_probs, lens_final, cfg.n_layer, cfg.n_head, cfg.kv_heads, n_prompt,
                       truncated, lens_texts)
+
+
+@torch.no_grad()
+def _continue(model: GPT, ids: list[int], n: int, temperature: float, seed: int | None,
+              eot: int | None) -> list[int]:
+    """Up to ``n`` tokens after ``ids`` through the KV cache: greedy, or sampled from the
+    softmax at ``temperature`` (seeded). Plain on purpose: ``moorelm.generate`` (which
+    builds on this package's layer) has the full sampler."""
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise MoorelmError(f"temperature must be >= 0, got {temperature}")
+    device = model.wte.weight.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else int(seed))
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(1)
+        logits, _ = model(torch.tensor([ids], device=device), kv_cache=cache, last_only=True)
+        out: list[int] = []
+        for _ in range(n):
+            last = logits[0, -1].float()  # (V,)
+            if temperature < 1e-4:
+                tok = int(last.argmax())
+            else:
+                tok = int(torch.multinomial((last / temperature).softmax(-1), 1, generator=gen))
+            out.append(tok)
+            if tok == eot:
+                break
+            logits, _ = model(torch.tensor([[tok]], device=device), kv_cache=cache)
+        return out
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
