@@ -123,3 +123,49 @@ def test_playground_reports_errors(browser, looping):
         wait_for(lambda: browser.find_element("id", "status").text == "done")
         assert browser.find_element("id", "output").text == "ba" * 5
     engine.stop()
+
+
+def test_playground_colours_tokens_and_shows_attention(browser, looping, tmp_path):
+    """Each generated piece is coloured by its probability (from the API's logprobs);
+    hovering one shows its alternatives; clicking one asks POST /v1/inspect and shows what
+    that token attended to (weights over the earlier tokens, summing to 1), per layer and
+    head; a screenshot of the page is saved."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    model, tok = looping
+    engine = Engine(model, tok, max_batch=2)
+    with BackgroundServer(create_app(engine, "looping")) as server:
+        browser.get(server.url + "/")
+        wait_for(lambda: "looping" in browser.find_element("id", "model").text)
+        set_value(browser, "prompt", "a")
+        set_value(browser, "temperature", "0")
+        set_value(browser, "max-tokens", "8")
+        browser.find_element("id", "generate").click()
+        wait_for(lambda: browser.find_element("id", "status").text == "done")
+        spans = browser.find_elements("css selector", "#output .tok")
+        assert "".join(s.text for s in spans) == "ba" * 4
+        probs = [float(s.get_attribute("data-prob")) for s in spans]
+        assert all(0 < p <= 1 for p in probs)
+        assert all("rgb" in s.value_of_css_property("background-color") for s in spans)
+        ActionChains(browser).move_to_element(spans[2]).perform()
+        tip = wait_for(lambda: browser.find_element("id", "tip").is_displayed()
+                       and browser.find_element("id", "tip").text)
+        assert "alternatives" in tip and "p = " in tip
+        spans[3].click()
+        wait_for(lambda: browser.find_elements("css selector", "#attention .tok"))
+        status = wait_for(lambda: "attended" in browser.find_element("id", "attention-status").text
+                          and browser.find_element("id", "attention-status").text)
+        assert "layer 0" in status and "mean of heads" in status
+        cells = browser.find_elements("css selector", "#attention .tok")
+        pos = int(browser.find_element("id", "attention").get_attribute("data-position"))
+        assert "".join(c.text for c in cells) == "a" + "ba" * 4 and pos == 4
+        weights = [float(c.get_attribute("data-weight")) for c in cells]
+        assert abs(sum(weights[: pos + 1]) - 1) < 1e-2 and sum(weights[pos + 1:]) == 0
+        expected = httpx.post(server.url + "/v1/inspect", json={
+            "model": "looping", "prompt": "a" + "ba" * 4, "position": pos}).json()
+        assert weights[: pos + 1] == pytest.approx(expected["attention"]["weights"][: pos + 1],
+                                                   abs=1e-3)
+        browser.set_window_size(1200, 900)
+        shot = tmp_path / "playground.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+    engine.stop()
