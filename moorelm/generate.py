@@ -275,6 +275,24 @@ def check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[int
     return dict(bias)
 
 
+def parse_logit_bias(items: Iterable[str]) -> dict[int, float] | None:
+    """``["ID=VALUE", ...]`` (the CLI's ``--logit-bias``) -> {id: value}, values checked."""
+    bias: dict[int, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            tok, val = int(key), float(value)
+        except ValueError:
+            tok = val = None
+        if not sep or tok is None or not math.isfinite(val):
+            raise MoorelmError(f"logit bias {item!r} must be TOKEN_ID=VALUE, e.g. 198=-100")
+        if not -MAX_BIAS <= val <= MAX_BIAS:
+            raise MoorelmError(f"logit bias value {val:g} for token {tok} must be in "
+                               f"[-{MAX_BIAS:g}, {MAX_BIAS:g}]")
+        bias[tok] = val
+    return bias or None
+
+
 def check_phrases(phrases: Iterable[str]) -> tuple[str, ...]:
     """Banned phrases as given, refusing empty or whitespace-only ones (they would ban
     everything or nothing) and removing duplicates."""
@@ -512,17 +530,18 @@ class LanguageModel:
                  top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_at_eot: bool = True, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-                 ban: Sequence[str] = ()) -> Iterator[str]:
+                 ban: Sequence[str] | BanList = ()) -> Iterator[str]:
         """Yield the continuation of ``prompt`` as text pieces, as they are produced.
 
-        ``ban``: phrases never produced (see ``BanList``); ``logit_bias``: token id -> value
+        ``ban``: phrases never produced (or a ``BanList`` from ``ban_list``, compiled once
+        for many calls); ``logit_bias``: token id -> value
         in [-100, 100] added to its logit; ``min_p`` and ``repetition_penalty`` as vLLM's.
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                 max_new_tokens=max_new_tokens, seed=seed, min_p=min_p,
                                 repetition_penalty=repetition_penalty)
         bias = check_logit_bias(logit_bias, self.tokenizer.vocab_size)
-        bans = self.ban_list(ban) if ban else None
+        bans = ban if isinstance(ban, BanList) else self.ban_list(ban) if ban else None
         ids = torch.tensor([self.encode_prompt(prompt)], dtype=torch.long)
         streamer = TextStreamer(self.tokenizer)
         stop = {self.tokenizer.eot_id} if stop_at_eot else None
