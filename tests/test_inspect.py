@@ -199,3 +199,35 @@ def test_cli_writes_files_and_refuses_bad_input(tiny_run, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, err
     assert main(["inspect", str(tiny_run), "--prompt", "ROMEO " * 40, "--truncate",
                  "--color", "never", "--no-table"]) == 0
+
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2"])
+def test_attention_and_scores_match_transformers(tmp_path, variant):
+    """On a model imported from the Hugging Face format (SmolLM2's architecture: rotary,
+    RMSNorm, SwiGLU, grouped-query attention; and GPT-2's), inspect's attention weights
+    equal the ones transformers' eager attention returns, and its log-probabilities equal
+    transformers' log-softmax."""
+    pytest.importorskip("transformers")
+    import moorelm
+    from moorelm.interop.hf import import_hf, to_transformers
+
+    tok = Tokenizer.train([SMALL_TEXT], "char")
+    kw = (dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=True)
+          if variant == "llama" else dict(pos="learned", norm="layernorm", mlp="gelu", bias=True))
+    model = tiny(tok, seed=5, **kw)
+    hf_dir = tmp_path / "hf"
+    hf = to_transformers(model)
+    hf.save_pretrained(hf_dir)
+    tok.hf.save(str(hf_dir / "tokenizer.json"))
+    run = import_hf(hf_dir, tmp_path / "run")
+    lm = moorelm.load(run, device="cpu")
+    ids = tok.encode("ROMEO:\nBut, soft")
+    result = lm.inspect(ids, top_k=1)
+    hf.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_attentions=True)
+    for layer, theirs in enumerate(out.attentions):
+        assert torch.allclose(result.attention[layer], theirs[0], atol=1e-5), layer
+    lp = torch.log_softmax(out.logits[0], dim=-1)
+    mine = torch.tensor([t.logprob for t in result.tokens[1:]])
+    assert torch.allclose(mine, lp[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4)

@@ -66,11 +66,11 @@ def terminal(result: Inspection, colour: bool = True, table: bool = True) -> str
             if t.logprob is None:
                 lines.append(f"{i:>4}{mark} {token:<14} {'':>7} {'':>6} {'':>6}")
                 continue
-            alts = "  ".join(f"{_shown(s)!r} {math.exp(lp):.3f}" for s, _, lp in t.top)
+            alts = "  ".join(f"{s!r} {math.exp(lp):.3f}" for s, _, lp in t.top)
             lines.append(f"{i:>4}{mark} {token:<14} {t.prob:>7.4f} {t.rank:>6} "
                          f"{t.surprisal_bits:>6.2f}  {alts}")
         if result.next_top:
-            alts = "  ".join(f"{_shown(s)!r} {math.exp(lp):.3f}" for s, _, lp in result.next_top)
+            alts = "  ".join(f"{s!r} {math.exp(lp):.3f}" for s, _, lp in result.next_top)
             lines.append(f"next: {alts}")
         if result.truncated:
             lines.append(f"(the first {result.truncated} prompt tokens were dropped to fit "
