@@ -169,3 +169,38 @@ def test_playground_colours_tokens_and_shows_attention(browser, looping, tmp_pat
         shot = tmp_path / "playground.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
     engine.stop()
+
+
+def test_inspect_html_page_hover_and_attention(browser, tmp_path):
+    """moorelm inspect's HTML page, opened from disk: hovering a token shows its probability
+    and alternatives; clicking one shades the text by that token's attention (weights over
+    the tokens up to it, which sum to 1) for the chosen layer and head."""
+    import torch
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    from moorelm.config import ModelConfig
+    from moorelm.inspect import inspect, save_html
+    from moorelm.model import GPT
+
+    tok = Tokenizer.train([SMALL_TEXT], "char")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, seq_len=32, n_layer=2, n_head=4,
+                            n_kv_head=2, n_embd=32, pos="rope", norm="rmsnorm")).eval()
+    result = inspect(model, tok, "ROMEO: soft", max_new_tokens=3)
+    page = save_html(result, tmp_path / "inspect.html")
+    browser.get(page.as_uri())
+    spans = wait_for(lambda: browser.find_elements("css selector", "#text .tok"))
+    assert len(spans) == len(result.tokens)
+    assert float(spans[3].get_attribute("data-prob")) == pytest.approx(result.tokens[3].prob, abs=1e-4)
+    ActionChains(browser).move_to_element(spans[3]).perform()
+    tip = wait_for(lambda: browser.find_element("id", "tip").text)
+    assert "alternatives" in tip and "rank" in tip
+    Select(browser.find_element("id", "layer")).select_by_value("1")
+    Select(browser.find_element("id", "head")).select_by_value("3")
+    spans[6].click()
+    weights = [float(s.get_attribute("data-attention")) for s in spans]
+    expected = result.attention_map(1, 3)[6]
+    assert weights[:7] == pytest.approx(expected[:7].tolist(), abs=1e-3)
+    assert sum(weights[:7]) == pytest.approx(1, abs=1e-2) and sum(weights[7:]) == 0
+    assert "layer 1" in browser.find_element("id", "mode").text
