@@ -342,6 +342,16 @@ class BanList:
                     new = torch.tensor(ids, dtype=torch.long)
                     self._after[head] = new if prev is None else torch.cat([prev, new]).unique()
         self.longest = max((len(p) for p in encoded), default=0)
+        self._devices: dict[str, tuple[torch.Tensor, dict[bytes, torch.Tensor]]] = {}
+
+    def on(self, device: torch.device | str) -> tuple[torch.Tensor, dict[bytes, torch.Tensor]]:
+        """The compiled tables on ``device`` (copied there once)."""
+        key = str(torch.device(device))
+        tables = self._devices.get(key)
+        if tables is None:
+            tables = (self.always.to(device), {k: v.to(device) for k, v in self._after.items()})
+            self._devices[key] = tables
+        return tables
 
     def state(self, prompt: Sequence[int] = (), device: torch.device | str = "cpu") -> BanState:
         """A fresh per-sequence state; the prompt's tail counts as text produced so far, so a
@@ -359,8 +369,7 @@ class BanState:
         self.bans = bans
         self.tail = b""
         self._pieces = bans.pieces
-        self._always = bans.always.to(device)
-        self._after = {k: v.to(device) for k, v in bans._after.items()}
+        self._always, self._after = bans.on(device)
 
     def push(self, token: int) -> None:
         """Record a produced token."""
