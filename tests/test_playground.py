@@ -143,10 +143,13 @@ def test_playground_colours_tokens_and_shows_attention(browser, looping, tmp_pat
         browser.find_element("id", "generate").click()
         wait_for(lambda: browser.find_element("id", "status").text == "done")
         spans = browser.find_elements("css selector", "#output .tok")
-        assert "".join(s.text for s in spans) == "ba" * 4
-        probs = [float(s.get_attribute("data-prob")) for s in spans]
+        texts, probs, colours = browser.execute_script(
+            "const c = [...document.querySelectorAll('#output .tok')];"
+            "return [c.map((x) => x.textContent), c.map((x) => parseFloat(x.dataset.prob)),"
+            "        c.map((x) => getComputedStyle(x).backgroundColor)];")
+        assert "".join(texts) == "ba" * 4 and len(spans) == len(texts)
         assert all(0 < p <= 1 for p in probs)
-        assert all("rgb" in s.value_of_css_property("background-color") for s in spans)
+        assert all(c.startswith("rgb") and c != "rgba(0, 0, 0, 0)" for c in colours)
         ActionChains(browser).move_to_element(spans[2]).perform()
         tip = wait_for(lambda: browser.find_element("id", "tip").is_displayed()
                        and browser.find_element("id", "tip").text)
@@ -156,10 +159,11 @@ def test_playground_colours_tokens_and_shows_attention(browser, looping, tmp_pat
         status = wait_for(lambda: "attended" in browser.find_element("id", "attention-status").text
                           and browser.find_element("id", "attention-status").text)
         assert "layer 0" in status and "mean of heads" in status
-        cells = browser.find_elements("css selector", "#attention .tok")
+        texts, weights = browser.execute_script(
+            "const c = [...document.querySelectorAll('#attention .tok')];"
+            "return [c.map((x) => x.textContent), c.map((x) => parseFloat(x.dataset.weight))];")
         pos = int(browser.find_element("id", "attention").get_attribute("data-position"))
-        assert "".join(c.text for c in cells) == "a" + "ba" * 4 and pos == 4
-        weights = [float(c.get_attribute("data-weight")) for c in cells]
+        assert "".join(texts) == "a" + "ba" * 4 and pos == 4
         assert abs(sum(weights[: pos + 1]) - 1) < 1e-2 and sum(weights[pos + 1:]) == 0
         expected = httpx.post(server.url + "/v1/inspect", json={
             "model": "looping", "prompt": "a" + "ba" * 4, "position": pos}).json()
@@ -199,7 +203,9 @@ def test_inspect_html_page_hover_and_attention(browser, tmp_path):
     Select(browser.find_element("id", "layer")).select_by_value("1")
     Select(browser.find_element("id", "head")).select_by_value("3")
     spans[6].click()
-    weights = [float(s.get_attribute("data-attention")) for s in spans]
+    weights = browser.execute_script(
+        "return [...document.querySelectorAll('#text .tok')]"
+        ".map((x) => parseFloat(x.dataset.attention));")
     expected = result.attention_map(1, 3)[6]
     assert weights[:7] == pytest.approx(expected[:7].tolist(), abs=1e-3)
     assert sum(weights[:7]) == pytest.approx(1, abs=1e-2) and sum(weights[7:]) == 0
