@@ -38,7 +38,6 @@ from collections.abc import AsyncIterator, Callable
 from importlib import resources
 
 import anyio
-import torch
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -51,6 +50,7 @@ from moorelm.inference.engine import SHUTTING_DOWN, Engine
 from moorelm.inference.limits import RequestError
 from moorelm.inference.scheduler import QueueFull
 from moorelm.inference.sequence import Request, RequestHandle, TokenEvent
+from moorelm.serve.inspection import inspection
 from moorelm.serve.policy import ServePolicy
 from moorelm.serve.schema import (
     ApiError,
@@ -158,55 +158,9 @@ class Service:
             await asyncio.to_thread(self.engine.ban_list, words)
 
     def inspect(self, body: InspectRequest) -> dict:
-        """``POST /v1/inspect``'s answer (runs in a worker thread, one at a time)."""
-        from moorelm.inspect import inspect
-
-        model = self.engine.runner.model
-        cfg = model.config
-        if isinstance(body.prompt, str):
-            ids = self.tokenizer.encode(_text(body.prompt, "prompt"))
-        else:
-            ids = list(body.prompt)
-        if not ids:
-            raise ApiError(400, "prompt is empty; send some text to inspect", "prompt")
-        bad = [t for t in ids if not 0 <= t < self.engine.token_vocab]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} in the prompt is not in the vocabulary "
-                           f"(ids 0..{self.engine.token_vocab - 1})", "prompt")
-        if len(ids) > self.engine.seq_len:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens, more than this model's "
-                           f"context window of {self.engine.seq_len}; shorten it", "prompt",
-                           "context_length_exceeded")
-        layer = cfg.n_layer - 1 if body.layer is None else body.layer
-        layer = layer + cfg.n_layer if layer < 0 else layer
-        if not 0 <= layer < cfg.n_layer:
-            raise ApiError(400, f"layer {body.layer} does not exist; this model has layers "
-                           f"0..{cfg.n_layer - 1}", "layer")
-        if body.head is not None and body.head >= cfg.n_head:
-            raise ApiError(400, f"head {body.head} does not exist; this model has query "
-                           f"heads 0..{cfg.n_head - 1}", "head")
-        position = body.position
-        if position is not None:
-            position = position + len(ids) if position < 0 else position
-            if not 0 <= position < len(ids):
-                raise ApiError(400, f"position {body.position} is outside the prompt's "
-                               f"{len(ids)} tokens", "position")
-        with self.inspect_lock:
-            result = inspect(model, self.tokenizer, ids, top_k=body.top_logprobs,
-                             layers=[layer] if body.attention else [], lens=False)
-        tokens = [{"id": t.id, "token": self.token_text(t.id), "logprob": t.logprob,
-                   "rank": t.rank,
-                   "top_logprobs": [{"token": self.token_text(i), "id": i, "logprob": lp}
-                                    for _, i, lp in t.top]} for t in result.tokens]
-        out = {"object": "inspection", "model": self.model_name, "tokens": tokens,
-               "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.kv_heads}
-        if body.attention:
-            w = result.attention_map(layer, body.head)  # (T, T)
-            if position is not None:
-                w = w[position]
-            out["attention"] = {"layer": layer, "head": body.head, "position": position,
-                                "weights": torch.round(w, decimals=5).tolist()}
-        return out
+        """``POST /v1/inspect``'s answer (``serve.inspection``; in a worker thread)."""
+        return inspection(body, self.engine, self.model_name, self.token_text,
+                          self.inspect_lock)
 
     def submit(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
                max_param: str, prompt_param: str, logprobs: int | None,
