@@ -3,7 +3,10 @@
 The pieces, from pure to stateful:
 
 - ``SamplingParams``: validated sampling settings (the one place their limits are checked);
-- ``apply_penalties`` and ``sample_next_token``: pure functions of logits and a generator;
+- ``apply_penalties``, ``apply_repetition_penalty`` and ``sample_next_token``: pure functions
+  of logits and a generator (top-k, top-p and min-p restrict what is drawn);
+- ``BanList`` / ``BanState``: phrases that can never be produced, at the text level, whatever
+  tokens would spell them (``BanState.mask`` gives the tokens that would complete one);
 - ``generate_tokens``: prefill once, then decode one token at a time with the KV cache;
 - ``TextStreamer``: turns a stream of token ids into printable text pieces without ever
   splitting a multi-byte character;
@@ -17,8 +20,10 @@ The server's engine reuses these functions; it does not have its own sampler.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +47,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    min_p: float = 0.0  # vLLM's: drop tokens below min_p x the most likely one's probability
+    repetition_penalty: float = 1.0  # vLLM's / CTRL's: > 1 discourages tokens already seen
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -56,6 +63,15 @@ class SamplingParams:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 raise MoorelmError(f"{name.replace('_', ' ')} must be in [-2, 2], got {v}")
+        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            raise MoorelmError(f"min-p must be in [0, 1], got {self.min_p}")
+        rp = self.repetition_penalty
+        if not isinstance(rp, (int, float)) or not (0.0 < rp <= MAX_REPETITION_PENALTY):
+            raise MoorelmError(f"repetition penalty must be in (0, {MAX_REPETITION_PENALTY:g}], "
+                               f"got {rp}")
+
+
+MAX_REPETITION_PENALTY = 100.0  # vLLM only asks > 0; past this it is a ban, use --ban
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
@@ -67,13 +83,24 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as vLLM and transformers apply it: the logit of every token
+    already seen (``seen`` (..., V) bool, prompt and output) is divided by ``penalty`` when
+    positive and multiplied by it when negative."""
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
 GREEDY_BELOW = 1e-4  # temperatures below this sample like 0 (greedy): no float32 overflow
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None,
                       generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                      ) -> torch.Tensor:
+                      min_p: float = 0.0) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). Temperature 0 (or below ``GREEDY_BELOW``) is greedy.
 
     ``generator``: one for the whole batch, or a sequence of one per row; then each row's
@@ -83,21 +110,23 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     Defined for any logits but NaN: tokens at +inf share the row's whole probability, -inf
     tokens are never drawn, a row with nothing above -inf takes its first token, and top-p
     always keeps the most likely token however small p is. NaN logits (a broken checkpoint)
-    raise ``MoorelmError``.
+    raise ``MoorelmError``. ``min_p`` (after top-k and top-p) drops the tokens whose
+    probability is below ``min_p`` times the most likely token's (vLLM's min-p).
     """
     logits = logits.float()
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    probs = _restrict(logits, top_k, top_p).softmax(dim=-1)  # (B, V)
+    probs = _restrict(logits, top_k, top_p, min_p).softmax(dim=-1)  # (B, V)
     cdf = probs.cumsum(dim=-1)  # (B, V)
     if not bool(torch.isfinite(cdf[:, -1]).all()):  # rare: +inf, all -inf or NaN somewhere
-        cdf = _restrict(_tame(logits), top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+        cdf = _restrict(_tame(logits), top_k, top_p, min_p).softmax(dim=-1).cumsum(dim=-1)
     return _draw(cdf, generator)
 
 
-def _restrict(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Logits (B, V) with the tokens outside top-k and the top-p nucleus set to -inf."""
+def _restrict(logits: torch.Tensor, top_k: int | None, top_p: float | None,
+              min_p: float = 0.0) -> torch.Tensor:
+    """Logits (B, V) with the tokens outside top-k, the top-p nucleus and min-p set to -inf."""
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -110,6 +139,10 @@ def _restrict(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> t
         drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed
+        floor = logits.amax(dim=-1, keepdim=True) + math.log(min_p)  # (B, 1)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits
 
 
@@ -164,8 +197,16 @@ def generate_tokens(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     stop_ids: set[int] | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
+    bans: BanList | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue idx (B, T); yields the sampled tokens (B,) step by step.
+
+    ``logit_bias`` (token id -> value added to its logit), ``repetition_penalty`` (over the
+    prompt and the output) and ``bans`` (phrases never produced) shape each step's logits
+    before sampling; without them a step samples the model's logits as they are.
 
     The prompt is prefilled once into a KV cache; each step feeds only the new token. When the
     context window fills up, the cache is rebuilt from the most recent half window and decoding
@@ -186,9 +227,14 @@ def generate_tokens(
     cached = idx.shape[1]  # every row has the same length here: no need to read the cache's
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
+    control = _Control(model.config.vocab_size, idx, logit_bias, repetition_penalty, bans) \
+        if logit_bias or repetition_penalty != 1.0 or bans else None
     try:
         for _ in range(max_new_tokens):
-            nxt = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, gen)  # (B,)
+            step = logits[:, -1, :] if control is None else control.apply(logits[:, -1, :])
+            nxt = sample_next_token(step, temperature, top_k, top_p, gen, min_p)  # (B,)
+            if control is not None:
+                control.push(nxt)
             yield nxt
             if stop is not None:
                 done |= torch.isin(nxt, stop)
@@ -206,6 +252,203 @@ def generate_tokens(
                 cached += 1
     finally:
         model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- banned phrases
+
+
+MAX_BIAS = 100.0  # |logit bias|, OpenAI's range
+
+
+def check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """A logit bias (token id -> value) with ids in the vocabulary and values in
+    [-100, 100], as OpenAI's API takes it; MoorelmError otherwise."""
+    if not bias:
+        return None
+    for tok, value in bias.items():
+        if not isinstance(tok, int) or not 0 <= tok < vocab_size:
+            raise MoorelmError(f"logit bias token id {tok} is not in the vocabulary "
+                               f"(ids 0..{vocab_size - 1})")
+        if not isinstance(value, (int, float)) or not -MAX_BIAS <= value <= MAX_BIAS:
+            raise MoorelmError(f"logit bias value {value} for token {tok} must be in "
+                               f"[-{MAX_BIAS:g}, {MAX_BIAS:g}]")
+    return dict(bias)
+
+
+def parse_logit_bias(items: Iterable[str]) -> dict[int, float] | None:
+    """``["ID=VALUE", ...]`` (the CLI's ``--logit-bias``) -> {id: value}, values checked."""
+    bias: dict[int, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            tok, val = int(key), float(value)
+        except ValueError:
+            tok = val = None
+        if not sep or tok is None or not math.isfinite(val):
+            raise MoorelmError(f"logit bias {item!r} must be TOKEN_ID=VALUE, e.g. 198=-100")
+        if not -MAX_BIAS <= val <= MAX_BIAS:
+            raise MoorelmError(f"logit bias value {val:g} for token {tok} must be in "
+                               f"[-{MAX_BIAS:g}, {MAX_BIAS:g}]")
+        bias[tok] = val
+    return bias or None
+
+
+def check_phrases(phrases: Iterable[str]) -> tuple[str, ...]:
+    """Banned phrases as given, refusing empty or whitespace-only ones (they would ban
+    everything or nothing) and removing duplicates."""
+    out: list[str] = []
+    for phrase in phrases:
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise MoorelmError(f"a banned phrase must be text with something besides "
+                               f"whitespace, got {phrase!r}")
+        if phrase not in out:
+            out.append(phrase)
+    return tuple(out)
+
+
+class BanList:
+    """Phrases a model may never produce, compiled for one tokenizer.
+
+    The ban is on text, not on token sequences: a token is refused when its bytes, appended
+    to the bytes produced so far, would complete a banned phrase, whichever tokens spelled
+    the phrase's beginning (one token, several, a byte at a time). So every tokenisation of
+    a phrase is refused, and so is a phrase that starts in one token and ends inside
+    another. Matching is exact (case-sensitive) on UTF-8 bytes; banning "bad" also bans
+    "badge". Special tokens (end of text) stand for no text and are never refused.
+
+    Compiled once per phrase list: for every proper prefix of a phrase, the tokens whose
+    bytes begin with the rest of it (``_after``), and the tokens that hold a whole phrase
+    (``always``). A step then costs a few ``endswith`` checks on the recent text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, phrases: Iterable[str], vocab_size: int | None = None):
+        self.phrases = check_phrases(phrases)
+        V = vocab_size or tokenizer.vocab_size
+        self.vocab_size = V
+        self.pieces = pieces = token_bytes(tokenizer, V)
+        encoded = [p.encode("utf-8") for p in self.phrases]
+        self.always = torch.zeros(V, dtype=torch.bool)  # (V,)
+        # prefix bytes already produced -> tokens (ids) that would complete a phrase after it
+        self._after: dict[bytes, torch.Tensor] = {}
+        for phrase in encoded:
+            for t, piece in enumerate(pieces):
+                if phrase in piece:
+                    self.always[t] = True
+            for k in range(1, len(phrase)):
+                head, rest = phrase[:k], phrase[k:]
+                ids = [t for t, piece in enumerate(pieces) if piece.startswith(rest)]
+                if ids:
+                    prev = self._after.get(head)
+                    new = torch.tensor(ids, dtype=torch.long)
+                    self._after[head] = new if prev is None else torch.cat([prev, new]).unique()
+        self.longest = max((len(p) for p in encoded), default=0)
+        self._devices: dict[str, tuple[torch.Tensor, dict[bytes, torch.Tensor]]] = {}
+
+    def on(self, device: torch.device | str) -> tuple[torch.Tensor, dict[bytes, torch.Tensor]]:
+        """The compiled tables on ``device`` (copied there once)."""
+        key = str(torch.device(device))
+        tables = self._devices.get(key)
+        if tables is None:
+            tables = (self.always.to(device), {k: v.to(device) for k, v in self._after.items()})
+            self._devices[key] = tables
+        return tables
+
+    def state(self, prompt: Sequence[int] = (), device: torch.device | str = "cpu") -> BanState:
+        """A fresh per-sequence state; the prompt's tail counts as text produced so far, so a
+        phrase the prompt begins cannot be finished by the output."""
+        st = BanState(self, device)
+        for t in prompt[-self.longest:] if self.longest else ():
+            st.push(int(t))
+        return st
+
+
+class BanState:
+    """One sequence's position against a ``BanList``: the recent bytes it has produced."""
+
+    def __init__(self, bans: BanList, device: torch.device | str = "cpu"):
+        self.bans = bans
+        self.tail = b""
+        self._pieces = bans.pieces
+        self._always, self._after = bans.on(device)
+
+    def push(self, token: int) -> None:
+        """Record a produced token."""
+        if 0 <= token < len(self._pieces):
+            keep = max(self.bans.longest - 1, 0)
+            self.tail = (self.tail + self._pieces[token])[-keep:] if keep else b""
+
+    def mask(self) -> torch.Tensor:
+        """Tokens (V,) bool that must not come next."""
+        mask = self._always
+        tail = self.tail
+        for head, ids in self._after.items():
+            if tail.endswith(head):
+                if mask is self._always:
+                    mask = mask.clone()
+                mask[ids] = True
+        return mask
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (1, V) or (V,) with the refused tokens at -inf (padding ids are left)."""
+        mask = self.mask()
+        V = logits.shape[-1]
+        if mask.shape[0] != V:
+            full = torch.zeros(V, dtype=torch.bool, device=logits.device)
+            n = min(V, mask.shape[0])
+            full[:n] = mask[:n]
+            mask = full
+        return logits.masked_fill(mask, float("-inf"))
+
+
+_TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Tokenizer -> pieces
+
+
+def token_bytes(tokenizer: Tokenizer, vocab_size: int | None = None) -> list[bytes]:
+    """The bytes each token id stands for in text (special tokens: none), cached per
+    tokenizer."""
+    V = vocab_size or tokenizer.vocab_size
+    pieces = _TOKEN_BYTES.get(tokenizer)
+    if pieces is None or len(pieces) < V:
+        specials = set(tokenizer.hf.get_added_tokens_decoder())
+        pieces = [b"" if t in specials or t >= tokenizer.vocab_size else tokenizer.piece_bytes(t)
+                  for t in range(max(V, tokenizer.vocab_size))]
+        _TOKEN_BYTES[tokenizer] = pieces
+    return pieces
+
+
+class _Control:
+    """Per-row logit shaping of ``generate_tokens``: bias, repetition penalty, bans."""
+
+    def __init__(self, vocab_size: int, idx: torch.Tensor, logit_bias: dict[int, float] | None,
+                 repetition_penalty: float, bans: BanList | None):
+        device = idx.device
+        self.bias = None
+        if logit_bias:
+            self.bias = torch.zeros(vocab_size, device=device)  # (V,)
+            for tok, value in logit_bias.items():
+                self.bias[int(tok)] = float(value)
+        self.penalty = repetition_penalty
+        self.seen = None
+        if repetition_penalty != 1.0:
+            self.seen = torch.zeros(idx.shape[0], vocab_size, dtype=torch.bool, device=device)
+            self.seen.scatter_(1, idx, True)  # (B, V)
+        self.bans = [bans.state(row.tolist(), device) for row in idx] if bans else None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+        if self.bans is not None:
+            logits = torch.stack([st.apply(row) for st, row in zip(self.bans, logits)])
+        return logits
+
+    def push(self, tokens: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        if self.bans is not None:
+            for st, t in zip(self.bans, tokens.tolist()):
+                st.push(t)
 
 
 PROMPT_PLACEHOLDER = "{prompt}"
@@ -294,15 +537,28 @@ class LanguageModel:
 
     def generate(self, prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop_at_eot: bool = True) -> Iterator[str]:
-        """Yield the continuation of ``prompt`` as text pieces, as they are produced."""
+                 seed: int | None = None, stop_at_eot: bool = True, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
+                 ban: Sequence[str] | BanList = ()) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` as text pieces, as they are produced.
+
+        ``ban``: phrases never produced (or a ``BanList`` from ``ban_list``, compiled once
+        for many calls); ``logit_bias``: token id -> value
+        in [-100, 100] added to its logit; ``min_p`` and ``repetition_penalty`` as vLLM's.
+        """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                max_new_tokens=max_new_tokens, seed=seed)
+                                max_new_tokens=max_new_tokens, seed=seed, min_p=min_p,
+                                repetition_penalty=repetition_penalty)
+        bias = check_logit_bias(logit_bias, self.tokenizer.vocab_size)
+        bans = ban if isinstance(ban, BanList) else self.ban_list(ban) if ban else None
         ids = torch.tensor([self.encode_prompt(prompt)], dtype=torch.long)
         streamer = TextStreamer(self.tokenizer)
         stop = {self.tokenizer.eot_id} if stop_at_eot else None
         for tok in generate_tokens(self.model, ids, params.max_new_tokens, params.temperature,
-                                   params.top_k, params.top_p, params.seed, stop_ids=stop):
+                                   params.top_k, params.top_p, params.seed, stop_ids=stop,
+                                   min_p=params.min_p,
+                                   repetition_penalty=params.repetition_penalty,
+                                   logit_bias=bias, bans=bans):
             t = int(tok[0])
             if stop and t in stop:
                 break
@@ -315,3 +571,13 @@ class LanguageModel:
 
     def complete(self, prompt: str = "", **kwargs) -> str:
         return "".join(self.generate(prompt, **kwargs))
+
+    def ban_list(self, phrases: Sequence[str]) -> BanList:
+        """``phrases`` compiled against this model's tokenizer (reuse it across calls)."""
+        return BanList(self.tokenizer, phrases, self.config.vocab_size)
+
+    def inspect(self, prompt: str | Sequence[int], **kwargs):
+        """See ``moorelm.inspect.inspect``: per-token probabilities, attention, logit lens."""
+        from moorelm.inspect import inspect
+
+        return inspect(self.model, self.tokenizer, prompt, **kwargs)

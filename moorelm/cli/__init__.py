@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, ...]] = {
     "classify": ("finetune-classifier", "classify", "genre-data"),
     "interop": ("export", "import"),
     "serve": ("serve",),
+    "inspect": ("inspect",),
     "scale": ("scale", "trend"),
 }
 

@@ -268,13 +268,18 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     import moorelm
-    from moorelm.generate import SamplingParams
+    from moorelm.generate import SamplingParams, check_phrases, parse_logit_bias
 
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   max_new_tokens=args.max_new_tokens)  # validate before loading anything
+                   max_new_tokens=args.max_new_tokens, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty)  # validate before loading
+    control = {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+               "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban)}
     if args.num_samples < 1:
         raise MoorelmError(f"--num-samples must be >= 1, got {args.num_samples}")
     lm = moorelm.load(args.run, device=args.device)
+    if control["ban"]:
+        control["ban"] = lm.ban_list(control["ban"])  # compiled once for every sample
     # a fine-tuned run's prompt template applies unless --no-template
     prompt = lm.format_prompt(args.prompt) if args.template else args.prompt
     for i in range(args.num_samples):
@@ -284,7 +289,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write(prompt)
         pieces = lm.generate(prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=seed)
+                             seed=seed, **control)
         if args.stream:
             for piece in pieces:
                 sys.stdout.write(piece)
@@ -375,6 +380,14 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below MIN_P x the top token's probability (vLLM's; 0..1)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen (vLLM's; > 0, 1 = off)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=VALUE",
+                   help="add VALUE (-100..100) to token ID's logit (repeatable; OpenAI's)")
+    p.add_argument("--ban", action="append", default=[], metavar="PHRASE",
+                   help="a phrase never produced, however it would be tokenised (repeatable)")
     p.add_argument("--template", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap --prompt in the run's prompt template (fine-tuned runs; default on)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,

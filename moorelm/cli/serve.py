@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,12 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: one per core)")
+    p.add_argument("--policy", default=None, metavar="FILE",
+                   help="the deployment's policy (YAML or JSON): stop strings, banned phrases, "
+                   "max tokens, per model; see docs/serving.md (--config is the flags file "
+                   "every verb takes; it may name a policy: 'policy: FILE')")
+    p.add_argument("--ban", action="append", default=[], metavar="PHRASE",
+                   help="a phrase the server never produces (repeatable; adds to --policy's)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     _add_limit_flags(p)
@@ -97,6 +104,7 @@ def server_limits(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from moorelm.serve import serve
+    from moorelm.serve.policy import ServePolicy, load_policy
 
     if not 0 <= args.port <= 65535:
         raise MoorelmError(f"--port must be in 0..65535, got {args.port}")
@@ -110,8 +118,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise MoorelmError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    name = args.model_name or Path(args.run).resolve().name
+    policy = load_policy(args.policy, name) if args.policy else ServePolicy()
+    policy = policy.with_bans(args.ban) if args.ban else policy
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key or None,
           max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body,
           device=args.device, model_name=args.model_name, log_level=args.log_level,
-          limits=limits)
+          limits=limits, policy=policy)
     return 0

@@ -25,6 +25,7 @@ import threading
 import torch
 
 from moorelm.errors import MoorelmError
+from moorelm.generate import BanList
 from moorelm.inference.limits import ModelLimits
 from moorelm.inference.output import ChoiceText, token_logprobs
 from moorelm.inference.runner import Runner
@@ -45,6 +46,7 @@ log = logging.getLogger("moorelm.inference")
 
 Outbox = dict[RequestHandle, list[TokenEvent]]  # one step's events, per request
 SHUTTING_DOWN = "the server is shutting down"  # the error of requests still running at stop
+BAN_CACHE = 32  # compiled banned-phrase lists kept
 
 
 class Engine:
@@ -77,6 +79,8 @@ class Engine:
         self.scheduler = Scheduler(max_batch, max_queue)
         self.runner = Runner(model, max_batch, self.limits.token_vocab)
         self._thread: threading.Thread | None = None
+        self._bans: dict[tuple[str, ...], BanList] = {}
+        self._ban_lock = threading.Lock()
         self._stopping = False
         self.failure: str | None = None  # set if the loop itself died
         self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "rejected": 0,
@@ -141,6 +145,8 @@ class Engine:
         ``QueueFull`` when the queue is full, and MoorelmError when the engine is not running.
         """
         self.limits.check(request)
+        if request.bad_words:
+            self.ban_list(request.bad_words)  # compiled here, off the engine's thread
         handle = RequestHandle(request, self.scheduler.poke, loop)
         if self._thread is None or self._stopping or self.failure:
             raise MoorelmError("the engine is not running")
@@ -151,6 +157,18 @@ class Engine:
             raise
         self.counters["requests"] += 1
         return handle
+
+    def ban_list(self, phrases: tuple[str, ...]) -> BanList:
+        """``phrases`` compiled for this tokenizer, cached (the last ``BAN_CACHE`` lists)."""
+        with self._ban_lock:
+            bans = self._bans.pop(phrases, None)
+        if bans is None:
+            bans = BanList(self.tokenizer, phrases, self.vocab_size)
+        with self._ban_lock:
+            self._bans[phrases] = bans  # most recently used last
+            while len(self._bans) > BAN_CACHE:
+                self._bans.pop(next(iter(self._bans)))
+        return bans
 
     def generate(self, request: Request) -> list[list[TokenEvent]]:
         """Submit and wait: each choice's events, in choice order (for scripts and tests)."""
@@ -243,7 +261,8 @@ class Engine:
     def _join(self, handle: RequestHandle, choice: int, logits: torch.Tensor) -> None:
         req = handle.request
         text = ChoiceText(self.tokenizer, req.stop, req.stop_at_eot, req.params.max_new_tokens)
-        seq = Sequence(handle, choice, text, self.vocab_size, self.device)
+        bans = self.ban_list(req.bad_words) if req.bad_words else None
+        seq = Sequence(handle, choice, text, self.vocab_size, self.device, bans)
         seq.logits = logits
         self.scheduler.join(seq)
 
@@ -257,8 +276,13 @@ class Engine:
             return True
         seq.last = tok
         self.counters["tokens"] += 1
-        if seq.counts is not None:
-            seq.counts[tok] += 1
+        if seq.controlled:
+            if seq.counts is not None:
+                seq.counts[tok] += 1
+            if seq.seen is not None:
+                seq.seen[0, tok] = True
+            if seq.ban is not None:
+                seq.ban.push(tok)
         event = TokenEvent(seq.index, "", tok, step=self.counters["steps"])
         top = seq.handle.request.logprobs
         if top is not None:

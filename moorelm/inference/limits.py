@@ -3,7 +3,8 @@
 ``ModelLimits.check`` refuses, with a ``RequestError`` naming the field, a request the model
 cannot serve: no prompt, an empty prompt, token ids outside the vocabulary, prompt +
 max tokens beyond the context window, too many choices, empty stop strings, logit_bias ids
-or values out of range, a logprobs count out of range. Sampling settings are checked where
+or values out of range, a logprobs count out of range, an empty or whitespace-only banned
+phrase. Sampling settings are checked where
 they are made (``generate.SamplingParams``). The engine checks every request it is given;
 the server turns a ``RequestError`` into a 400 with ``param`` set.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moorelm.errors import MoorelmError
+from moorelm.generate import check_phrases
 from moorelm.inference.sequence import Request
 
 MAX_CHOICES = 64  # prompts x n in one request
@@ -71,6 +73,10 @@ class ModelLimits:
             if not -MAX_BIAS <= value <= MAX_BIAS:  # NaN fails too
                 raise RequestError(f"logit_bias value {value} for token {tok} must be in "
                                    f"[-{MAX_BIAS:g}, {MAX_BIAS:g}]", "logit_bias")
+        try:
+            check_phrases(request.bad_words)
+        except MoorelmError as e:
+            raise RequestError(str(e), "bad_words") from None
         if request.logprobs is not None and not 0 <= request.logprobs <= self.token_vocab:
             raise RequestError(f"logprobs must be in [0, {self.token_vocab}], got "
                                f"{request.logprobs}", "logprobs")

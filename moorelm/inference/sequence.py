@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moorelm.generate import SamplingParams, make_generator
+from moorelm.generate import BanList, SamplingParams, make_generator
 from moorelm.inference.output import ChoiceText
 
 SEED_MASK = 2**64 - 1  # torch generators take seeds in [0, 2**64)
@@ -29,7 +29,8 @@ class Request:
 
     ``logprobs``: how many most likely alternatives to report per token (0: only the chosen
     token's log-probability; None: none). ``logit_bias``: token id -> value in [-100, 100]
-    added to its logit. Choice ``i * n + j`` is sample j of prompt i; with a seed, it samples
+    added to its logit. ``bad_words``: phrases never produced (``generate.BanList``, at the
+    text level, across token boundaries). Choice ``i * n + j`` is sample j of prompt i; with a seed, it samples
     with seed + i*n + j.
     """
 
@@ -40,6 +41,7 @@ class Request:
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     stop_at_eot: bool = True
+    bad_words: tuple[str, ...] = ()
 
     @property
     def num_choices(self) -> int:
@@ -156,7 +158,7 @@ class Sequence:
     """One choice being decoded: its slot's state besides the KV cache."""
 
     def __init__(self, handle: RequestHandle, index: int, text: ChoiceText,
-                 vocab_size: int, device: torch.device):
+                 vocab_size: int, device: torch.device, bans: BanList | None = None):
         req = handle.request
         p = req.params
         self.handle, self.index, self.params, self.text = handle, index, p, text
@@ -165,6 +167,15 @@ class Sequence:
         self.counts = (torch.zeros(vocab_size, device=device)
                        if p.presence_penalty or p.frequency_penalty else None)  # (V,)
         self.bias = _bias_vector(req.logit_bias, vocab_size, device)  # (V,) or None
+        prompt = req.prompt_of(index)
+        self.seen = None  # (1, V) bool: tokens of the prompt and output, for repetition_penalty
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, list(prompt)] = True
+        self.ban = bans.state(prompt, device) if bans is not None else None
+        # whether anything besides temperature/top-k/top-p shapes its logits (plain rows skip)
+        self.controlled = bool(self.bias is not None or self.counts is not None
+                               or self.seen is not None or self.ban is not None)
         self.logits: torch.Tensor | None = None  # (1, V): what the next token samples from
         self.last = -1  # the token sampled last, fed at the next decode
 

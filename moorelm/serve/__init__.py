@@ -30,9 +30,10 @@ from moorelm.serve.api import (
     check_api_key,
     create_app,
 )
+from moorelm.serve.policy import ServePolicy, load_policy
 
-__all__ = ["BackgroundServer", "DrainingServer", "ServerLimits", "allowed_hosts", "bind",
-           "build_app", "serve"]
+__all__ = ["BackgroundServer", "DrainingServer", "ServePolicy", "ServerLimits", "allowed_hosts",
+           "bind", "build_app", "load_policy", "serve"]
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,10 @@ class ServerLimits:
 def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
               device: str = "auto", model_name: str | None = None,
-              hosts: tuple[str, ...] | None = None, body_timeout: float | None = BODY_TIMEOUT_S):
-    """Load a run folder's newest checkpoint and return the FastAPI app that serves it."""
+              hosts: tuple[str, ...] | None = None, body_timeout: float | None = BODY_TIMEOUT_S,
+              policy: ServePolicy | None = None):
+    """Load a run folder's newest checkpoint and return the FastAPI app that serves it
+    (bounded by ``policy``: see ``moorelm.serve.policy``)."""
     import moorelm
 
     check_api_key(api_key)  # before loading the model
@@ -89,14 +92,15 @@ def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(run).resolve().name
     return create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes,
-                      prompt_template=lm.prompt_template, hosts=hosts, body_timeout=body_timeout)
+                      prompt_template=lm.prompt_template, hosts=hosts, body_timeout=body_timeout,
+                      policy=policy)
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
           max_body_bytes: int = MAX_BODY_BYTES, device: str = "auto",
           model_name: str | None = None, log_level: str = "info",
-          limits: ServerLimits | None = None) -> None:
+          limits: ServerLimits | None = None, policy: ServePolicy | None = None) -> None:
     """Serve a run folder until interrupted (Ctrl-C, SIGTERM: running requests get
     ``limits.drain_s`` to finish).
 
@@ -111,7 +115,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     sock = bind(host, port)  # before loading the model: a taken port fails fast
     hosts = allowed_hosts(host, api_key)
     app = build_app(run, max_batch, max_queue, api_key, max_body_bytes, device, model_name,
-                    hosts, limits.body_timeout_s)
+                    hosts, limits.body_timeout_s, policy)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"moorelm: serving {app.state.service.model_name} at http://{shown}:{actual} "

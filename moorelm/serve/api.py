@@ -5,6 +5,7 @@ Routes:
     POST /v1/completions        text completion; "stream": true for server-sent events
     POST /v1/chat/completions   chat, through the chat template below
     GET  /v1/models             the one model served (also /v1/models/{id})
+    POST /v1/inspect            per-token probabilities and attention of a text (moorelm's)
     GET  /health                liveness and load (no API key needed)
     GET  /                      the web playground (static HTML, no build step)
 
@@ -30,6 +31,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -48,10 +50,13 @@ from moorelm.inference.engine import SHUTTING_DOWN, Engine
 from moorelm.inference.limits import RequestError
 from moorelm.inference.scheduler import QueueFull
 from moorelm.inference.sequence import Request, RequestHandle, TokenEvent
+from moorelm.serve.inspection import inspection
+from moorelm.serve.policy import ServePolicy
 from moorelm.serve.schema import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    InspectRequest,
     Message,
     SamplingBody,
     error_body,
@@ -101,10 +106,14 @@ def render_chat(messages: list[Message], template: str | None) -> str:
 
 
 class Service:
-    """What the routes share: the engine, the model's name, its prompt template."""
+    """What the routes share: the engine, the model's name, its prompt template, the
+    deployment's policy (``serve.policy``)."""
 
-    def __init__(self, engine: Engine, model_name: str, prompt_template: str | None = None):
+    def __init__(self, engine: Engine, model_name: str, prompt_template: str | None = None,
+                 policy: ServePolicy | None = None):
         self.engine = engine
+        self.policy = policy or ServePolicy()
+        self.inspect_lock = threading.Lock()  # one inspection at a time
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.prompt_template = prompt_template
@@ -136,16 +145,43 @@ class Service:
             return tuple(self.tokenizer.encode(text))
         return tuple(await asyncio.to_thread(self.tokenizer.encode, text))
 
+    def bad_words(self, body: SamplingBody) -> tuple[str, ...]:
+        """The phrases a request may not produce: the deployment's, then the client's."""
+        bans = [body.bad_words] if isinstance(body.bad_words, str) else list(body.bad_words or [])
+        return tuple(dict.fromkeys((*self.policy.bad_words, *bans)))
+
+    async def warm_bans(self, body: SamplingBody) -> None:
+        """Compile the request's banned phrases off the event loop (a vocabulary scan); the
+        engine's cache then has them when the request is submitted."""
+        words = self.bad_words(body)
+        if words and all(isinstance(w, str) and w.strip() for w in words):
+            await asyncio.to_thread(self.engine.ban_list, words)
+
+    def inspect(self, body: InspectRequest) -> dict:
+        """``POST /v1/inspect``'s answer (``serve.inspection``; in a worker thread)."""
+        return inspection(body, self.engine, self.model_name, self.token_text,
+                          self.inspect_lock)
+
     def submit(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
                max_param: str, prompt_param: str, logprobs: int | None,
                extra_stop: tuple[str, ...] = ()) -> tuple[Request, RequestHandle]:
         """The engine request for an HTTP body, submitted. The engine checks it against the
         model (``inference.limits``); what it refuses is a 400 naming this route's field."""
-        if max_tokens is None:  # as much as the context window leaves
+        policy = self.policy
+        if max_tokens is None:  # as much as the context window (and the policy) leaves
             max_tokens = max(1, self.engine.seq_len - max((len(p) for p in prompts), default=0))
+            if policy.max_tokens is not None:
+                max_tokens = min(max_tokens, policy.max_tokens)
+        elif policy.max_tokens is not None and max_tokens > policy.max_tokens:
+            if policy.over_max_tokens == "reject":
+                raise ApiError(400, f"{max_param} {max_tokens} is more than this deployment "
+                               f"allows ({policy.max_tokens}); ask for fewer", max_param)
+            max_tokens = policy.max_tokens
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         for s in stops:
             _text(s, "stop")
+        for s in self.bad_words(body):
+            _text(s, "bad_words")
         bias: dict[int, float] = {}
         for key, value in (body.logit_bias or {}).items():
             try:
@@ -157,11 +193,15 @@ class Service:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_k=body.top_k, top_p=body.top_p, max_new_tokens=max_tokens,
                 presence_penalty=body.presence_penalty or 0.0,
-                frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed)
+                frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed,
+                min_p=body.min_p or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None
+                else body.repetition_penalty)
         except MoorelmError as e:
             raise ApiError(400, str(e)) from None
-        request = Request(tuple(prompts), params, body.n, tuple(stops) + extra_stop, logprobs,
-                          bias or None)
+        request = Request(tuple(prompts), params, body.n,
+                          tuple(dict.fromkeys((*stops, *extra_stop, *policy.stop))), logprobs,
+                          bias or None, bad_words=self.bad_words(body))
         try:
             return request, self.engine.submit(request, asyncio.get_running_loop())
         except RequestError as e:
@@ -404,14 +444,16 @@ class Guard:
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES,
                prompt_template: str | None = None, hosts: tuple[str, ...] | None = None,
-               body_timeout: float | None = BODY_TIMEOUT_S) -> FastAPI:
+               body_timeout: float | None = BODY_TIMEOUT_S,
+               policy: ServePolicy | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (started here if it is not running yet).
 
     ``hosts``: the only Host names answered (None: any; ``serve`` passes LOOPBACK_HOSTS for
     a keyless server on loopback). ``body_timeout``: seconds a client has to send its body.
+    ``policy``: the deployment's stop strings, banned phrases and length bound.
     """
     check_api_key(api_key)
-    service = Service(engine, model_name, prompt_template)
+    service = Service(engine, model_name, prompt_template, policy)
     engine.start()
     app = FastAPI(title="moorelm", version="1", summary="OpenAI-compatible API of one moorelm model",
                   docs_url=None, redoc_url=None)
@@ -492,6 +534,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             prompts = [tuple(x) for x in raw]
         if not prompts:
             raise ApiError(400, "prompt is an empty list; send some text", "prompt")
+        await service.warm_bans(body)
         req, handle = service.submit(body, prompts, body.max_tokens, "max_tokens", "prompt",
                                      body.logprobs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
@@ -516,6 +559,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
         return await respond(handle, request, head, body, whole, piece)
 
+    @app.post("/v1/inspect")
+    async def inspect_route(body: InspectRequest):
+        service.check_model(body.model)
+        return await asyncio.to_thread(service.inspect, body)
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
         service.check_model(body.model)
@@ -529,6 +577,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         extra = (CHAT_STOP,) if service.prompt_template is None else ()
         max_tokens = body.max_completion_tokens or body.max_tokens
         max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        await service.warm_bans(body)
         req, handle = service.submit(body, [prompt], max_tokens, max_param, "messages",
                                      logprobs, extra)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",

@@ -13,6 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+MAX_REPETITION_PENALTY = 100.0  # generate.MAX_REPETITION_PENALTY (vLLM asks only > 0)
+MAX_BAD_WORDS = 64  # banned phrases in one request
+MAX_INSPECT_ALTERNATIVES = 20
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -49,6 +53,7 @@ _UNION_HELP = {
               "of token ids",
     "stop": "must be a string or a list of at most 4 strings",
     "content": "must be a string or a list of text parts",
+    "bad_words": "must be a string or a list of at most 64 strings",
 }
 
 
@@ -101,6 +106,11 @@ class SamplingBody(_Body):
         None, description="token id -> value in [-100, 100] added to its logit")
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
     user: StrictStr | None = None
+    # vLLM's extensions, with vLLM's names and ranges
+    min_p: float | None = Field(None, ge=0, le=1, strict=True)
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY, strict=True)
+    bad_words: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_BAD_WORDS)] | None = (
+        Field(None, description="phrases never produced, across token boundaries"))
 
 
 class CompletionRequest(SamplingBody):
@@ -129,3 +139,17 @@ class ChatRequest(SamplingBody):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=5)
+
+
+class InspectRequest(_Body):
+    """``POST /v1/inspect`` (a moorelm extension): score a text's tokens and read the
+    attention of one layer (and head, else the mean over heads); with ``position`` only
+    what that token attended to."""
+
+    model: StrictStr
+    prompt: StrictStr | list[StrictInt]
+    top_logprobs: StrictInt = Field(5, ge=0, le=MAX_INSPECT_ALTERNATIVES)
+    layer: StrictInt | None = Field(None, ge=-1024, description="default: the last; -1 counts back")
+    head: StrictInt | None = Field(None, ge=0, description="default: the mean over heads")
+    position: StrictInt | None = Field(None, ge=-(2**31), description="one query position")
+    attention: StrictBool = True
