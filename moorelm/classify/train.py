@@ -201,6 +201,18 @@ def _tracker_env(report_to: Sequence[str], work: Path):
                 os.environ[k] = v
 
 
+def _native_bf16() -> bool:
+    """Whether bf16 autocast runs natively here: a CUDA GPU with bf16, or a CPU with
+    AVX-512 BF16 or AMX (elsewhere bf16 is emulated and slower than fp32)."""
+    import torch
+
+    from moorelm.device import cpu_supports_bf16
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_bf16()
+
+
 def _publish(staged: Path, out: Path, work: Path) -> None:
     """Put the finished folder in place of ``out`` (two renames), then drop the work folder."""
     previous = work / "previous"
@@ -225,7 +237,7 @@ def finetune_classifier(
     text_column: str = "text",
     label_column: str = "label",
     epochs: float = 3.0,
-    lr: float = 5e-5,
+    lr: float = 1e-4,
     batch_size: int = 32,
     max_length: int = 128,
     seed: int = 0,
@@ -237,8 +249,8 @@ def finetune_classifier(
     time_limit_s: float | None = None,
     eval_steps: int | None = None,
     lr_by_time: bool = False,
-    bf16: bool = False,
-    group_by_length: bool = False,
+    bf16: bool | None = None,
+    group_by_length: bool = True,
     warmup_ratio: float = 0.1,
     weight_decay: float = 0.01,
     resume: bool = False,
@@ -258,8 +270,9 @@ def finetune_classifier(
     as well, the learning rate warms up and decays over those seconds rather than over steps,
     so a run sized by time still ends its schedule (set ``epochs``/``max_steps`` generously).
     ``bf16`` trains under bfloat16 autocast (fast on CPUs with AMX/AVX512-BF16 and on recent
-    GPUs); ``group_by_length`` batches texts of similar length together, which cuts padding
-    a lot when lengths vary.
+    GPUs); None (the default) turns it on where the hardware has native bf16 and off
+    elsewhere. ``group_by_length`` (default on) batches texts of similar length together,
+    which cuts padding a lot when lengths vary (on SST-2, 1.7x the rows per second).
 
     ``out_dir`` (absent, empty, or an earlier classifier, which is replaced) receives a
     standard Hugging Face folder (config with id2label/label2id, model.safetensors, tokenizer
@@ -290,6 +303,8 @@ def finetune_classifier(
     train_all, train, eval_data, names = d.train_all, d.train, d.eval, d.names
     eval_source, balance = d.eval_source, d.balance
     source, local = resolve_model(model)
+    if bf16 is None:
+        bf16 = _native_bf16()
     hyperparameters = {
         "epochs": epochs,
         "lr": lr,

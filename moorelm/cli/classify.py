@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -29,11 +30,12 @@ def cmd_finetune_classifier(args) -> int:
                                "run trains in one go")
         result = finetune_gpt_classifier(args.model, args.train, args.out,
                                          lr=args.lr or 3e-4, max_length=args.max_length,
-                                         device=args.device, **common)
+                                         device=args.device,
+                                         **{**common, "bf16": bool(args.bf16)})
     else:  # a Hugging Face encoder folder or hub id (default: the bundled MiniLM)
         from moorelm.classify.train import finetune_classifier
 
-        result = finetune_classifier(args.model, args.train, args.out, lr=args.lr or 5e-5,
+        result = finetune_classifier(args.model, args.train, args.out, lr=args.lr or 1e-4,
                                      max_length=args.max_length or 128, resume=args.resume,
                                      **common)
     from moorelm.classify.metrics import format_summary
@@ -96,7 +98,7 @@ def add_parser(sub) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=None, help="default 5e-5 (encoders) or 3e-4 (GPT runs)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (encoders) or 3e-4 (GPT runs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default 128; GPT: its context)")
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +107,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-train-rows", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-time", type=float, default=None, help="seconds of training at most")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with AVX-512 BF16/AMX, GPUs)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (encoders: default on where the CPU has AVX-512 BF16/AMX "
+                   "or the GPU has bf16; GPT runs: off unless given, GPUs only)")
     p.add_argument("--device", default="auto", help="for moorelm runs: auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted job of --out from its newest checkpoint (encoders)")
