@@ -29,6 +29,7 @@ header (names, shapes, dtypes) before any model is built, and the weights must b
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from moorelm.atomic import atomic_write_json, replace_dir
@@ -55,7 +57,8 @@ from moorelm.codecs import (
     read_tensors,
 )
 from moorelm.config import ModelConfig
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, from_os_error
+from moorelm.jsonfile import read_json
 from moorelm.tokenizer import Tokenizer
 
 try:
@@ -193,6 +196,15 @@ def check_prompt_template(template: Any, source: str = "prompt template") -> str
     return template
 
 
+def _save_error(e: Exception, checkpoint: Path) -> MoorelmError:
+    """One line for a failed safetensors write: a full disk says so, anything else its reason."""
+    text = str(e)
+    if "StorageFull" in text or "code: 28" in text or "No space left" in text:
+        return from_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                             f"save the checkpoint {checkpoint}")
+    return MoorelmError(f"cannot save the checkpoint {checkpoint}: {text.splitlines()[0][:200]}")
+
+
 class RunFolder:
     """A run folder on disk: config, tokenizer, checkpoints, resume state, locking."""
 
@@ -227,14 +239,9 @@ class RunFolder:
     def read_config(self) -> dict:
         """config.json, checked: a JSON object with a "model" section and a valid template."""
         path = self.config_path
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise MoorelmError(f"{self.path} is not a moorelm run folder (no {CONFIG_FILE})")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise MoorelmError(f"{path} is not valid JSON ({str(e)[:100]})") from None
-        except OSError as e:
-            raise MoorelmError(f"cannot read {path} ({e.strerror})") from None
+        cfg = read_json(path)  # a folder, a device, deep nesting, huge numbers: one line
         if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
             raise MoorelmError(f"{path} has no 'model' section; it was not written by moorelm")
         if cfg.get("prompt_template") is not None:
@@ -293,10 +300,7 @@ class RunFolder:
     def read_state(self, checkpoint: Path | None = None) -> dict:
         """A checkpoint's state.json (the newest checkpoint's by default)."""
         ck = checkpoint or self.latest()
-        try:
-            state = json.loads((ck / STATE_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise MoorelmError(f"{ck}/{STATE_FILE} is unreadable ({str(e)[:100]})") from None
+        state = read_json(ck / STATE_FILE)
         if not isinstance(state, dict):
             raise MoorelmError(f"{ck}/{STATE_FILE} is not a JSON object")
         return state
@@ -324,12 +328,17 @@ class RunFolder:
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints_dir / f"step-{step:08d}"
         stamp = {"step": str(step), "format": FORMAT}
-        with replace_dir(final) as tmp:
-            for name, (tensors, meta) in files.items():
-                save_file(tensors, str(tmp / name), metadata={**stamp, **meta})
-            if optimizer is not None:
-                save_file(optimizer, str(tmp / OPTIMIZER_FILE), metadata=stamp)
-            atomic_write_json(tmp / STATE_FILE, {"step": step, **state})
+        try:
+            with replace_dir(final) as tmp:
+                for name, (tensors, meta) in files.items():
+                    save_file(tensors, str(tmp / name), metadata={**stamp, **meta})
+                if optimizer is not None:
+                    save_file(optimizer, str(tmp / OPTIMIZER_FILE), metadata=stamp)
+                atomic_write_json(tmp / STATE_FILE, {"step": step, **state})
+        except OSError as e:  # the half-written folder is gone; older checkpoints are kept
+            raise from_os_error(e, f"save the checkpoint {final}") from None
+        except SafetensorError as e:  # safetensors reports its own write failures this way
+            raise _save_error(e, final) from None
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.checkpoints_dir.glob(".*.tmp"):  # leftovers of a killed save
