@@ -345,11 +345,26 @@ class RunFolder:
             shutil.rmtree(stale, ignore_errors=True)
         return final
 
+    def check(self, checkpoint: Path | None = None, codec: Codec | None = None) -> Path:
+        """Compare config.json with a checkpoint's safetensors headers (the newest checkpoint,
+        with the codec its kind names by default): names, shapes and dtypes, nothing read or
+        allocated, so a config asking for a million layers is refused at once. Returns the
+        checkpoint."""
+        config = self.read_config()
+        ck = checkpoint or self.latest()
+        codec = codec or codec_for(config, self.kind(ck, config))
+        self._check(codec, self.model_config(config), ck)
+        return ck
+
+    def _check(self, codec: Codec, cfg: ModelConfig, ck: Path) -> list[str]:
+        present = [n for n in codec.files if (ck / n).exists()]
+        codec.check(cfg, {n: read_header(ck / n)[0] for n in present}, ck)
+        return present
+
     def _read(self, codec: Codec, cfg: ModelConfig, ck: Path) -> Files:
         """The codec's files of a checkpoint: headers checked first, then tensors read and
         checked to be finite."""
-        present = [n for n in codec.files if (ck / n).exists()]
-        codec.check(cfg, {n: read_header(ck / n)[0] for n in present}, ck)
+        present = self._check(codec, cfg, ck)
         files = {n: read_tensors(ck / n) for n in present}
         for n, tensors in files.items():
             for k, t in tensors.items():
@@ -395,7 +410,8 @@ class RunFolder:
             return []
         return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE)
 
-    def _check_folder(self) -> None:
+    def check_folder(self) -> None:
+        """Refuse a path that is a file, or a non-empty folder that is not a run."""
         if self.path.exists() and not self.path.is_dir():
             raise MoorelmError(f"{self.path} exists and is not a folder; choose another one")
         entries = self._foreign()
@@ -405,11 +421,19 @@ class RunFolder:
 
     def check_new(self, resume: bool = False) -> None:
         """Refuse to start a run here over files that are not a run's, or over a trained run
-        unless resuming it."""
-        self._check_folder()
-        if not resume and self.checkpoints():
+        unless resuming it; a run to resume must match its config.json (checked from the
+        headers, before the training loop builds the model config.json describes)."""
+        self.check_folder()
+        if not self.checkpoints():
+            return
+        if not resume:
             raise MoorelmError(f"{self.path} already holds a trained run; pass --resume to "
                                "continue it or choose another --out")
+        config = self.read_config()
+        ck = self.latest()
+        kind = self.kind(ck, config)
+        if kind not in _ELSEWHERE:  # a classifier's codec lives above this module; its
+            self.check(ck, codec_for(config, kind))  # trainer checks on load
 
     def lock(self) -> RunLock:
         """Hold the run folder for this process; another process gets one clear line."""
@@ -421,7 +445,7 @@ class RunFolder:
         """A whole new run, built in a temporary folder beside this one and moved into place
         when the block ends without error. An existing run is replaced only with ``force``
         (and never while another process holds it); a folder that is not a run, never."""
-        self._check_folder()
+        self.check_folder()
         if self.checkpoints() and not force:
             raise MoorelmError(f"{self.path} already holds a run; choose another folder or "
                                "pass --force")

@@ -62,13 +62,16 @@ def cmd_trend(args) -> int:
     if out.exists() and not out.is_dir():  # no --force: a user's file is never replaced
         raise MoorelmError(f"--out {out} is a file, not a folder; trend writes trends.png into "
                            "a folder: choose another one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. --out under a file
+        raise from_os_error(e, f"create the folder {out}") from None
     rows = T.trend_table(top_k=args.top_k)
     print(T.format_trend_table(rows))
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        path = T.plot_trends(out / "trends.png", top_k=args.top_k)
     except OSError as e:
-        raise from_os_error(e, f"create the folder {out}") from None
-    path = T.plot_trends(out / "trends.png", top_k=args.top_k)
+        raise from_os_error(e, f"write {out / 'trends.png'}") from None
     print(f"\nplot: {path}")
     return 0
 

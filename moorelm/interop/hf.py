@@ -622,7 +622,7 @@ def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None
     if not hf_dir.is_dir():
         raise MoorelmError(f"{hf_dir} is not a folder; pass a Hugging Face model folder")
     target = RunFolder(run)
-    target.check_new(resume=True)  # no folder of the user's files is written over
+    target.check_folder()  # no folder of the user's files is written over
     if target.checkpoints() and not overwrite:
         raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
     conf = _read_hf_config(hf_dir)
