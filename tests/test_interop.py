@@ -215,8 +215,9 @@ def _shard(hf_dir, target: str) -> None:
 
 
 def test_sharded_index_names_only_files_of_its_folder(tmp_path):
-    """A sharded index naming a file in the folder imports; one naming '../x' or an absolute
-    path (both real weight files) is refused in one line, and nothing is imported."""
+    """A sharded index naming a file in the folder imports; one naming '../x', an absolute
+    path or a file behind a linked folder (all real weight files) is refused in one line, and
+    nothing is imported."""
     import shutil
 
     run = _make_run(tmp_path / "run", **GPT2_STYLE)
@@ -228,11 +229,13 @@ def test_sharded_index_names_only_files_of_its_folder(tmp_path):
     import_hf(ok, tmp_path / "back")
     assert _greedy(tmp_path / "back") == _greedy(run)
     for name, target in [("dot-dot", "../outside.safetensors"),
-                         ("absolute", str(tmp_path / "hf" / "model.safetensors"))]:
+                         ("absolute", str(tmp_path / "hf" / "model.safetensors")),
+                         ("linked-folder", "up/outside.safetensors")]:
         bad = tmp_path / name / "hf"
         shutil.copytree(tmp_path / "hf", bad)
         _shard(bad, target)
         (bad / "model.safetensors").rename(bad.parent / "outside.safetensors")
+        (bad / "up").symlink_to(bad.parent, target_is_directory=True)
         with pytest.raises(MoorelmError, match="may only name files in its own folder") as e:
             import_hf(bad, tmp_path / name / "run")
         assert "\n" not in str(e.value)

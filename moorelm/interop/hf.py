@@ -336,16 +336,16 @@ def _shard_files(hf_dir: Path, index: Path) -> list[Path]:
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise MoorelmError(f"{index} is not a safetensors index (it needs a 'weight_map' object "
                            "from tensor names to file names)")
-    files = []
+    files, root = [], hf_dir.resolve()
     for name in sorted(set(weight_map.values())):
         rel = Path(name)
-        # lexical: the shards of a Hugging Face cache snapshot are links into its blobs, which
-        # is fine; what the index names must be a file of this folder
-        if not name or rel.is_absolute() or ".." in rel.parts or rel.parts[:1] == ("~",) \
-                or "\\" in name:
+        path = hf_dir / rel
+        # the file itself may be a link (a Hugging Face cache snapshot links each file to its
+        # blob); the name may not climb out, be absolute, or pass through a linked folder
+        if not name or rel.is_absolute() or ".." in rel.parts \
+                or not path.parent.resolve().is_relative_to(root):
             raise MoorelmError(f"{index} names the weight file {name!r}, outside {hf_dir}; "
                                "an index may only name files in its own folder")
-        path = hf_dir / rel
         if not (path.exists() or path.is_symlink()):
             raise MoorelmError(f"{path} is listed in {HF_INDEX} but missing")
         if not path.is_file():
