@@ -271,9 +271,12 @@ class RunFolder:
 
     def write_files(self, config: dict, tokenizer: Tokenizer) -> None:
         """config.json and tokenizer.json, each written atomically."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.config_path, config)
-        tokenizer.save(self.tokenizer_path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.config_path, config)
+            tokenizer.save(self.tokenizer_path)
+        except OSError as e:  # a full disk, a read-only folder: one line
+            raise from_os_error(e, f"write the run files in {self.path}") from None
 
     # -- checkpoints
 
@@ -429,11 +432,9 @@ class RunFolder:
         if not resume:
             raise MoorelmError(f"{self.path} already holds a trained run; pass --resume to "
                                "continue it or choose another --out")
-        config = self.read_config()
         ck = self.latest()
-        kind = self.kind(ck, config)
-        if kind not in _ELSEWHERE:  # a classifier's codec lives above this module; its
-            self.check(ck, codec_for(config, kind))  # trainer checks on load
+        if self.kind(ck) not in _ELSEWHERE:  # a classifier's codec lives above this module;
+            self.check(ck)  # its trainer checks on load
 
     def lock(self) -> RunLock:
         """Hold the run folder for this process; another process gets one clear line."""

@@ -375,6 +375,9 @@ CASES = [
     Case("train-full-disk-at-fsync", lambda c: ["train", "--corpus", c.corpus(), "--out",
                                                 str(c.out / "r"), *FAST_TRAIN],
          patch=_enospc("moorelm.atomic:fsync_file")),
+    Case("train-full-disk-at-config", lambda c: ["train", "--corpus", c.corpus(), "--out",
+                                                 str(c.out / "r"), *FAST_TRAIN],
+         patch=_enospc("moorelm.run:atomic_write_json")),
     # ------------------------------------------------------------------ generate
     Case("generate-missing-run", lambda c: ["generate", str(c.inp / "nope")]),
     Case("generate-user-folder", lambda c: ["generate", str(c.user)]),
