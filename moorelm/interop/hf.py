@@ -540,7 +540,7 @@ def convert_tokenizer(hf_dir: str | Path, eos_token: str | None = None) -> Token
     tj, vocab, merges = hf_dir / "tokenizer.json", hf_dir / "vocab.json", hf_dir / "merges.txt"
     if tj.exists() or tj.is_symlink():
         data = read_json(tj)
-    elif vocab.exists() and merges.exists():
+    elif vocab.is_file() and merges.is_file():  # not a pipe or a device: nothing to hang on
         hf = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
