@@ -29,6 +29,7 @@ header (names, shapes, dtypes) before any model is built, and the weights must b
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from moorelm.atomic import atomic_write_json, replace_dir
@@ -55,7 +57,8 @@ from moorelm.codecs import (
     read_tensors,
 )
 from moorelm.config import ModelConfig
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, from_os_error
+from moorelm.jsonfile import read_json
 from moorelm.tokenizer import Tokenizer
 
 try:
@@ -193,6 +196,15 @@ def check_prompt_template(template: Any, source: str = "prompt template") -> str
     return template
 
 
+def _save_error(e: Exception, checkpoint: Path) -> MoorelmError:
+    """One line for a failed safetensors write: a full disk says so, anything else its reason."""
+    text = str(e)
+    if "StorageFull" in text or "code: 28" in text or "No space left" in text:
+        return from_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                             f"save the checkpoint {checkpoint}")
+    return MoorelmError(f"cannot save the checkpoint {checkpoint}: {text.splitlines()[0][:200]}")
+
+
 class RunFolder:
     """A run folder on disk: config, tokenizer, checkpoints, resume state, locking."""
 
@@ -227,14 +239,9 @@ class RunFolder:
     def read_config(self) -> dict:
         """config.json, checked: a JSON object with a "model" section and a valid template."""
         path = self.config_path
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise MoorelmError(f"{self.path} is not a moorelm run folder (no {CONFIG_FILE})")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise MoorelmError(f"{path} is not valid JSON ({str(e)[:100]})") from None
-        except OSError as e:
-            raise MoorelmError(f"cannot read {path} ({e.strerror})") from None
+        cfg = read_json(path)  # a folder, a device, deep nesting, huge numbers: one line
         if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
             raise MoorelmError(f"{path} has no 'model' section; it was not written by moorelm")
         if cfg.get("prompt_template") is not None:
@@ -264,9 +271,12 @@ class RunFolder:
 
     def write_files(self, config: dict, tokenizer: Tokenizer) -> None:
         """config.json and tokenizer.json, each written atomically."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.config_path, config)
-        tokenizer.save(self.tokenizer_path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.config_path, config)
+            tokenizer.save(self.tokenizer_path)
+        except OSError as e:  # a full disk, a read-only folder: one line
+            raise from_os_error(e, f"write the run files in {self.path}") from None
 
     # -- checkpoints
 
@@ -293,10 +303,7 @@ class RunFolder:
     def read_state(self, checkpoint: Path | None = None) -> dict:
         """A checkpoint's state.json (the newest checkpoint's by default)."""
         ck = checkpoint or self.latest()
-        try:
-            state = json.loads((ck / STATE_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise MoorelmError(f"{ck}/{STATE_FILE} is unreadable ({str(e)[:100]})") from None
+        state = read_json(ck / STATE_FILE)
         if not isinstance(state, dict):
             raise MoorelmError(f"{ck}/{STATE_FILE} is not a JSON object")
         return state
@@ -324,23 +331,43 @@ class RunFolder:
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints_dir / f"step-{step:08d}"
         stamp = {"step": str(step), "format": FORMAT}
-        with replace_dir(final) as tmp:
-            for name, (tensors, meta) in files.items():
-                save_file(tensors, str(tmp / name), metadata={**stamp, **meta})
-            if optimizer is not None:
-                save_file(optimizer, str(tmp / OPTIMIZER_FILE), metadata=stamp)
-            atomic_write_json(tmp / STATE_FILE, {"step": step, **state})
+        try:
+            with replace_dir(final) as tmp:
+                for name, (tensors, meta) in files.items():
+                    save_file(tensors, str(tmp / name), metadata={**stamp, **meta})
+                if optimizer is not None:
+                    save_file(optimizer, str(tmp / OPTIMIZER_FILE), metadata=stamp)
+                atomic_write_json(tmp / STATE_FILE, {"step": step, **state})
+        except OSError as e:  # the half-written folder is gone; older checkpoints are kept
+            raise from_os_error(e, f"save the checkpoint {final}") from None
+        except SafetensorError as e:  # safetensors reports its own write failures this way
+            raise _save_error(e, final) from None
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.checkpoints_dir.glob(".*.tmp"):  # leftovers of a killed save
             shutil.rmtree(stale, ignore_errors=True)
         return final
 
+    def check(self, checkpoint: Path | None = None, codec: Codec | None = None) -> Path:
+        """Compare config.json with a checkpoint's safetensors headers (the newest checkpoint,
+        with the codec its kind names by default): names, shapes and dtypes, nothing read or
+        allocated, so a config asking for a million layers is refused at once. Returns the
+        checkpoint."""
+        config = self.read_config()
+        ck = checkpoint or self.latest()
+        codec = codec or codec_for(config, self.kind(ck, config))
+        self._check(codec, self.model_config(config), ck)
+        return ck
+
+    def _check(self, codec: Codec, cfg: ModelConfig, ck: Path) -> list[str]:
+        present = [n for n in codec.files if (ck / n).exists()]
+        codec.check(cfg, {n: read_header(ck / n)[0] for n in present}, ck)
+        return present
+
     def _read(self, codec: Codec, cfg: ModelConfig, ck: Path) -> Files:
         """The codec's files of a checkpoint: headers checked first, then tensors read and
         checked to be finite."""
-        present = [n for n in codec.files if (ck / n).exists()]
-        codec.check(cfg, {n: read_header(ck / n)[0] for n in present}, ck)
+        present = self._check(codec, cfg, ck)
         files = {n: read_tensors(ck / n) for n in present}
         for n, tensors in files.items():
             for k, t in tensors.items():
@@ -386,7 +413,8 @@ class RunFolder:
             return []
         return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE)
 
-    def _check_folder(self) -> None:
+    def check_folder(self) -> None:
+        """Refuse a path that is a file, or a non-empty folder that is not a run."""
         if self.path.exists() and not self.path.is_dir():
             raise MoorelmError(f"{self.path} exists and is not a folder; choose another one")
         entries = self._foreign()
@@ -396,11 +424,17 @@ class RunFolder:
 
     def check_new(self, resume: bool = False) -> None:
         """Refuse to start a run here over files that are not a run's, or over a trained run
-        unless resuming it."""
-        self._check_folder()
-        if not resume and self.checkpoints():
+        unless resuming it; a run to resume must match its config.json (checked from the
+        headers, before the training loop builds the model config.json describes)."""
+        self.check_folder()
+        if not self.checkpoints():
+            return
+        if not resume:
             raise MoorelmError(f"{self.path} already holds a trained run; pass --resume to "
                                "continue it or choose another --out")
+        ck = self.latest()
+        if self.kind(ck) not in _ELSEWHERE:  # a classifier's codec lives above this module;
+            self.check(ck)  # its trainer checks on load
 
     def lock(self) -> RunLock:
         """Hold the run folder for this process; another process gets one clear line."""
@@ -412,7 +446,7 @@ class RunFolder:
         """A whole new run, built in a temporary folder beside this one and moved into place
         when the block ends without error. An existing run is replaced only with ``force``
         (and never while another process holds it); a folder that is not a run, never."""
-        self._check_folder()
+        self.check_folder()
         if self.checkpoints() and not force:
             raise MoorelmError(f"{self.path} already holds a run; choose another folder or "
                                "pass --force")

@@ -199,3 +199,74 @@ def test_cli_export_and_import(tmp_path, capsys):
     assert main(["export", str(relu), str(tmp_path / "hf2")]) == 2
     assert "mlp" in capsys.readouterr().err
     assert not (tmp_path / "hf2").exists()
+
+
+# ----------------------------------------------------------------------------- hostile folders
+
+
+def _shard(hf_dir, target: str) -> None:
+    """Replace model.safetensors by an index naming ``target`` for every tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    (hf_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, target)}))
+
+
+def test_sharded_index_names_only_files_of_its_folder(tmp_path):
+    """A sharded index naming a file in the folder imports; one naming '../x', an absolute
+    path or a file behind a linked folder (all real weight files) is refused in one line, and
+    nothing is imported."""
+    import shutil
+
+    run = _make_run(tmp_path / "run", **GPT2_STYLE)
+    export_hf(run, tmp_path / "hf")
+    ok = tmp_path / "ok"
+    shutil.copytree(tmp_path / "hf", ok)
+    _shard(ok, "model-00001-of-00001.safetensors")
+    (ok / "model.safetensors").rename(ok / "model-00001-of-00001.safetensors")
+    import_hf(ok, tmp_path / "back")
+    assert _greedy(tmp_path / "back") == _greedy(run)
+    for name, target in [("dot-dot", "../outside.safetensors"),
+                         ("absolute", str(tmp_path / "hf" / "model.safetensors")),
+                         ("linked-folder", "up/outside.safetensors")]:
+        bad = tmp_path / name / "hf"
+        shutil.copytree(tmp_path / "hf", bad)
+        _shard(bad, target)
+        (bad / "model.safetensors").rename(bad.parent / "outside.safetensors")
+        (bad / "up").symlink_to(bad.parent, target_is_directory=True)
+        with pytest.raises(MoorelmError, match="may only name files in its own folder") as e:
+            import_hf(bad, tmp_path / name / "run")
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / name / "run").exists()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"num_hidden_layers": None}, "has no num_hidden_layers"),
+    ({"hidden_size": [32]}, "hidden_size must be a positive integer, got list"),
+    ({"num_attention_heads": {"a": 2}}, "num_attention_heads must be a positive integer"),
+    ({"num_key_value_heads": 1.5}, "num_key_value_heads must be a positive integer"),
+    ({"max_position_embeddings": True}, "max_position_embeddings must be a positive integer"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
+    ({"rope_theta": -1, "rope_parameters": None}, "rope_theta must be a positive number"),
+    ({"rope_parameters": [1]}, "rope_parameters must be an object"),
+    ({"attention_bias": "no"}, "attention_bias must be true or false"),
+    ({"max_position_embeddings": 10**12}, "rotary tables"),
+], ids=["no-layers", "width-list", "heads-object", "kv-float", "context-bool", "eps-zero",
+        "theta-negative", "rope-list", "bias-string", "context-huge"])
+def test_llama_config_fields_are_checked(tmp_path, change, needle):
+    """Each Llama config field of the wrong type or range is one line naming the field (the
+    rotary context too: no rotary table larger than the weights is allocated)."""
+    run = _make_run(tmp_path / "run", **LLAMA_STYLE)
+    hf_dir = export_hf(run, tmp_path / "hf")
+    conf = json.loads((hf_dir / "config.json").read_text())
+    for k, v in change.items():
+        if v is None:
+            conf.pop(k)
+        else:
+            conf[k] = v
+    (hf_dir / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(MoorelmError, match=re.escape(needle)) as e:
+        import_hf(hf_dir, tmp_path / "back")
+    assert "\n" not in str(e.value)

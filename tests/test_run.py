@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -245,3 +246,85 @@ def test_checkpoints_record_their_kind_and_unknown_tensors_are_one_line(tmp_path
              {"tokens": 0, "elapsed": 0.0})
     with pytest.raises(MoorelmError, match="unexpected.*blocks.0.mystery"):
         moorelm.load(run.path, device="cpu")
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+@pytest.mark.parametrize("where", ["moorelm.run.save_file", "moorelm.atomic.fsync_file"])
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    """ENOSPC while a checkpoint is written (a tensor file, or the fsync before the rename) is
+    one line saying the disk is full; the previous checkpoint is still the newest, complete
+    and loadable, and no half-written folder is left behind."""
+    import errno
+    import os
+
+    run = _run(tmp_path / "r", step=3)
+    before = read_tensors(run.latest() / MODEL_FILE)
+    model = GPT(run.model_config())
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(where, full)
+    with pytest.raises(MoorelmError, match="no space left on the device") as e:
+        run.save(4, LMCodec().checkpoint_files(model), {"tokens": 0, "elapsed": 0.0})
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert [p.name for p in run.checkpoints()] == ["step-00000003"]
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["step-00000003"]
+    after = model_tensors(run.load().model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_safetensors_write_errors_are_one_line(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own error type; a full disk reported that way
+    reads as a full disk, anything else gives its first line."""
+    from safetensors import SafetensorError
+
+    run = _run(tmp_path / "r", step=3)
+    files = LMCodec().checkpoint_files(GPT(run.model_config()))
+    for text, needle in [
+        ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+         'space left on device" })', "no space left on the device"),
+        ("Error while serializing: something odd\nmore", "something odd"),
+    ]:
+        def fail(*args, text=text, **kwargs):
+            raise SafetensorError(text)
+
+        monkeypatch.setattr("moorelm.run.save_file", fail)
+        with pytest.raises(MoorelmError, match=needle) as e:
+            run.save(4, files, {"tokens": 0, "elapsed": 0.0})
+        assert "\n" not in str(e.value)
+    assert [p.name for p in run.checkpoints()] == ["step-00000003"]
+
+
+def test_resume_checks_the_config_against_the_weights_before_building(tmp_path):
+    """Resuming a run whose config.json asks for a million layers is refused from the
+    checkpoint's header by RunFolder.check_new, before the training loop builds a model; a
+    consistent run passes."""
+    run = _run(tmp_path / "r")
+    run.check_new(resume=True)
+    _edit_config(run, **{"model.n_layer": 1_000_000})
+    with pytest.raises(MoorelmError, match="n_layer=1000000"):
+        run.check_new(resume=True)
+
+
+def test_state_and_config_are_read_safely(tmp_path):
+    """config.json or state.json that is deep, holds a 5000-digit number or is a folder is one
+    line naming the file."""
+    for name, content in [("deep", "[" * 100_000), ("digits", '{"n": ' + "9" * 5000 + "}"),
+                          ("dir", None)]:
+        run = _run(tmp_path / name)
+        for path in (run.config_path, run.latest() / "state.json"):
+            original = path.read_bytes()
+            path.unlink()
+            if content is None:
+                path.mkdir()
+            else:
+                path.write_text(content)
+            with pytest.raises(MoorelmError, match=re.escape(str(path))) as e:
+                moorelm.load(run.path, device="cpu")
+            assert "\n" not in str(e.value)
+            path.rmdir() if content is None else path.unlink()
+            path.write_bytes(original)

@@ -22,6 +22,7 @@ from typing import Any
 
 from moorelm.classify.metrics import format_balance, say
 from moorelm.errors import MoorelmError
+from moorelm.jsonfile import check_text, loads_json
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 TEXT_FALLBACKS = ("sentence",)  # accepted when the default text column "text" is absent
@@ -159,12 +160,19 @@ def _parse_jsonl(path: Path, text: str) -> Table:
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}, line {number}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MoorelmError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            raise MoorelmError(f"{where}: not valid JSON ({e.msg})") from None
+        except (RecursionError, ValueError):  # too deep, a number too long: jsonfile says which
+            obj = loads_json(line, where)  # raises the one-line error
         if not isinstance(obj, dict):
-            raise MoorelmError(f"{path}, line {number}: expected a JSON object per line")
+            raise MoorelmError(f"{where}: expected a JSON object per line")
+        for key, value in obj.items():  # "\ud800" is valid JSON but not text
+            check_text(key, f"{where}: a field name")
+            if isinstance(value, str):
+                check_text(value, f"{where}: {key!r}")
         columns.update(dict.fromkeys(obj))
         rows.append(obj)
         lines.append(number)

@@ -76,10 +76,20 @@ def cmd_classify(args) -> int:
 
 
 def cmd_genre_data(args) -> int:
+    from pathlib import Path
+
+    from moorelm.errors import MoorelmError, from_os_error
     from moorelm.finetune.genre import make_genre_dataset
 
-    train, evaluation = make_genre_dataset(args.out, passages_per_play=args.passages_per_play,
-                                           seed=args.seed)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # no --force: a user's file is never replaced
+        raise MoorelmError(f"--out {out} is a file, not a folder; genre-data writes its CSV "
+                           "files into a folder: choose another one")
+    try:
+        train, evaluation = make_genre_dataset(out, passages_per_play=args.passages_per_play,
+                                               seed=args.seed)
+    except OSError as e:  # e.g. --out under a file, a read-only or full disk
+        raise from_os_error(e, f"write {out}") from None
     print(f"wrote {train} and {evaluation} (split by play: no play in both)")
     return 0
 

@@ -305,6 +305,11 @@ def cmd_evaluate(args) -> int:
     from moorelm.corpus import load_corpus
     from moorelm.evaluate import evaluate
 
+    if args.batch_size < 1:
+        raise MoorelmError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise MoorelmError(f"--max-tokens must be >= 1 (leave it out to score the whole "
+                           f"corpus), got {args.max_tokens}")
     kw = {"text_field": args.text_field, "plays": _plays(args)}
     if _exts(args):
         kw["extensions"] = _exts(args)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moorelm.cli.core import _exts, _plays, add_corpus_flags, add_tokenizer_flags
 from moorelm.config import RECIPES
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, from_os_error
 
 
 def cmd_scale(args) -> int:
@@ -58,11 +58,20 @@ def cmd_trend(args) -> int:
 
     if args.top_k < 1:
         raise MoorelmError(f"--top-k must be >= 1, got {args.top_k}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # no --force: a user's file is never replaced
+        raise MoorelmError(f"--out {out} is a file, not a folder; trend writes trends.png into "
+                           "a folder: choose another one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. --out under a file
+        raise from_os_error(e, f"create the folder {out}") from None
     rows = T.trend_table(top_k=args.top_k)
     print(T.format_trend_table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = T.plot_trends(out / "trends.png", top_k=args.top_k)
+    try:
+        path = T.plot_trends(out / "trends.png", top_k=args.top_k)
+    except OSError as e:
+        raise from_os_error(e, f"write {out / 'trends.png'}") from None
     print(f"\nplot: {path}")
     return 0
 

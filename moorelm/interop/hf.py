@@ -24,6 +24,7 @@ Import reads safetensors only and never unpickles ``.bin`` files.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,10 @@ import torch
 from safetensors.torch import save_file
 
 from moorelm.atomic import replace_dir
-from moorelm.codecs import LMCodec, build_gpt, read_tensors
+from moorelm.codecs import LMCodec, build_gpt, check_gpt_header, read_tensors
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
+from moorelm.jsonfile import read_json
 from moorelm.model import GPT
 from moorelm.run import RunFolder
 from moorelm.tokenizer import EOT, Tokenizer
@@ -250,19 +252,106 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> P
 
 def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         raise MoorelmError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
-    try:
-        conf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoorelmError(f"{path} is not valid JSON ({e})") from None
+    conf = read_json(path)  # a folder, a device, deep nesting, huge numbers: one line each
+    if not isinstance(conf, dict):
+        raise MoorelmError(f"{path} holds a JSON {type(conf).__name__}, not an object; it is not "
+                           "a Hugging Face model config")
     family = conf.get("model_type")
     if family not in ARCHITECTURES:
         raise MoorelmError(
             f"{path}: model_type {family!r} cannot be imported; moorelm imports "
             f"{' and '.join(ARCHITECTURES)} models"
         )
+    conf["_path"] = str(path)  # for the field checks' messages; never written out
+    for name in ("rope_parameters", "rope_scaling", "moorelm"):
+        if conf.get(name) is not None and not isinstance(conf[name], dict):
+            raise MoorelmError(f"{path}: {name} must be an object, got "
+                               f"{type(conf[name]).__name__} {_show(conf[name])}")
+    exported = (conf.get("moorelm") or {}).get("model")
+    if exported is not None and not isinstance(exported, dict):
+        raise MoorelmError(f"{path}: moorelm.model must be an object, got "
+                           f"{type(exported).__name__} {_show(exported)}")
     return conf
+
+
+_MISSING = object()
+
+
+def _where(conf: dict) -> str:
+    return conf.get("_path", "config.json")
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value)[:40] if not isinstance(value, str) else repr(value[:40])
+
+
+def _value(conf: dict, names: tuple[str, ...], default: Any) -> tuple[str, Any]:
+    """(the name found, its value) for the first of ``names`` the config has; a field that is
+    absent with no default is one line naming it."""
+    for name in names:
+        if conf.get(name) is not None:
+            return name, conf[name]
+    if default is _MISSING:
+        also = f" (or {', '.join(names[1:])})" if len(names) > 1 else ""
+        raise MoorelmError(f"{_where(conf)} has no {names[0]}{also}; it is not a complete "
+                           f"{conf['model_type']} config")
+    return names[0], default
+
+
+def _int_field(conf: dict, *names: str, default: Any = _MISSING) -> int:
+    """A positive integer field of an HF config (JSON ``true``, ``32.0``, lists refused)."""
+    name, v = _value(conf, names, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise MoorelmError(f"{_where(conf)}: {name} must be a positive integer, got "
+                           f"{type(v).__name__} {_show(v)}")
+    return v
+
+
+def _float_field(conf: dict, *names: str, default: Any = _MISSING) -> float:
+    """A positive, finite number field of an HF config."""
+    name, v = _value(conf, names, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
+        raise MoorelmError(f"{_where(conf)}: {name} must be a positive number, got "
+                           f"{type(v).__name__} {_show(v)}")
+    return float(v)
+
+
+def _bool_field(conf: dict, name: str, default: bool) -> bool:
+    v = conf.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise MoorelmError(f"{_where(conf)}: {name} must be true or false, got "
+                           f"{type(v).__name__} {_show(v)}")
+    return v
+
+
+def _shard_files(hf_dir: Path, index: Path) -> list[Path]:
+    """The files a sharded checkpoint's index names, each confined to ``hf_dir``."""
+    doc = read_json(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise MoorelmError(f"{index} is not a safetensors index (it needs a 'weight_map' object "
+                           "from tensor names to file names)")
+    files, root = [], hf_dir.resolve()
+    for name in sorted(set(weight_map.values())):
+        rel = Path(name)
+        path = hf_dir / rel
+        # the file itself may be a link (a Hugging Face cache snapshot links each file to its
+        # blob); the name may not climb out, be absolute, or pass through a linked folder
+        if not name or rel.is_absolute() or ".." in rel.parts \
+                or not path.parent.resolve().is_relative_to(root):
+            raise MoorelmError(f"{index} names the weight file {name!r}, outside {hf_dir}; "
+                               "an index may only name files in its own folder")
+        if not (path.exists() or path.is_symlink()):
+            raise MoorelmError(f"{path} is listed in {HF_INDEX} but missing")
+        if not path.is_file():
+            raise MoorelmError(f"{path} (listed in {HF_INDEX}) is not a regular file")
+        files.append(path)
+    return files
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -271,11 +360,7 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     if single.exists():
         files = [single]
     elif index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise MoorelmError(f"{index} is not a valid safetensors index ({e})") from None
-        files = [hf_dir / f for f in sorted(set(weight_map.values()))]
+        files = _shard_files(hf_dir, index)
     else:
         bins = sorted(p.name for p in hf_dir.glob("*.bin"))
         if bins:
@@ -287,8 +372,8 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         raise MoorelmError(f"{hf_dir} has no {HF_WEIGHTS} or {HF_INDEX}")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        if not f.exists():
-            raise MoorelmError(f"{f} is listed in {HF_INDEX} but missing")
+        if not f.is_file():
+            raise MoorelmError(f"{f} is not a regular file")
         tensors.update(read_tensors(f))
     return tensors
 
@@ -314,7 +399,17 @@ class _Weights:
                                    "match config.json")
             return None
         self.used.add(key)
-        return self.t[key].float() if self.t[key].is_floating_point() else self.t[key]
+        t = self.t[key]
+        if not t.is_floating_point():
+            raise MoorelmError(f"{self.source}: tensor {key!r} has dtype {t.dtype}; model weights "
+                               "are floating point")
+        if not 1 <= t.dim() <= 2:
+            raise MoorelmError(f"{self.source}: tensor {key!r} has shape {tuple(t.shape)}; GPT-2 "
+                               "and Llama weights are vectors or matrices")
+        t = t.float()
+        if not bool(torch.isfinite(t).all()):
+            raise MoorelmError(f"{self.source}: tensor {key!r} holds NaN or infinite values")
+        return t
 
 
 def _gpt2_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -328,7 +423,11 @@ def _gpt2_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]
         raise MoorelmError("GPT-2 attention scaling options other than 1/sqrt(head size) cannot be imported")
     if conf.get("add_cross_attention"):
         raise MoorelmError("GPT-2 with cross-attention cannot be imported (moorelm is decoder-only)")
-    n_layer, C = int(conf["n_layer"]), int(conf["n_embd"])
+    n_layer = _int_field(conf, "n_layer", "num_hidden_layers")
+    C = _int_field(conf, "n_embd", "hidden_size")
+    n_head = _int_field(conf, "n_head", "num_attention_heads")
+    norm_eps = _float_field(conf, "layer_norm_epsilon", default=1e-5)
+    tie = _bool_field(conf, "tie_word_embeddings", True)
     sd: dict[str, torch.Tensor] = {"wte.weight": w.get("wte.weight"), "wpe.weight": w.get("wpe.weight")}
     biases: dict[str, torch.Tensor] = {}
     for i in range(n_layer):
@@ -347,10 +446,9 @@ def _gpt2_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]
     hidden = sd["blocks.0.mlp.c_fc.weight"].shape[0]
     model = dict(
         vocab_size=sd["wte.weight"].shape[0], seq_len=sd["wpe.weight"].shape[0], n_layer=n_layer,
-        n_head=int(conf["n_head"]), n_embd=C, pos="learned", norm="layernorm", mlp="gelu",
-        mlp_hidden=None if hidden == 4 * C else hidden, bias=bias,
-        norm_eps=float(conf.get("layer_norm_epsilon", 1e-5)),
-        tie_embeddings=bool(conf.get("tie_word_embeddings", True)),
+        n_head=n_head, n_embd=C, pos="learned", norm="layernorm", mlp="gelu",
+        mlp_hidden=None if hidden == 4 * C else hidden, bias=bias, norm_eps=norm_eps,
+        tie_embeddings=tie,
     )
     return model, sd
 
@@ -363,16 +461,20 @@ def _llama_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor
     if kind != "default":
         raise MoorelmError(f"Llama rope_type {kind!r} (scaled rotary positions) cannot be imported; "
                            "moorelm implements plain rotary positions")
-    base = float(rope.get("rope_theta", conf.get("rope_theta", 10000.0)))
-    n_layer, C = int(conf["num_hidden_layers"]), int(conf["hidden_size"])
-    H = int(conf["num_attention_heads"])
-    K = int(conf.get("num_key_value_heads") or H)
-    D = int(conf.get("head_dim") or C // H)
+    base = _float_field({**conf, **rope}, "rope_theta", default=10000.0)
+    n_layer = _int_field(conf, "num_hidden_layers", "n_layer")
+    C = _int_field(conf, "hidden_size", "n_embd")
+    H = _int_field(conf, "num_attention_heads", "n_head")
+    K = _int_field(conf, "num_key_value_heads", default=H)
+    D = _int_field(conf, "head_dim", default=max(C // H, 1))
+    seq_len = _int_field(conf, "max_position_embeddings", default=2048)
+    norm_eps = _float_field(conf, "rms_norm_eps", default=1e-6)
+    tie = _bool_field(conf, "tie_word_embeddings", False)
     if D * H != C:
         raise MoorelmError(f"Llama head_dim={D} x {H} heads != hidden_size={C}; moorelm needs "
                            "head size = width / heads")
     sd: dict[str, torch.Tensor] = {"wte.weight": w.get("embed_tokens.weight")}
-    bias = bool(conf.get("attention_bias")) or bool(conf.get("mlp_bias"))
+    bias = _bool_field(conf, "attention_bias", False) or _bool_field(conf, "mlp_bias", False)
     for i in range(n_layer):
         h, m = f"layers.{i}", f"blocks.{i}"
         sd[f"{m}.ln_1.weight"] = w.get(f"{h}.input_layernorm.weight")
@@ -393,11 +495,10 @@ def _llama_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor
     sd["ln_f.weight"] = w.get("norm.weight")
     hidden = sd["blocks.0.mlp.c_fc.weight"].shape[0]
     model = dict(
-        vocab_size=sd["wte.weight"].shape[0], seq_len=int(conf.get("max_position_embeddings", 2048)),
+        vocab_size=sd["wte.weight"].shape[0], seq_len=seq_len,
         n_layer=n_layer, n_head=H, n_kv_head=None if K == H else K, n_embd=C, pos="rope",
         norm="rmsnorm", mlp="swiglu", mlp_hidden=hidden, bias=bias, rope_base=base,
-        norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(conf.get("tie_word_embeddings", False)),
+        norm_eps=norm_eps, tie_embeddings=tie,
     )
     return model, sd
 
@@ -437,34 +538,39 @@ def convert_tokenizer(hf_dir: str | Path, eos_token: str | None = None) -> Token
 
     hf_dir = Path(hf_dir)
     tj, vocab, merges = hf_dir / "tokenizer.json", hf_dir / "vocab.json", hf_dir / "merges.txt"
-    if tj.exists():
-        text = tj.read_text(encoding="utf-8")
-    elif vocab.exists() and merges.exists():
+    if tj.exists() or tj.is_symlink():
+        data = read_json(tj)
+    elif vocab.is_file() and merges.is_file():  # not a pipe or a device: nothing to hang on
         hf = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         if hf.token_to_id(EOT) is not None:
             hf.add_special_tokens([EOT])
-        text = hf.to_str()
+        data = json.loads(hf.to_str())
     else:
         extra = " (it has a SentencePiece tokenizer.model: save it once with transformers' " \
                 "AutoTokenizer.save_pretrained to get tokenizer.json)" \
             if (hf_dir / "tokenizer.model").exists() else ""
         raise MoorelmError(f"{hf_dir} has no tokenizer.json (nor vocab.json + merges.txt){extra}")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MoorelmError(f"{tj} is not valid JSON ({e})") from None
-    specials = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    added = (data.get("added_tokens") or []) if isinstance(data, dict) else None
+    if not isinstance(added, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) for t in added):
+        raise MoorelmError(f"{tj} is not a tokenizers file (it needs an object whose "
+                           "'added_tokens' is a list of tokens)")
+    specials = {t["content"] for t in added if t.get("special")}
     if EOT not in specials and eos_token is not None:
         if eos_token not in specials:
             raise MoorelmError(
                 f"the tokenizer's end-of-sequence token {eos_token!r} is not a special token of "
                 f"tokenizer.json, so it cannot stand in for moorelm's {EOT}"
             )
-        if EOT in json.dumps(data.get("model", {}).get("vocab", {})):
+        model_part = data.get("model")
+        if EOT in json.dumps(model_part.get("vocab", {}) if isinstance(model_part, dict) else {}):
             raise MoorelmError(f"the tokenizer has {EOT} as an ordinary token; it cannot be imported")
-        data = _rename_token(data, eos_token, EOT)
+        try:
+            data = _rename_token(data, eos_token, EOT)
+        except RecursionError:
+            raise MoorelmError(f"{tj} nests too deeply to be a tokenizer") from None
         warnings.warn(f"the tokenizer's end-of-sequence token {eos_token!r} is renamed {EOT} "
                       "(moorelm's document separator); ids are unchanged", stacklevel=3)
     try:
@@ -493,13 +599,10 @@ def _rename_token(node: Any, old: str, new: str) -> Any:
 def _eos_token(hf_dir: Path, conf: dict) -> str | None:
     """The end-of-sequence token's text, from tokenizer_config.json."""
     path = hf_dir / "tokenizer_config.json"
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return None
-    try:
-        tc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    eos = tc.get("eos_token")
+    tc = read_json(path)
+    eos = tc.get("eos_token") if isinstance(tc, dict) else None
     if isinstance(eos, dict):  # older files store AddedToken dicts
         eos = eos.get("content")
     return eos if isinstance(eos, str) else None
@@ -518,7 +621,7 @@ def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None
     if not hf_dir.is_dir():
         raise MoorelmError(f"{hf_dir} is not a folder; pass a Hugging Face model folder")
     target = RunFolder(run)
-    target.check_new(resume=True)  # no folder of the user's files is written over
+    target.check_folder()  # no folder of the user's files is written over
     if target.checkpoints() and not overwrite:
         raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
     conf = _read_hf_config(hf_dir)
@@ -526,7 +629,11 @@ def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None
     tensors = _read_hf_weights(hf_dir)
     prefixes = ("transformer.", "") if family == "gpt2" else ("model.", "")
     w = _Weights(tensors, prefixes, hf_dir)
-    model_conf, sd = (_gpt2_import if family == "gpt2" else _llama_import)(conf, w)
+    try:
+        model_conf, sd = (_gpt2_import if family == "gpt2" else _llama_import)(conf, w)
+    except (RuntimeError, IndexError) as e:  # e.g. q, k, v of sizes that do not concatenate
+        raise MoorelmError(f"the weights in {hf_dir} do not fit together as a "
+                           f"{family} model ({str(e).splitlines()[0][:120]})") from None
     w.prefixes = ("",)
     _head(model_conf, w, sd)
     ignored = {k for k in tensors if k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
@@ -540,7 +647,10 @@ def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None
         model_conf["seq_len"] = seq_len
         if family == "gpt2":
             sd["wpe.weight"] = sd["wpe.weight"][:seq_len].contiguous()
-    cfg = _settle_config(model_conf, conf.get("moorelm", {}).get("model"))
+    cfg = _settle_config(model_conf, (conf.get("moorelm") or {}).get("model"))
+    # names and shapes against the config, and rotary tables no larger than the weights,
+    # before anything is allocated
+    check_gpt_header(cfg, {k: (tuple(t.shape), "F32") for k, t in sd.items()}, hf_dir)
     tokenizer = convert_tokenizer(hf_dir, _eos_token(hf_dir, conf))
     if tokenizer.vocab_size > cfg.vocab_size:
         raise MoorelmError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "

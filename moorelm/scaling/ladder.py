@@ -44,6 +44,7 @@ import numpy as np
 from moorelm.atomic import atomic_write_json
 from moorelm.data import TokenData
 from moorelm.errors import MoorelmError
+from moorelm.jsonfile import read_json
 from moorelm.run import RunFolder
 from moorelm.scaling.compare import _plot_comparison, compare_recipes, comparison_sentence
 from moorelm.scaling.ladder_plan import (
@@ -70,13 +71,17 @@ class LadderState:
         self.out = Path(out)
         self.path = self.out / LADDER_JSON
         self.doc: dict[str, Any] = {}
-        if self.path.exists():
-            import json
-
+        if self.path.exists() or self.path.is_symlink():
             try:
-                self.doc = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise MoorelmError(f"{self.path} is unreadable ({e}); move it away to start afresh") from None
+                doc = read_json(self.path)  # a folder, a device, deep nesting: one line
+            except MoorelmError as e:
+                raise MoorelmError(f"{e}; move it away to start afresh") from None
+            results = doc.get("results", {}) if isinstance(doc, dict) else None
+            if not isinstance(results, dict) or not all(isinstance(r, dict)
+                                                        for r in results.values()):
+                raise MoorelmError(f"{self.path} is not a ladder's state (a JSON object with "
+                                   "a 'results' object); move it away to start afresh")
+            self.doc = doc
 
     @property
     def results(self) -> dict[str, dict]:
@@ -179,7 +184,7 @@ def write_report(out: str | Path, *, n_bootstrap: int = 100, trends: bool = True
         raise MoorelmError(f"{out} is not a folder; pass the --out folder of a ladder")
     state = LadderState(out)
     if state.results:
-        spec = LadderSpec(**_spec_from_json(state.doc.get("spec", {})))
+        spec = _saved_spec(state)
         records = _records(state, recipe=spec.recipe)
         others = [r for r in state.results.values() if r.get("recipe") != spec.recipe]
     elif (out / "runs.csv").exists():
@@ -218,6 +223,15 @@ def _add_section(report: Path, title: str, text: str, png: Path, note: str) -> N
                f"</figure><p class='small'>{html.escape(note)}</p>\n")
     anchor = "<h2>Runs</h2>" if "<h2>Runs</h2>" in page else "</body>"
     report.write_text(page.replace(anchor, section + anchor, 1), encoding="utf-8")
+
+
+def _saved_spec(state: LadderState) -> LadderSpec:
+    """The spec a ladder.json records; anything else there is one line."""
+    try:
+        return LadderSpec(**_spec_from_json(state.doc.get("spec", {})))
+    except (TypeError, ValueError) as e:
+        raise MoorelmError(f"{state.path}: 'spec' is not a ladder spec ({str(e)[:100]}); move "
+                           "the file away to start afresh") from None
 
 
 def _spec_from_json(d: dict) -> dict:
