@@ -28,15 +28,20 @@ def cmd_finetune_classifier(args) -> int:
         if args.resume:
             raise MoorelmError("--resume is for Hugging Face encoders; a classifier on a moorelm "
                                "run trains in one go")
+        if args.logger:
+            raise MoorelmError("--logger is for Hugging Face encoders; a classifier on a moorelm "
+                               "run writes metrics.json and its plots only")
         result = finetune_gpt_classifier(args.model, args.train, args.out,
                                          lr=args.lr or 3e-4, max_length=args.max_length,
                                          device=args.device,
                                          **{**common, "bf16": bool(args.bf16)})
     else:  # a Hugging Face encoder folder or hub id (default: the bundled MiniLM)
         from moorelm.classify.train import finetune_classifier
+        from moorelm.training.trackers import parse_logger_names, report_to
 
         result = finetune_classifier(args.model, args.train, args.out, lr=args.lr or 1e-4,
                                      max_length=args.max_length or 128, resume=args.resume,
+                                     report_to=report_to(parse_logger_names(args.logger)),
                                      **common)
     from moorelm.classify.metrics import format_summary
 
@@ -124,6 +129,9 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted job of --out from its newest checkpoint (encoders)")
     p.add_argument("--quiet", action="store_true")
+    from moorelm.cli.core import add_logger_flag
+
+    add_logger_flag(p)
     p.set_defaults(func=cmd_finetune_classifier)
 
     p = sub.add_parser("classify", help="label texts with a fine-tuned classifier",
