@@ -71,6 +71,9 @@ TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+# what moorelm writes into a run folder (``clear`` removes these, config and tokenizer aside)
+RUN_ENTRIES = (CONFIG_FILE, TOKENIZER_FILE, CHECKPOINTS_DIR, "metrics.csv", "loss.png",
+               "finetune.json", "tb", "wandb", "trackio")
 LOCK_FILE = ".lock.json"  # {"pid": N} of the holder; JSON like every file of a run
 PROMPT_PLACEHOLDER = "{prompt}"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -435,6 +438,20 @@ class RunFolder:
         ck = self.latest()
         if self.kind(ck) not in _ELSEWHERE:  # a classifier's codec lives above this module;
             self.check(ck)  # its trainer checks on load
+
+    def clear(self) -> None:
+        """Remove a run's checkpoints, metrics, plots and tracker folders so a new run can
+        start here (its config.json and tokenizer.json stay until the new run writes its
+        own, so the folder is still known as a run); a folder that is not a run is refused,
+        and files moorelm did not write stay."""
+        self.check_folder()
+        with self.lock():
+            for name in RUN_ENTRIES[2:]:
+                entry = self.path / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                elif entry.exists() or entry.is_symlink():
+                    entry.unlink()
 
     def lock(self) -> RunLock:
         """Hold the run folder for this process; another process gets one clear line."""

@@ -328,3 +328,29 @@ def test_state_and_config_are_read_safely(tmp_path):
             assert "\n" not in str(e.value)
             path.rmdir() if content is None else path.unlink()
             path.write_bytes(original)
+
+
+def test_train_force_replaces_a_run_and_nothing_else(tmp_path, small_corpus, capsys):
+    """`train --force` over a trained run starts it afresh (the old checkpoints are gone, a
+    file of the user's beside them stays); over a folder that is not a run, or together with
+    --resume, it is one line and exit 2, and nothing is touched."""
+    args = ["train", "--quiet", "--corpus", str(small_corpus), "--batch-size", "2",
+            "--n-layer", "1", "--n-head", "1", "--n-embd", "16", "--seq-len", "16"]
+    run = tmp_path / "run"
+    assert main([*args, "--max-steps", "3", "--out", str(run)]) == 0
+    (run / "notes.txt").write_text("mine")
+    assert main([*args, "--max-steps", "2", "--out", str(run)]) == 2  # no --force: refused
+    assert [p.name for p in RunFolder(run).checkpoints()] == ["step-00000003"]
+    assert main([*args, "--max-steps", "2", "--out", str(run), "--force"]) == 0
+    assert [p.name for p in RunFolder(run).checkpoints()] == ["step-00000002"]
+    assert (run / "notes.txt").read_text() == "mine"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.txt").write_text("years of work")
+    capsys.readouterr()
+    for extra in (["--out", str(user), "--force"], ["--out", str(run), "--force", "--resume"]):
+        assert main([*args, "--max-steps", "2", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moorelm: error:") and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in user.iterdir()) == ["thesis.txt"]
+    assert [p.name for p in RunFolder(run).checkpoints()] == ["step-00000002"]

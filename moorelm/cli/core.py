@@ -248,6 +248,11 @@ def cmd_train(args) -> int:
     from moorelm.run import RunFolder
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.force and args.resume:
+        raise MoorelmError("--force starts the run in --out afresh and --resume continues it; "
+                           "choose one")
+    if main_rank and args.force:  # a run here is replaced; a folder of other files, never
+        RunFolder(out).clear()
     if main_rank:  # before preparing data: refuse a folder not ours
         RunFolder(out).check_new(args.resume)
     if args.resume:
@@ -360,6 +365,9 @@ def add_parser(sub) -> None:
     add_corpus_flags(p)
     add_tokenizer_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run in --out (its checkpoints, config, metrics and plots; "
+                   "a folder that is not a run is never touched)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (the same command "
                    "line with --resume added works: only flags that conflict with the run are "

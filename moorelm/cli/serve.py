@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -33,6 +34,12 @@ def add_parser(sub) -> None:
                    "(default: $MOORELM_API_KEY, else no key)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests decoded together (KV cache slots; default 16)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context window per request (default: the model's, or what the KV-cache "
+                   "budget holds for every slot)")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="memory for the whole KV cache, e.g. 512MiB or 4GiB (default 2GiB); "
+                   "each slot's context is cut to fit it")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-body", type=int, default=1 << 20,
@@ -102,6 +109,23 @@ def server_limits(args: argparse.Namespace):
     return ServerLimits(**given)
 
 
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'512MiB', '4GiB', '1.5G', '1000000' -> bytes (one clear line for anything else)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m and m.group(2).lower()
+    if not m or unit not in _UNITS:
+        raise MoorelmError(f"{flag} must be a size such as 512MiB or 4GiB, got {text!r}")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise MoorelmError(f"{flag} must be more than 0 bytes, got {text!r}")
+    return size
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from moorelm.serve import serve
     from moorelm.serve.policy import ServePolicy, load_policy
@@ -113,6 +137,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise MoorelmError(f"{flag} must be at least 1, got {value}")
     if args.max_queue < 0:
         raise MoorelmError(f"--max-queue must be at least 0, got {args.max_queue}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise MoorelmError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.kv_memory:
+        parse_size(args.kv_memory, "--kv-memory")  # before loading the model
     limits = server_limits(args)
     if args.threads is not None:
         if args.threads < 1:
@@ -124,5 +152,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key or None,
           max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body,
           device=args.device, model_name=args.model_name, log_level=args.log_level,
-          limits=limits, policy=policy)
+          limits=limits, policy=policy, max_seq_len=args.max_seq_len,
+          kv_memory=parse_size(args.kv_memory, "--kv-memory") if args.kv_memory else None)
     return 0

@@ -26,7 +26,7 @@ import torch
 
 from moorelm.errors import MoorelmError
 from moorelm.generate import BanList
-from moorelm.inference.limits import ModelLimits
+from moorelm.inference.limits import ModelLimits, context_for_budget, kv_bytes_per_token
 from moorelm.inference.output import ChoiceText, token_logprobs
 from moorelm.inference.runner import Runner
 from moorelm.inference.sampler import sample_all
@@ -54,6 +54,10 @@ class Engine:
 
     ``max_batch``: sequences decoded together (KV cache slots); ``max_queue``: requests
     allowed to wait while every slot is busy, beyond which ``submit`` raises ``QueueFull``.
+    ``max_seq_len`` and ``kv_memory`` (bytes for the whole KV cache, default
+    ``limits.KV_MEMORY``) bound each slot's context (``limits.context_for_budget``): the cache
+    is allocated once, so an 8k-context model does not reserve 8k positions per slot unless
+    the budget holds them; longer requests get a RequestError naming the window.
 
     ``threads``: torch CPU threads for the engine's computations (default: torch's count
     when the engine is made). The engine's own thread applies it when it starts: torch's
@@ -62,7 +66,8 @@ class Engine:
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
-                 max_queue: int = 64, threads: int | None = None):
+                 max_queue: int = 64, threads: int | None = None,
+                 max_seq_len: int | None = None, kv_memory: int | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise MoorelmError(f"max batch must be an integer >= 1, got {max_batch}")
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -74,10 +79,14 @@ class Engine:
         self.threads = threads or torch.get_num_threads()
         self.device = model.wte.weight.device
         self.vocab_size = model.config.vocab_size
+        # each slot's context: the model's, unless --max-seq-len or the KV-cache budget says less
+        value_bytes = model.wte.weight.element_size()
+        context = context_for_budget(model.config, max_batch, kv_memory, max_seq_len, value_bytes)
+        self.kv_cache_bytes = context * max_batch * kv_bytes_per_token(model.config, value_bytes)
         # ids the model has but the tokenizer does not (vocab padding) are never sampled
-        self.limits = ModelLimits(model.config.seq_len, min(tokenizer.vocab_size, self.vocab_size))
+        self.limits = ModelLimits(context, min(tokenizer.vocab_size, self.vocab_size))
         self.scheduler = Scheduler(max_batch, max_queue)
-        self.runner = Runner(model, max_batch, self.limits.token_vocab)
+        self.runner = Runner(model, max_batch, self.limits.token_vocab, max_len=context)
         self._thread: threading.Thread | None = None
         self._bans: dict[tuple[str, ...], BanList] = {}
         self._ban_lock = threading.Lock()

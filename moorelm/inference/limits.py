@@ -19,6 +19,37 @@ from moorelm.inference.sequence import Request
 
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_BIAS = 100.0  # |logit_bias value|, as OpenAI
+KV_MEMORY = 2 << 30  # default KV-cache budget in bytes, all slots together
+
+
+def kv_bytes_per_token(cfg, bytes_per_value: int = 4) -> int:
+    """Bytes one position of one sequence takes in the KV cache: keys and values of every
+    layer (B=1, K heads of D values each)."""
+    return 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * bytes_per_value
+
+
+def context_for_budget(cfg, max_batch: int, kv_memory: int | None = None,
+                       max_seq_len: int | None = None, bytes_per_value: int = 4) -> int:
+    """The context window each of ``max_batch`` slots gets: the model's own, or less where
+    ``max_seq_len`` asks for less or the KV cache of every slot would not fit ``kv_memory``
+    bytes (default ``KV_MEMORY``). An 8k-context model is not given 8k positions per slot
+    up front unless the budget holds them. A budget that cannot hold one short request is
+    a MoorelmError."""
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
+        raise MoorelmError(f"max sequence length must be an integer >= 2, got {max_seq_len}")
+    budget = KV_MEMORY if kv_memory is None else kv_memory
+    if not isinstance(budget, int) or budget < 1:
+        raise MoorelmError(f"the KV-cache memory budget must be a positive number of bytes, "
+                           f"got {budget}")
+    ctx = min(cfg.seq_len, max_seq_len or cfg.seq_len)
+    per_token = kv_bytes_per_token(cfg, bytes_per_value) * max_batch
+    fits = budget // per_token
+    if fits < 2:
+        raise MoorelmError(
+            f"a KV-cache budget of {budget / 2**20:.1f} MiB cannot hold one request for "
+            f"{max_batch} slots ({per_token / 2**10:.1f} KiB per position); raise the budget "
+            "(--kv-memory) or lower --max-batch")
+    return min(ctx, fits)
 
 
 class RequestError(MoorelmError):
@@ -62,7 +93,7 @@ class ModelLimits:
         if longest + max_new > self.seq_len:
             raise RequestError(
                 f"prompt ({longest} tokens) + max_tokens ({max_new}) = {longest + max_new} "
-                f"tokens exceeds this model's context window of {self.seq_len} tokens; "
+                f"tokens exceeds the context window of {self.seq_len} tokens served here; "
                 "shorten the prompt or lower max_tokens", "max_tokens", "context_length_exceeded")
         if any(not isinstance(s, str) or not s for s in request.stop):
             raise RequestError("stop sequences must be non-empty strings", "stop")

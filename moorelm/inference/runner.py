@@ -18,16 +18,17 @@ from moorelm.model import GPT
 class Runner:
     """Prefill and decode for the engine's thread (``start`` before use)."""
 
-    def __init__(self, model: GPT, max_batch: int, token_vocab: int):
+    def __init__(self, model: GPT, max_batch: int, token_vocab: int, max_len: int | None = None):
         self.model = model.eval()
         self.max_batch = max_batch
+        self.max_len = max_len or model.config.seq_len  # positions per slot
         self.token_vocab = token_vocab
         self.device = model.wte.weight.device
         self.cache = None
 
     def start(self) -> None:
-        """Allocate the KV cache (all slots empty)."""
-        self.cache = self.model.new_cache(self.max_batch)
+        """Allocate the KV cache (all slots empty, ``max_len`` positions each)."""
+        self.cache = self.model.new_cache(self.max_batch, self.max_len)
 
     def reset(self) -> None:
         """Empty every slot."""

@@ -82,14 +82,17 @@ def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
               device: str = "auto", model_name: str | None = None,
               hosts: tuple[str, ...] | None = None, body_timeout: float | None = BODY_TIMEOUT_S,
-              policy: ServePolicy | None = None):
+              policy: ServePolicy | None = None, max_seq_len: int | None = None,
+              kv_memory: int | None = None):
     """Load a run folder's newest checkpoint and return the FastAPI app that serves it
-    (bounded by ``policy``: see ``moorelm.serve.policy``)."""
+    (bounded by ``policy``: see ``moorelm.serve.policy``; each request's context by
+    ``max_seq_len`` and the KV-cache budget ``kv_memory``: see ``moorelm.inference.engine``)."""
     import moorelm
 
     check_api_key(api_key)  # before loading the model
     lm = moorelm.load(run, device=device)
-    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue,
+                    max_seq_len=max_seq_len, kv_memory=kv_memory)
     name = model_name or Path(run).resolve().name
     return create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes,
                       prompt_template=lm.prompt_template, hosts=hosts, body_timeout=body_timeout,
@@ -100,7 +103,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
           max_body_bytes: int = MAX_BODY_BYTES, device: str = "auto",
           model_name: str | None = None, log_level: str = "info",
-          limits: ServerLimits | None = None, policy: ServePolicy | None = None) -> None:
+          limits: ServerLimits | None = None, policy: ServePolicy | None = None,
+          max_seq_len: int | None = None, kv_memory: int | None = None) -> None:
     """Serve a run folder until interrupted (Ctrl-C, SIGTERM: running requests get
     ``limits.drain_s`` to finish).
 
@@ -115,12 +119,14 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     sock = bind(host, port)  # before loading the model: a taken port fails fast
     hosts = allowed_hosts(host, api_key)
     app = build_app(run, max_batch, max_queue, api_key, max_body_bytes, device, model_name,
-                    hosts, limits.body_timeout_s, policy)
+                    hosts, limits.body_timeout_s, policy, max_seq_len, kv_memory)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
+    engine = app.state.service.engine
     print(f"moorelm: serving {app.state.service.model_name} at http://{shown}:{actual} "
-          f"(playground: http://{shown}:{actual}/, OpenAI base_url: http://{shown}:{actual}/v1)",
-          flush=True)
+          f"(playground: http://{shown}:{actual}/, OpenAI base_url: http://{shown}:{actual}/v1); "
+          f"{engine.max_batch} slots of {engine.seq_len} tokens, KV cache "
+          f"{engine.kv_cache_bytes / 2**20:.0f} MiB", flush=True)
     server = DrainingServer(app, limits, log_level)
     try:
         server.run(sockets=[sock])
