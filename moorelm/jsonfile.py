@@ -33,10 +33,8 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """The parsed content of the JSON file ``path``; anything but a readable regular file of
-    at most ``max_bytes`` bytes holding valid UTF-8 JSON raises ``MoorelmError``."""
-    path = Path(path)
+def _read_bytes(path: Path, max_bytes: int, what: str = "a JSON file") -> bytes:
+    """The bytes of the regular file ``path`` (at most ``max_bytes``), or one line."""
     try:
         st = os.stat(path)  # follows links: a link to /dev/zero is judged by its target
     except FileNotFoundError:
@@ -44,9 +42,9 @@ def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES) -> An
     except OSError as e:
         raise from_os_error(e, f"read {path}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise MoorelmError(f"{path} is {_kind(st.st_mode)}, not a JSON file")
+        raise MoorelmError(f"{path} is {_kind(st.st_mode)}, not {what}")
     if st.st_size > max_bytes:
-        raise MoorelmError(f"{path} is {st.st_size:,} bytes; a JSON file here is at most "
+        raise MoorelmError(f"{path} is {st.st_size:,} bytes; {what} here is at most "
                            f"{max_bytes:,}")
     try:
         with open(path, "rb") as f:
@@ -55,7 +53,54 @@ def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES) -> An
         raise from_os_error(e, f"read {path}") from None
     if len(data) > max_bytes:
         raise MoorelmError(f"{path} is larger than {max_bytes:,} bytes")
-    return loads_json(data, str(path))
+    return data
+
+
+def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The parsed content of the JSON file ``path``; anything but a readable regular file of
+    at most ``max_bytes`` bytes holding valid UTF-8 JSON raises ``MoorelmError``."""
+    path = Path(path)
+    return loads_json(_read_bytes(path, max_bytes), str(path))
+
+
+def read_mapping(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """The mapping a settings file holds: YAML when its name ends in .yaml/.yml (PyYAML's
+    safe loader), JSON otherwise, with ``read_json``'s guards; an empty file is {}. Every
+    failure is one line naming ``what`` and the file (and where it stops parsing)."""
+    path = Path(path)
+    data = _read_bytes(path, MAX_JSON_BYTES, f"a {what}")
+    where = f"{what} {path}"
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise MoorelmError(f"reading the YAML {what} {path} needs PyYAML (pip install "
+                               "pyyaml); or write it as JSON") from None
+        try:
+            parsed = yaml.safe_load(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise MoorelmError(f"{where} is not valid UTF-8 (byte {e.start})") from None
+        except RecursionError:
+            raise MoorelmError(f"{where} nests too deeply to read") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or "not valid YAML"
+            raise MoorelmError(f"{where} does not parse: not valid YAML{at}: {problem}") from None
+    else:
+        try:
+            parsed = loads_json(data, where)
+        except MoorelmError as e:
+            why = str(e)[len(where):].strip()
+            why = why[3:] if why.startswith("is ") else why
+            raise MoorelmError(f"{where} does not parse: {why} (write JSON, or YAML in a "
+                               ".yaml file)") from None
+    if parsed is None:
+        return {}
+    if not isinstance(parsed, dict):
+        raise MoorelmError(f"{where} must hold a mapping of names to values, got "
+                           f"{type(parsed).__name__}")
+    return parsed
 
 
 def loads_json(data: bytes | str, where: str) -> Any:

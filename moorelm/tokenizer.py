@@ -199,10 +199,10 @@ class Tokenizer:
         return self.decode([token_id]).encode("utf-8")
 
 
-def _byte_level_alphabet() -> dict[str, int]:
+def byte_level_alphabet() -> dict[int, str]:
     """Byte-level BPE (GPT-2) spells each byte as one printable character: printable
     Latin-1 bytes as themselves, the others as the characters from U+0100 on, in byte order.
-    -> character -> byte."""
+    -> byte -> character."""
     keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     chars = {b: chr(b) for b in keep}
     extra = 0
@@ -210,10 +210,10 @@ def _byte_level_alphabet() -> dict[str, int]:
         if b not in chars:
             chars[b] = chr(256 + extra)
             extra += 1
-    return {c: b for b, c in chars.items()}
+    return chars
 
 
-_BYTE_OF_CHAR = _byte_level_alphabet()
+_BYTE_OF_CHAR = {c: b for b, c in byte_level_alphabet().items()}  # character -> byte
 
 
 def _split_long(text: str) -> Iterator[str]:

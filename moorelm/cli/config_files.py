@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moorelm.errors import MoorelmError
+from moorelm.jsonfile import read_mapping
 
 CONFIG_FLAGS = ("config", "print_config")
 # a verb may set ``resolve=f(args) -> dict`` with its parser's defaults: the settings that
@@ -67,38 +68,7 @@ def _is_yaml(path: str | Path) -> bool:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping a config file holds (YAML by suffix .yaml/.yml, else JSON), or one line."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoorelmError(f"config file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoorelmError(f"cannot read config file {p}: {e}") from None
-    if _is_yaml(p):
-        try:
-            import yaml
-        except ImportError:
-            raise MoorelmError("YAML config files need PyYAML (pip install pyyaml); "
-                               "or write the file as JSON") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or "not valid YAML"
-            raise MoorelmError(f"config file {p} does not parse{where}: {problem}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoorelmError(f"config file {p} does not parse at line {e.lineno}, column "
-                               f"{e.colno}: {e.msg} (write JSON, or YAML in a .yaml file)") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise MoorelmError(f"config file {p} must hold a mapping of flag names to values, "
-                           f"got {type(data).__name__}")
-    return data
+    return read_mapping(path, "config file")
 
 
 def _flatten_run_config(data: dict[str, Any], known: dict[str, argparse.Action]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from moorelm.errors import MoorelmError
+from moorelm.tokenizer import byte_level_alphabet
 
 ARCHITECTURES = ("llama", "qwen2")
 ARCHITECTURE_HELP = "llama (Llama 1-3, SmolLM, Mistral-style models), qwen2"
@@ -330,19 +331,6 @@ def read_gguf(path: str | Path, *, weights: bool = True) -> GGUFModel:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE spells tokens in it)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 # How llama.cpp's tokenizer.ggml.pre names split text before the merges; the same regexes as
 # the reference tokenizers (Llama 3, Qwen2, Mistral's Tekken, GPT-4o). Other names split the
 # GPT-2 way (ByteLevel's own regex).
@@ -393,7 +381,7 @@ def _bpe_tokenizer(meta: dict, path: Path):
     merges = meta.get("tokenizer.ggml.merges")
     if merges is None:
         raise MoorelmError(f"{path}: the byte-level BPE vocabulary has no tokenizer.ggml.merges")
-    spell = _byte_alphabet()
+    spell = byte_level_alphabet()
     alphabet = set(spell.values())
     vocab = {(t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}

@@ -14,13 +14,13 @@ policy's, and a request without ``max_tokens`` gets the policy's bound.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from moorelm.errors import MoorelmError
 from moorelm.generate import check_phrases
+from moorelm.jsonfile import read_mapping
 
 OVER_MAX = ("clamp", "reject")
 MAX_POLICY_STRINGS = 256
@@ -79,28 +79,7 @@ def load_policy(path: str | Path, model_name: str | None = None) -> ServePolicy:
     """The policy in a YAML (.yaml, .yml) or JSON file, for ``model_name`` when the file has
     a ``models`` section (its entry's keys override the top-level ones)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoorelmError(f"cannot read the serving config {path}: {e}") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise MoorelmError("reading a YAML config needs PyYAML (pip install pyyaml); "
-                               "or write the config as JSON") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise MoorelmError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoorelmError(f"{path} is not valid JSON ({e}); YAML files end in .yaml") from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise MoorelmError(f"{path} must hold a mapping of policy keys")
+    data = read_mapping(path, "serving policy")
     models = data.pop("models", None) or {}
     if not isinstance(models, dict):
         raise MoorelmError(f"{path}: models must map model names to policies")
