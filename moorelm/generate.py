@@ -554,6 +554,7 @@ class LanguageModel:
                0 <= i < tokenizer.vocab_size]
         # every token that ends the model's turn: its EOS ids (an import keeps them all)
         self.stop_ids: frozenset[int] = frozenset(ids or (tokenizer.eot_id,)) | {tokenizer.eot_id}
+        self._told_old = False
 
     @property
     def config(self):
@@ -633,6 +634,12 @@ class LanguageModel:
         from moorelm.chat import check_messages, fit_history
 
         tpl = self.template()
+        config = self.meta.get("config") or {}
+        if "imported_from" in config and "chat" not in config and not self._told_old:
+            self._told_old = True
+            warnings.warn("this run was imported before imports kept the model's chat template "
+                          "and stop ids; it chats through the default template (re-import it "
+                          "with --force)", MoorelmWarning, stacklevel=2)
         budget = self.config.seq_len - max(1, min(max_new_tokens, self.config.seq_len // 2))
         kept, dropped = fit_history(
             check_messages(messages), lambda ms: len(self.tokenizer.encode(tpl.render(ms))),
