@@ -475,6 +475,40 @@ def apply_template(template: str | None, text: str) -> str:
     return template.replace(PROMPT_PLACEHOLDER, text, 1)
 
 
+class StopText:
+    """Text in, text out, cut before the first stop sequence.
+
+    Text that could be the beginning of a stop sequence is held back until the next piece
+    shows whether it is one, so a stop sequence never leaks out split across two tokens.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """-> (text safe to emit, whether a stop sequence was found)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self.held = buf[len(buf) - hold:]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
 class TextStreamer:
     """Token ids in, text out, never splitting a multi-byte UTF-8 character."""
 
@@ -507,8 +541,20 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.run_dir = run_dir
         self.meta = meta or {}
+        config = self.meta.get("config") or {}
         # set by fine-tuning (moorelm.finetune.sft); None for pretrained runs
-        self.prompt_template: str | None = (self.meta.get("config") or {}).get("prompt_template")
+        self.prompt_template: str | None = config.get("prompt_template")
+        chat = config.get("chat") if isinstance(config.get("chat"), dict) else {}
+        name = config.get("name")
+        self.name: str = name if isinstance(name, str) and name.strip() else \
+            (Path(run_dir).resolve().name if run_dir is not None else "moorelm")
+        # an imported model's own template (None: the default one of moorelm.chat)
+        self.chat_template: str | None = chat.get("template")
+        ids = [i for i in chat.get("stop_ids") or () if isinstance(i, int) and
+               0 <= i < tokenizer.vocab_size]
+        # every token that ends the model's turn: its EOS ids (an import keeps them all)
+        self.stop_ids: frozenset[int] = frozenset(ids or (tokenizer.eot_id,)) | {tokenizer.eot_id}
+        self._told_old = False
 
     @property
     def config(self):
@@ -553,7 +599,7 @@ class LanguageModel:
         bans = ban if isinstance(ban, BanList) else self.ban_list(ban) if ban else None
         ids = torch.tensor([self.encode_prompt(prompt)], dtype=torch.long)
         streamer = TextStreamer(self.tokenizer)
-        stop = {self.tokenizer.eot_id} if stop_at_eot else None
+        stop = set(self.stop_ids) if stop_at_eot else None
         for tok in generate_tokens(self.model, ids, params.max_new_tokens, params.temperature,
                                    params.top_k, params.top_p, params.seed, stop_ids=stop,
                                    min_p=params.min_p,
@@ -571,6 +617,57 @@ class LanguageModel:
 
     def complete(self, prompt: str = "", **kwargs) -> str:
         return "".join(self.generate(prompt, **kwargs))
+
+    def template(self):
+        """The run's ``moorelm.chat.ChatTemplate`` (its own, or the documented default)."""
+        from moorelm.chat import ChatTemplate
+
+        if getattr(self, "_template", None) is None:
+            self._template = ChatTemplate.from_config(self.meta.get("config"))
+        return self._template
+
+    def chat_prompt(self, messages: Sequence[dict], max_new_tokens: int = 256,
+                    ) -> tuple[str, int]:
+        """The conversation rendered for the model, its oldest turns dropped (system
+        messages kept) until it leaves room for ``max_new_tokens`` (at least one) in the
+        context window -> (prompt text, number of messages dropped)."""
+        from moorelm.chat import check_messages, fit_history
+
+        tpl = self.template()
+        config = self.meta.get("config") or {}
+        if "imported_from" in config and "chat" not in config and not self._told_old:
+            self._told_old = True
+            warnings.warn("this run was imported before imports kept the model's chat template "
+                          "and stop ids; it chats through the default template (re-import it "
+                          "with --force)", MoorelmWarning, stacklevel=2)
+        budget = self.config.seq_len - max(1, min(max_new_tokens, self.config.seq_len // 2))
+        kept, dropped = fit_history(
+            check_messages(messages), lambda ms: len(self.tokenizer.encode(tpl.render(ms))),
+            budget)
+        return tpl.render(kept), dropped
+
+    def chat(self, messages: Sequence[dict], stream: bool = False, max_new_tokens: int = 256,
+             **kwargs) -> str | Iterator[str]:
+        """The model's reply to ``messages`` (``[{"role": "user", "content": ...}, ...]``),
+        rendered with the run's chat template and ending at its end-of-turn token; with
+        ``stream=True`` an iterator of text pieces. Other arguments as ``generate``'s."""
+        prompt, _ = self.chat_prompt(messages, max_new_tokens)
+        pieces = self.chat_pieces(prompt, max_new_tokens=max_new_tokens, **kwargs)
+        return pieces if stream else "".join(pieces)
+
+    def chat_pieces(self, prompt: str, **kwargs) -> Iterator[str]:
+        """``generate(prompt)`` cut at the chat template's stop text (the default template's
+        blank line), which is not yielded."""
+        stops = StopText(self.template().stop)
+        for piece in self.generate(prompt, **kwargs):
+            text, hit = stops.push(piece)
+            if text:
+                yield text
+            if hit:
+                return
+        tail = stops.flush()
+        if tail:
+            yield tail
 
     def ban_list(self, phrases: Sequence[str]) -> BanList:
         """``phrases`` compiled against this model's tokenizer (reuse it across calls)."""

@@ -199,6 +199,25 @@ def check_prompt_template(template: Any, source: str = "prompt template") -> str
     return template
 
 
+def check_chat_settings(cfg: dict, path: Path | str = CONFIG_FILE) -> None:
+    """config.json's ``name`` and ``chat`` section, type-checked (one line when wrong)."""
+    name = cfg.get("name")
+    if name is not None and not isinstance(name, str):
+        raise MoorelmError(f"{path}: name must be text")
+    chat = cfg.get("chat")
+    if chat is None:
+        return
+    if not isinstance(chat, dict):
+        raise MoorelmError(f"{path}: chat must be an object")
+    for key in ("template", "bos_token", "eos_token", "pad_token", "unk_token"):
+        if chat.get(key) is not None and not isinstance(chat[key], str):
+            raise MoorelmError(f"{path}: chat.{key} must be text")
+    ids = chat.get("stop_ids")
+    if ids is not None and not (isinstance(ids, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise MoorelmError(f"{path}: chat.stop_ids must be a list of token ids")
+
+
 def _save_error(e: Exception, checkpoint: Path) -> MoorelmError:
     """One line for a failed safetensors write: a full disk says so, anything else its reason."""
     text = str(e)
@@ -249,7 +268,18 @@ class RunFolder:
             raise MoorelmError(f"{path} has no 'model' section; it was not written by moorelm")
         if cfg.get("prompt_template") is not None:
             check_prompt_template(cfg["prompt_template"], f"{path}: prompt_template")
+        check_chat_settings(cfg, path)
         return cfg
+
+    def name(self, config: dict | None = None) -> str:
+        """The model's name: the one an import kept (config.json ``name``), else the folder's."""
+        name = (config or self.read_config()).get("name")
+        return name if isinstance(name, str) and name.strip() else self.path.resolve().name
+
+    def chat_settings(self, config: dict | None = None) -> dict:
+        """config.json's ``chat`` section (template, bos/eos/pad token text, ``stop_ids``), as
+        an import kept it; {} for a run trained here."""
+        return dict((config or self.read_config()).get("chat") or {})
 
     def model_config(self, config: dict | None = None) -> ModelConfig:
         return ModelConfig.from_dict((config or self.read_config())["model"])

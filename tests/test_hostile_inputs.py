@@ -378,6 +378,21 @@ CASES = [
     Case("train-full-disk-at-config", lambda c: ["train", "--corpus", c.corpus(), "--out",
                                                  str(c.out / "r"), *FAST_TRAIN],
          patch=_enospc("moorelm.run:atomic_write_json")),
+    # ------------------------------------------------------------------ chat
+    Case("chat-missing-run", lambda c: ["chat", str(c.inp / "nope"), "--prompt", "a"]),
+    Case("chat-prompt-empty", lambda c: ["chat", c.run(), "--prompt", "  "]),
+    Case("chat-prompt-too-long", lambda c: ["chat", c.run(), "--prompt", "ab " * 5000]),
+    Case("chat-temperature-negative",
+         lambda c: ["chat", c.run(), "--prompt", "a", "--temperature", "-1"]),
+    Case("chat-template-not-jinja", lambda c: [
+        "chat", c.run(_config(lambda cfg: cfg.update(chat={"template": "{% for m in %}"}))),
+        "--prompt", "a"]),
+    Case("chat-template-raises", lambda c: [
+        "chat", c.run(_config(lambda cfg: cfg.update(
+            chat={"template": "{{ raise_exception('no system turn allowed') }}"}))),
+        "--prompt", "a"]),
+    Case("chat-stop-ids-not-ids", lambda c: [
+        "chat", c.run(_config(lambda cfg: cfg.update(chat={"stop_ids": "2"}))), "--prompt", "a"]),
     # ------------------------------------------------------------------ generate
     # ------------------------------------------------------------------ inspect
     Case("inspect-missing-run", lambda c: ["inspect", str(c.inp / "nope"), "--prompt", "a"]),

@@ -23,7 +23,7 @@ LAYERS = [
     {"tokenizer"},
     {"data", "decode_plan", "model"},
     {"optim", "codecs", "run", "plots"},  # run: the run folder; codecs: one per kind of model
-    {"inspect"},  # a forward pass laid open; LanguageModel.inspect calls it
+    {"inspect", "chat"},  # inspect: a forward pass laid open; chat: chat templates
     {"generate", "evaluate", "training"},  # training/: the loop
     {"inference"},  # the engine's parts, below the HTTP server
     {"finetune", "interop", "scaling"},

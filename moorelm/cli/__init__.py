@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, ...]] = {
     "interop": ("export", "import"),
     "serve": ("serve",),
     "inspect": ("inspect",),
+    "chat": ("chat",),
     "scale": ("scale", "trend"),
 }
 

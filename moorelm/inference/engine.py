@@ -59,6 +59,9 @@ class Engine:
     is allocated once, so an 8k-context model does not reserve 8k positions per slot unless
     the budget holds them; longer requests get a RequestError naming the window.
 
+    ``stop_ids``: the tokens that end a choice with finish reason "stop" besides end of text
+    (an imported model's EOS / end-of-turn ids, ``LanguageModel.stop_ids``); never emitted.
+
     ``threads``: torch CPU threads for the engine's computations (default: torch's count
     when the engine is made). The engine's own thread applies it when it starts: torch's
     setting is per thread for MKL's matrix products, so a count set elsewhere would
@@ -67,7 +70,8 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
                  max_queue: int = 64, threads: int | None = None,
-                 max_seq_len: int | None = None, kv_memory: int | None = None):
+                 max_seq_len: int | None = None, kv_memory: int | None = None,
+                 stop_ids: frozenset[int] | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise MoorelmError(f"max batch must be an integer >= 1, got {max_batch}")
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -75,6 +79,8 @@ class Engine:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise MoorelmError(f"threads must be an integer >= 1, got {threads}")
         self.tokenizer = tokenizer
+        # tokens that end a choice with finish_reason "stop" (the model's EOS / end-of-turn ids)
+        self.stop_ids = frozenset(stop_ids or ()) | {tokenizer.eot_id}
         self.max_batch, self.max_queue = max_batch, max_queue
         self.threads = threads or torch.get_num_threads()
         self.device = model.wte.weight.device
@@ -269,7 +275,8 @@ class Engine:
 
     def _join(self, handle: RequestHandle, choice: int, logits: torch.Tensor) -> None:
         req = handle.request
-        text = ChoiceText(self.tokenizer, req.stop, req.stop_at_eot, req.params.max_new_tokens)
+        text = ChoiceText(self.tokenizer, req.stop, req.stop_at_eot, req.params.max_new_tokens,
+                          self.stop_ids)
         bans = self.ban_list(req.bad_words) if req.bad_words else None
         seq = Sequence(handle, choice, text, self.vocab_size, self.device, bans)
         seq.logits = logits

@@ -1,8 +1,9 @@
 """Output handling: one choice's token ids become text and a finish reason.
 
 ``ChoiceText`` streams text without ever splitting a character (``generate.TextStreamer``),
-holds back text that could be the start of a stop string (``StopText``), and says when the
-choice is done: "stop" (end of text or a stop string) or "length" (max tokens).
+holds back text that could be the start of a stop string (``generate.StopText``), and says
+when the choice is done: "stop" (one of the model's stop ids, e.g. its end-of-turn token, which
+is not emitted; or a stop string) or "length" (max tokens).
 ``token_logprobs`` reports log-probabilities as OpenAI does.
 """
 
@@ -10,59 +11,27 @@ from __future__ import annotations
 
 import torch
 
-from moorelm.generate import TextStreamer
+from moorelm.generate import StopText, TextStreamer
 from moorelm.tokenizer import Tokenizer
-
-
-class StopText:
-    """Text in, text out, cut before the first stop sequence.
-
-    Text that could be the beginning of a stop sequence is held back until the next piece
-    shows whether it is one, so a stop sequence never leaks out split across two tokens.
-    """
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self.held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """-> (text safe to emit, whether a stop sequence was found)."""
-        if not self.stops:
-            return text, False
-        buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return buf[: min(hits)], True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), hold, -1):
-                if buf.endswith(s[:k]):
-                    hold = k
-                    break
-        self.held = buf[len(buf) - hold:]
-        return buf[: len(buf) - hold], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
 
 
 class ChoiceText:
     """Token ids of one choice in; the text each completes and, at the end, why it ended."""
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], stop_at_eot: bool,
-                 max_new_tokens: int):
+                 max_new_tokens: int, stop_ids: frozenset[int] | None = None):
         self.streamer = TextStreamer(tokenizer)
         self.stop = StopText(stop)
-        self.eot = tokenizer.eot_id if stop_at_eot else None
+        # the tokens that end the choice (not emitted): the model's EOS ids, else end of text
+        self.stop_ids = (stop_ids or frozenset((tokenizer.eot_id,))) if stop_at_eot \
+            else frozenset()
         self.max_new_tokens = max_new_tokens
         self.generated = 0
 
     def push(self, tok: int) -> tuple[str, str | None]:
         """-> (text to emit, finish reason or None while the choice goes on)."""
         self.generated += 1
-        eot = tok == self.eot
+        eot = tok in self.stop_ids
         text = self.streamer.flush() if eot else self.streamer.push(tok)
         text, hit = self.stop.push(text)
         if hit or eot:

@@ -608,6 +608,61 @@ def _eos_token(hf_dir: Path, conf: dict) -> str | None:
     return eos if isinstance(eos, str) else None
 
 
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # older files store AddedToken dicts
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _model_name(hf_dir: Path, conf: dict) -> str:
+    """The model's name: config.json's ``_name_or_path`` when it is a name, else the folder's."""
+    name = conf.get("_name_or_path")
+    if isinstance(name, str) and name.strip() and not Path(name).is_absolute():
+        return name.strip()[:200]
+    return hf_dir.resolve().name
+
+
+def _chat_settings(hf_dir: Path, conf: dict, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What chatting with the model needs, for config.json's ``chat`` section: the chat template
+    (tokenizer_config.json's ``chat_template``, else chat_template.jinja), the bos/eos/pad
+    tokens' text as the run's tokenizer spells them, and ``stop_ids``: every end-of-sequence id
+    (generation_config.json's ``eos_token_id``, config.json's, the tokenizer's eos)."""
+    tc_path, jinja = hf_dir / "tokenizer_config.json", hf_dir / "chat_template.jinja"
+    tc = read_json(tc_path) if tc_path.exists() or tc_path.is_symlink() else {}
+    tc = tc if isinstance(tc, dict) else {}
+    template = tc.get("chat_template")
+    if isinstance(template, list):  # several named templates: the "default" one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not isinstance(template, str) and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    out: dict[str, Any] = {"template": template if isinstance(template, str) else None}
+    eos_text = _token_text(tc.get("eos_token"))
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        text = _token_text(tc.get(key))
+        if text is not None and tokenizer.hf.token_to_id(text) is None and text == eos_text:
+            text = EOT  # renamed by convert_tokenizer
+        out[key] = text
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < tokenizer.vocab_size \
+                    and v not in ids:
+                ids.append(v)
+
+    gen_path = hf_dir / "generation_config.json"
+    gen = read_json(gen_path) if gen_path.exists() or gen_path.is_symlink() else {}
+    add((gen if isinstance(gen, dict) else {}).get("eos_token_id"))
+    add(conf.get("eos_token_id"))
+    if out["eos_token"] is not None:
+        add(tokenizer.hf.token_to_id(out["eos_token"]))
+    if not ids:
+        add(tokenizer.eot_id)
+    out["stop_ids"] = ids
+    return out
+
+
 def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None,
               overwrite: bool = False) -> Path:
     """Turn a transformers GPT-2 or Llama folder into a moorelm run folder at ``run``.
@@ -661,6 +716,8 @@ def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None
         "model": cfg.to_dict(),
         "params": model.param_counts(),
         "imported_from": {"format": "hf", "architecture": family, "path": str(hf_dir.resolve())},
+        "name": _model_name(hf_dir, conf),
+        "chat": _chat_settings(hf_dir, conf, tokenizer),
     }
     with target.rewrite(force=overwrite) as new:  # the whole run is replaced, or nothing
         new.write_files(run_config, tokenizer)

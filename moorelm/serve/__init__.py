@@ -92,11 +92,11 @@ def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
     check_api_key(api_key)  # before loading the model
     lm = moorelm.load(run, device=device)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    max_seq_len=max_seq_len, kv_memory=kv_memory)
-    name = model_name or Path(run).resolve().name
+                    max_seq_len=max_seq_len, kv_memory=kv_memory, stop_ids=lm.stop_ids)
+    name = model_name or lm.name
     return create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes,
                       prompt_template=lm.prompt_template, hosts=hosts, body_timeout=body_timeout,
-                      policy=policy)
+                      policy=policy, chat_template=lm.template())
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,

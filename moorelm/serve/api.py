@@ -15,11 +15,13 @@ queue gets 429 with Retry-After; prompt + max_tokens beyond the context window g
 client that goes away mid-request frees its batch rows at the engine's next step. Every error
 is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, without a traceback.
 
-Chat template for base models (pretrained on text such as plays): each message becomes a
-speech, ``ROLE:\\n{content}\\n\\n`` (the message's ``name``, upper-cased, replaces the role when
-given), then ``ASSISTANT:\\n`` asks for the reply, which ends at the first blank line or end of
-text. A fine-tuned run with a prompt template (``config.json`` ``prompt_template``) instead wraps
-each user message in its template and ends the reply at end of text.
+Chat: the messages are rendered by ``moorelm.chat.ChatTemplate``: an imported model's own template
+(e.g. SmolLM2's ChatML), its reply ending at the model's end-of-turn / EOS ids; for a run trained
+here the documented default, where each message becomes a speech, ``ROLE:\\n{content}\\n\\n``
+(the message's ``name``, upper-cased, replaces the role when given), then ``ASSISTANT:\\n``
+asks for the reply, which ends at the first blank line or end of text. A fine-tuned run with a
+prompt template (``config.json`` ``prompt_template``) instead wraps each user message in its
+template and ends the reply at end of text.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moorelm.chat import ChatTemplate
 from moorelm.errors import MoorelmError
 from moorelm.generate import SamplingParams, apply_template
 from moorelm.inference.engine import SHUTTING_DOWN, Engine
@@ -69,7 +72,6 @@ log = logging.getLogger("moorelm.serve")
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 RETRY_AFTER_S = 1
-CHAT_STOP = "\n\n"  # a speech ends at a blank line
 
 
 # ----------------------------------------------------------------------------- turning requests into engine requests
@@ -84,8 +86,23 @@ def _text(value: str, param: str) -> str:
     return value
 
 
-def render_chat(messages: list[Message], template: str | None) -> str:
-    """The documented chat template (see the module docstring)."""
+def render_chat(messages: list[Message], template: str | None,
+                chat: ChatTemplate | None = None) -> str:
+    """The conversation as model input (see the module docstring): through the fine-tuned
+    run's prompt ``template`` when it has one, else the chat template ``chat`` (the default
+    one when None). A template that cannot render the conversation is a 400."""
+    if template is None:
+        plain = []
+        for i, m in enumerate(messages):
+            content = "".join(p.text for p in m.content) if isinstance(m.content, list) \
+                else (m.content or "")
+            plain.append({"role": m.role, "content": _text(content, f"messages.{i}.content"),
+                          "name": _text(m.name.strip(), f"messages.{i}.name") if m.name and m.name.strip()
+                          else None})
+        try:
+            return (chat or ChatTemplate.default()).render(plain)
+        except MoorelmError as e:
+            raise ApiError(400, str(e), "messages") from None
     parts = []
     for i, m in enumerate(messages):
         if isinstance(m.content, list):
@@ -110,13 +127,14 @@ class Service:
     deployment's policy (``serve.policy``)."""
 
     def __init__(self, engine: Engine, model_name: str, prompt_template: str | None = None,
-                 policy: ServePolicy | None = None):
+                 policy: ServePolicy | None = None, chat: ChatTemplate | None = None):
         self.engine = engine
         self.policy = policy or ServePolicy()
         self.inspect_lock = threading.Lock()  # one inspection at a time
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.prompt_template = prompt_template
+        self.chat = chat or ChatTemplate.default()
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
 
@@ -445,15 +463,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES,
                prompt_template: str | None = None, hosts: tuple[str, ...] | None = None,
                body_timeout: float | None = BODY_TIMEOUT_S,
-               policy: ServePolicy | None = None) -> FastAPI:
+               policy: ServePolicy | None = None,
+               chat_template: ChatTemplate | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (started here if it is not running yet).
 
     ``hosts``: the only Host names answered (None: any; ``serve`` passes LOOPBACK_HOSTS for
     a keyless server on loopback). ``body_timeout``: seconds a client has to send its body.
     ``policy``: the deployment's stop strings, banned phrases and length bound.
+    ``chat_template``: how /v1/chat/completions renders messages (the model's own, from
+    ``LanguageModel.template()``; None: the documented default).
     """
     check_api_key(api_key)
-    service = Service(engine, model_name, prompt_template, policy)
+    service = Service(engine, model_name, prompt_template, policy, chat_template)
     engine.start()
     app = FastAPI(title="moorelm", version="1", summary="OpenAI-compatible API of one moorelm model",
                   docs_url=None, redoc_url=None)
@@ -571,10 +592,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 and body.max_tokens != body.max_completion_tokens:
             raise ApiError(400, "max_tokens and max_completion_tokens differ; send one",
                            "max_completion_tokens")
-        text = render_chat(body.messages, service.prompt_template)
+        text = render_chat(body.messages, service.prompt_template, service.chat)
         prompt = await service.encode(text)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        extra = (CHAT_STOP,) if service.prompt_template is None else ()
+        extra = service.chat.stop if service.prompt_template is None else ()
         max_tokens = body.max_completion_tokens or body.max_tokens
         max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         await service.warm_bans(body)
