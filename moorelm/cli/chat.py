@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moorelm.cli.core import add_sampling_flags
 from moorelm.errors import MoorelmError
 
 HELP = "commands: /reset clears the conversation, /quit leaves (so does end of input)"
@@ -26,18 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="a system message opening the conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens below MIN_P x the top token's probability (vLLM's; 0..1)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide the logits of tokens already seen (vLLM's; > 0, 1 = off)")
-    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=VALUE",
-                   help="add VALUE (-100..100) to token ID's logit (repeatable; OpenAI's)")
-    p.add_argument("--ban", action="append", default=[], metavar="PHRASE",
-                   help="a phrase never produced, however it would be tokenised (repeatable)")
+    add_sampling_flags(p)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the reply as it is produced (default on)")
     p.add_argument("--device", default="auto")

@@ -77,6 +77,23 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: set[str], title: 
                            help=help_.strip())
 
 
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling controls of ``generate`` and ``chat`` (the same names and ranges as the
+    server's fields)."""
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below MIN_P x the top token's probability (vLLM's; 0..1)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen (vLLM's; > 0, 1 = off)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=VALUE",
+                   help="add VALUE (-100..100) to token ID's logit (repeatable; OpenAI's)")
+    p.add_argument("--ban", action="append", default=[], metavar="PHRASE",
+                   help="a phrase never produced, however it would be tokenised (repeatable)")
+
+
 def add_logger_flag(p: argparse.ArgumentParser) -> None:
     """``--logger`` (repeatable, or comma-separated): trackers beside metrics.csv."""
     p.add_argument("--logger", action="append", default=None, metavar="NAME",
@@ -388,19 +405,8 @@ def add_parser(sub) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_flags(p)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens below MIN_P x the top token's probability (vLLM's; 0..1)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide the logits of tokens already seen (vLLM's; > 0, 1 = off)")
-    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=VALUE",
-                   help="add VALUE (-100..100) to token ID's logit (repeatable; OpenAI's)")
-    p.add_argument("--ban", action="append", default=[], metavar="PHRASE",
-                   help="a phrase never produced, however it would be tokenised (repeatable)")
     p.add_argument("--template", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap --prompt in the run's prompt template (fine-tuned runs; default on)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
