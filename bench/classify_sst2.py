@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         "--minutes", type=float, default=15.0, help="wall-clock budget for the whole script"
     )
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--epochs", type=float, default=10.0,
+                    help="at most this many passes over the pool (default 10: the time budget "
+                    "ends training first, so the learning rate, decaying by time, reaches zero; "
+                    "with 1 a fast machine ends the pass with the rate still high)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--holdout", type=int, default=2000, help="held-out rows (never trained on)")
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             pool_file,
             out,
             eval_file=held_file,
-            epochs=1.0,
+            epochs=args.epochs,  # the time limit binds first: the schedule decays by time
             lr=args.lr,
             batch_size=args.batch_size,
             max_length=args.max_length,
