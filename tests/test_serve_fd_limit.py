@@ -20,8 +20,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _health(port: int, deadline: float) -> int | None:
-    while time.monotonic() < deadline:
+def _health(port: int, tries: int) -> int | None:
+    """/health's status, asked up to ``tries`` times (0.3 s apart); None if it never answers."""
+    for _ in range(tries):
         try:
             return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
         except httpx.HTTPError:
@@ -39,14 +40,14 @@ def test_idle_sockets_past_the_file_limit_do_not_keep_health_down(tiny_run):
                               stderr=subprocess.PIPE, text=True)
     socks = []
     try:
-        assert _health(port, time.monotonic() + 120) == 200, "the server did not start"
+        assert _health(port, 400) == 200, "the server did not start"
         for _ in range(130):
             try:
                 socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
             except OSError:
                 break  # the server's accept queue is full: that is the attack succeeding
         assert len(socks) >= 100
-        assert _health(port, time.monotonic() + 60) == 200
+        assert _health(port, 200) == 200
         assert server.poll() is None
     finally:
         for s in socks:
