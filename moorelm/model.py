@@ -449,6 +449,10 @@ class GPT(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._softcap(self.lm_head(x))
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head (and soft cap) on ``hidden_states``' output: (..., C) -> (..., V)."""
+        return self._logits(hidden)
+
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits

@@ -23,7 +23,8 @@ LAYERS = [
     {"tokenizer"},
     {"data", "decode_plan", "model"},
     {"optim", "codecs", "run", "plots"},  # run: the run folder; codecs: one per kind of model
-    {"inspect", "chat"},  # inspect: a forward pass laid open; chat: chat templates
+    {"inspect", "chat", "scoring"},  # inspect: a forward pass laid open; chat: chat templates;
+    # scoring: per-token log-probs of given text
     {"generate", "evaluate", "training"},  # training/: the loop
     {"inference"},  # the engine's parts, below the HTTP server
     {"finetune", "interop", "scaling"},
