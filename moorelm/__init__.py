@@ -51,13 +51,18 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-def load(run: str | Path, device: str = "auto") -> LanguageModel:
-    """The newest checkpoint of a run folder, ready to generate (LoRA adapters merged in)."""
+def load(run: str | Path, device: str = "auto", weights: str = "fp32") -> LanguageModel:
+    """The newest checkpoint of a run folder, ready to generate (LoRA adapters merged in).
+
+    ``weights``: fp32 (as trained), bf16 or int8 (see ``moorelm.quantize``)."""
     from moorelm.device import resolve_device
     from moorelm.generate import LanguageModel
+    from moorelm.quantize import check_weights, quantize
     from moorelm.run import RunFolder
 
+    check_weights(weights)
     loaded = RunFolder(run).load(device=resolve_device(device))
+    quantize(loaded.model, weights)
     return LanguageModel(loaded.model, loaded.tokenizer, Path(run),
                          meta={"config": loaded.config, "state": loaded.state})
 

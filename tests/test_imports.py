@@ -22,7 +22,8 @@ LAYERS = [
     {"config", "corpus", "device", "classify"},  # classify: HF encoders, nothing of moorelm's GPT
     {"tokenizer"},
     {"data", "decode_plan", "model"},
-    {"optim", "codecs", "run", "plots"},  # run: the run folder; codecs: one per kind of model
+    {"optim", "codecs", "run", "plots", "quantize"},  # run: the run folder; codecs: one per
+    # kind of model; quantize: weight formats for inference
     {"inspect", "chat", "scoring"},  # inspect: a forward pass laid open; chat: chat templates;
     # scoring: per-token log-probs of given text
     {"generate", "evaluate", "training"},  # training/: the loop

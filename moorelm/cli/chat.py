@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moorelm.cli.core import add_sampling_flags
+from moorelm.cli.core import add_sampling_flags, add_weights_flag
 from moorelm.errors import MoorelmError
 
 HELP = "commands: /reset clears the conversation, /quit leaves (so does end of input)"
@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the reply as it is produced (default on)")
     p.add_argument("--device", default="auto")
+    add_weights_flag(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -51,7 +52,7 @@ def cmd_chat(args) -> int:
                "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban),
                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                "max_new_tokens": args.max_new_tokens}
-    lm = moorelm.load(args.run, device=args.device)
+    lm = moorelm.load(args.run, device=args.device, weights=args.weights)
     if control["ban"]:
         control["ban"] = lm.ban_list(control["ban"])
     session = ChatSession(lm, args.system, control, args.seed, args.stream)

@@ -77,6 +77,15 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: set[str], title: 
                            help=help_.strip())
 
 
+def add_weights_flag(p: argparse.ArgumentParser) -> None:
+    """``--weights``: the format the model's weights are held in while it generates."""
+    from moorelm.quantize import WEIGHT_FORMATS
+
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32",
+                   help="weights for inference: fp32 (as trained), bf16, or int8 per-channel "
+                   "(about a quarter of fp32's bytes; see docs/performance.md) (default fp32)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """The sampling controls of ``generate`` and ``chat`` (the same names and ranges as the
     server's fields)."""
@@ -299,7 +308,7 @@ def cmd_generate(args) -> int:
                "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban)}
     if args.num_samples < 1:
         raise MoorelmError(f"--num-samples must be >= 1, got {args.num_samples}")
-    lm = moorelm.load(args.run, device=args.device)
+    lm = moorelm.load(args.run, device=args.device, weights=args.weights)
     if control["ban"]:
         control["ban"] = lm.ban_list(control["ban"])  # compiled once for every sample
     # a fine-tuned run's prompt template applies unless --no-template
@@ -412,6 +421,7 @@ def add_parser(sub) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they are produced (default on)")
     p.add_argument("--device", default="auto")
+    add_weights_flag(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="loss, perplexity and bits per byte on any text",

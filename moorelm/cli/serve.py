@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from moorelm.cli.core import add_weights_flag
 from moorelm.errors import MoorelmError
 
 
@@ -46,6 +47,7 @@ def add_parser(sub) -> None:
                    help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--model-name", default=None, help="model id clients use (default: run folder name)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_weights_flag(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: one per core)")
     p.add_argument("--policy", default=None, metavar="FILE",
@@ -153,5 +155,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body,
           device=args.device, model_name=args.model_name, log_level=args.log_level,
           limits=limits, policy=policy, max_seq_len=args.max_seq_len,
-          kv_memory=parse_size(args.kv_memory, "--kv-memory") if args.kv_memory else None)
+          kv_memory=parse_size(args.kv_memory, "--kv-memory") if args.kv_memory else None,
+          weights=args.weights)
     return 0

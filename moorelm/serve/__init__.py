@@ -83,14 +83,14 @@ def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
               device: str = "auto", model_name: str | None = None,
               hosts: tuple[str, ...] | None = None, body_timeout: float | None = BODY_TIMEOUT_S,
               policy: ServePolicy | None = None, max_seq_len: int | None = None,
-              kv_memory: int | None = None):
+              kv_memory: int | None = None, weights: str = "fp32"):
     """Load a run folder's newest checkpoint and return the FastAPI app that serves it
     (bounded by ``policy``: see ``moorelm.serve.policy``; each request's context by
     ``max_seq_len`` and the KV-cache budget ``kv_memory``: see ``moorelm.inference.engine``)."""
     import moorelm
 
     check_api_key(api_key)  # before loading the model
-    lm = moorelm.load(run, device=device)
+    lm = moorelm.load(run, device=device, weights=weights)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue,
                     max_seq_len=max_seq_len, kv_memory=kv_memory, stop_ids=lm.stop_ids)
     name = model_name or lm.name
@@ -104,7 +104,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           max_body_bytes: int = MAX_BODY_BYTES, device: str = "auto",
           model_name: str | None = None, log_level: str = "info",
           limits: ServerLimits | None = None, policy: ServePolicy | None = None,
-          max_seq_len: int | None = None, kv_memory: int | None = None) -> None:
+          max_seq_len: int | None = None, kv_memory: int | None = None,
+          weights: str = "fp32") -> None:
     """Serve a run folder until interrupted (Ctrl-C, SIGTERM: running requests get
     ``limits.drain_s`` to finish).
 
@@ -119,7 +120,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     sock = bind(host, port)  # before loading the model: a taken port fails fast
     hosts = allowed_hosts(host, api_key)
     app = build_app(run, max_batch, max_queue, api_key, max_body_bytes, device, model_name,
-                    hosts, limits.body_timeout_s, policy, max_seq_len, kv_memory)
+                    hosts, limits.body_timeout_s, policy, max_seq_len, kv_memory, weights)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     engine = app.state.service.engine

@@ -1,0 +1,160 @@
+"""Weight formats side by side: fp32, bf16 and int8 weights on the same model, same run.
+
+    python bench/quantize.py                       # the bundled SmolLM2-135M-Instruct
+    python bench/quantize.py --run runs/demo --threads 2
+    python bench/quantize.py --held-out /work/shared/data/tinyshakespeare.txt
+
+For each format (``moorelm.quantize``): weight bytes, decode tokens/s at each batch size
+(greedy, --new-tokens after a --prompt-len prompt, best of --repeats with the formats taking
+turns, so load lands on all of them), and quality against fp32: greedy agreement (the share
+of --prompts continuations of --agree-tokens tokens that are identical to fp32's, and the
+mean length of the common prefix) and the mean |delta log-prob| per token on held-out text
+(scored with ``moorelm.scoring``, --score-tokens tokens in context-sized windows).
+
+Targets (issue 17): int8 decode >= 3x fp32's at batch 1, greedy agreement >= 90% of 64-token
+continuations over 20 prompts. The CPU model is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from moorelm.generate import generate_tokens
+from moorelm.quantize import WEIGHT_FORMATS, quantize, weight_bytes
+from moorelm.scoring import score_sequences
+
+PROMPTS = [
+    "The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
+    "Explain why the sky is blue.", "Once upon a time, in a small village,",
+    "The three primary colours are", "How do I boil an egg?", "Translate to German: good morning",
+    "List three uses of copper.", "The theory of relativity says",
+    "What is the largest planet in the solar system?", "A recipe for pancakes:",
+    "In 1969, astronauts", "The best way to learn a language is",
+    "Summarise the plot of Hamlet.", "import numpy as np\n", "Dear Sir or Madam,",
+    "The weather today is", "Why do cats purr?", "Photosynthesis is the process",
+]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load(args):
+    import moorelm
+
+    if args.run:
+        return moorelm.load(args.run, device="cpu")
+    from moorelm.interop.gguf import bundled_model_path, import_gguf
+
+    run = Path(args.cache) / "smollm2"
+    if not (run / "config.json").exists():
+        t0 = time.perf_counter()
+        import_gguf(bundled_model_path("smollm2"), run, force=True)
+        print(f"imported the bundled SmolLM2 into {run} in {time.perf_counter() - t0:.1f} s")
+    return moorelm.load(run, device="cpu")
+
+
+@torch.no_grad()
+def decode_rate(model, prompt: torch.Tensor, new: int) -> float:
+    t0 = time.perf_counter()
+    for _ in generate_tokens(model, prompt, 1, temperature=0):
+        pass
+    t1 = time.perf_counter()
+    for _ in generate_tokens(model, prompt, new, temperature=0):
+        pass
+    t2 = time.perf_counter()
+    return prompt.shape[0] * (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+
+
+@torch.no_grad()
+def greedy(model, ids: list[int], n: int, stop: set[int]) -> list[int]:
+    out = []
+    for tok in generate_tokens(model, torch.tensor([ids]), n, temperature=0):
+        out.append(int(tok[0]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", default=None, help="a run folder (default: the bundled SmolLM2)")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/moorelm-bench"))
+    ap.add_argument("--formats", default=",".join(WEIGHT_FORMATS))
+    ap.add_argument("--batch", default="1,8,32")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--agree-tokens", type=int, default=64)
+    ap.add_argument("--held-out", default=None, help="text file scored for |delta log-prob| "
+                    "(default: the bundled Shakespeare's last play)")
+    ap.add_argument("--score-tokens", type=int, default=4096)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load(args)
+    formats = args.formats.split(",")
+    models = {w: quantize(copy.deepcopy(lm.model), w) for w in formats}
+    print(f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    for w, m in models.items():
+        print(f"{w:5s} weights {weight_bytes(m) / 2**20:8.1f} MiB")
+
+    # quality first (no timing): greedy agreement and |delta log-prob| against fp32
+    tok = lm.tokenizer
+    ref = models.get("fp32") or quantize(copy.deepcopy(lm.model), "fp32")
+    stop = set(lm.stop_ids or ())
+    if args.held_out:
+        text = Path(args.held_out).read_text(encoding="utf-8")
+    else:
+        from moorelm.corpus import load_corpus
+
+        text = "".join(load_corpus(None).documents[-1].chunks())
+    ids = tok.encode(text)[: args.score_tokens]
+    T = lm.config.seq_len if lm.config.seq_len < 1024 else 1024
+    windows = [ids[i:i + T] for i in range(0, len(ids) - 1, T)]
+    ref_scores = score_sequences(ref, windows)
+    prompts = [lm.encode_prompt(p) for p in PROMPTS[: args.prompts]]
+    ref_out = [greedy(ref, p, args.agree_tokens, stop) for p in prompts]
+    for w, m in models.items():
+        if w == "fp32":
+            continue
+        scores = score_sequences(m, windows)
+        deltas = [abs(a - b) for s, r in zip(scores, ref_scores)
+                  for a, b in zip(s.logprobs[1:], r.logprobs[1:])]
+        outs = [greedy(m, p, args.agree_tokens, stop) for p in prompts]
+        same = sum(o == r for o, r in zip(outs, ref_out))
+        prefix = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(o))
+                  for o, r in zip(outs, ref_out)]
+        print(f"{w:5s} vs fp32: greedy identical {same}/{len(prompts)} "
+              f"({args.agree_tokens} tokens; mean common prefix {sum(prefix) / len(prefix):.1f}), "
+              f"mean |delta log-prob| {sum(deltas) / len(deltas):.4f} over {len(deltas)} tokens")
+
+    # speed: formats take turns within each repeat
+    g = torch.Generator().manual_seed(0)
+    for b in (int(x) for x in args.batch.split(",")):
+        prompt = torch.randint(0, lm.config.vocab_size, (b, args.prompt_len), generator=g)
+        best = {w: 0.0 for w in models}
+        for _ in range(args.repeats):
+            for w, m in models.items():
+                best[w] = max(best[w], decode_rate(m, prompt, args.new_tokens))
+        base = best.get("fp32")
+        line = "  ".join(f"{w} {r:7.1f} tok/s" + (f" ({r / base:.2f}x)" if base else "")
+                         for w, r in best.items())
+        print(f"batch {b:3d} decode: {line}")
+
+
+if __name__ == "__main__":
+    main()
