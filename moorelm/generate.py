@@ -717,7 +717,8 @@ class LanguageModel:
                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_at_eot: bool = True, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-                 ban: Sequence[str] | BanList = (), stream: bool = False):
+                 ban: Sequence[str] | BanList = (), stream: bool = False,
+                 ) -> str | list[str] | Iterator[str] | Iterator[tuple[int, str]]:
         """The continuation of ``prompt`` as text (``str``).
 
         ``stream=True``: an iterator of text pieces as they are produced instead.
