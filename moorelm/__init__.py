@@ -5,8 +5,11 @@ The public Python API (the CLI is a thin layer over it)::
     import moorelm
     result = moorelm.pretrain("runs/demo", preset="small-char", train_overrides={"max_time": 60})
     lm = moorelm.load("runs/demo")
-    for piece in lm.generate("ROMEO:", max_new_tokens=100):
+    print(lm.generate("ROMEO:", max_new_tokens=100))        # the text
+    for piece in lm.generate("ROMEO:", stream=True):         # or piece by piece
         print(piece, end="")
+    texts = lm.generate(["ROMEO:", "JULIET:"], seed=1)       # a batch: a list of texts
+    lm.score("O Romeo").logprobs                             # per-token log-probabilities
 
 The names below are imported on first use, so ``import moorelm.config`` (or any other module
 that needs no torch) does not pull in torch through this file.

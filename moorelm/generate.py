@@ -8,12 +8,17 @@ The pieces, from pure to stateful:
 - ``BanList`` / ``BanState``: phrases that can never be produced, at the text level, whatever
   tokens would spell them (``BanState.mask`` gives the tokens that would complete one);
 - ``generate_tokens``: prefill once, then decode one token at a time with the KV cache;
+- ``generate_batch``: the same for prompts of different lengths together, one KV cache;
 - ``TextStreamer``: turns a stream of token ids into printable text pieces without ever
   splitting a multi-byte character;
-- ``LanguageModel`` (what ``moorelm.load`` returns): model + tokenizer, ``generate(prompt)``
-  yields text as it is produced; ``format_prompt(text)`` wraps user text in the run's prompt
-  template (stored by fine-tuning in config.json as ``prompt_template``, see
-  ``apply_template``), the one place the CLI and the server turn a request into model input.
+- ``LanguageModel`` (what ``moorelm.load`` returns): model + tokenizer. ``generate(prompt)``
+  returns the continuation's text (``stream=True``: yields it piece by piece; a list of
+  prompts: a list of texts, decoded together by ``generate_batch``);
+  ``score(text)`` gives per-token log-probabilities (``TokenScores``, through
+  ``moorelm.scoring``); ``chat(messages)`` replies; ``format_prompt(text)`` wraps user
+  text in the run's prompt template (stored by fine-tuning in config.json as
+  ``prompt_template``, see ``apply_template``), the one place the CLI and the server turn
+  a request into model input.
 
 The server's engine reuses these functions; it does not have its own sampler.
 """
@@ -254,6 +259,81 @@ def generate_tokens(
         model.train(was_training)
 
 
+@torch.no_grad()
+def generate_batch(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seeds: Sequence[int | None] | None = None,
+    stop_ids: set[int] | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
+    bans: BanList | None = None,
+) -> Iterator[torch.Tensor]:
+    """Continue prompts of any lengths together; yields the sampled tokens (B,) step by step,
+    in the order of ``prompts``.
+
+    Prompts of one length are prefilled in one pass into their rows of a shared KV cache;
+    then every row decodes one token per step, each row at its own position. Row ``i``
+    samples from its own generator (seeded ``seeds[i]``), so its tokens are those
+    ``generate_tokens`` gives it alone with that seed (up to the last bits of batched
+    matrix products). Every prompt plus ``max_new_tokens`` must fit the context window
+    (there is no sliding here: ``generate_tokens`` slides). Stops early when every row
+    has produced a token in ``stop_ids``; rows that have stopped keep being sampled until
+    then, and their later tokens mean nothing.
+    """
+    B = len(prompts)
+    seq_len = model.config.seq_len
+    longest = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) < 1 or longest + max_new_tokens > seq_len:
+        raise MoorelmError(f"batched prompts need 1..{seq_len - max_new_tokens} tokens each "
+                           f"to leave room for {max_new_tokens} new ones")
+    was_training = model.training
+    model.eval()
+    device = model.wte.weight.device
+    gens = [make_generator(s, device) for s in (seeds or [None] * B)]
+    # rows sorted by length so that each length's prompts fill consecutive rows of the cache
+    order = sorted(range(B), key=lambda i: len(prompts[i]))
+    back = torch.tensor(sorted(range(B), key=order.__getitem__), device=device)  # row of i
+    cache = model.new_cache(B, longest + max_new_tokens)
+    logits = torch.empty(B, model.config.vocab_size, device=device)  # (B, V), cache-row order
+    start = 0
+    while start < B:
+        n = len(prompts[order[start]])
+        stop = start
+        while stop < B and len(prompts[order[stop]]) == n:
+            stop += 1
+        idx = torch.tensor([list(prompts[i]) for i in order[start:stop]], device=device)
+        out, _ = model(idx, kv_cache=cache.rows(start, stop), last_only=True)  # (k, 1, V)
+        logits[start:stop] = out[:, -1].float()
+        start = stop
+    gens = [gens[i] for i in order]
+    rows = [list(prompts[i]) for i in order]
+    control = _Control(model.config.vocab_size, rows, logit_bias, repetition_penalty, bans,
+                       device) if logit_bias or repetition_penalty != 1.0 or bans else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_t = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
+    try:
+        for step in range(max_new_tokens):
+            shaped = logits if control is None else control.apply(logits)
+            nxt = sample_next_token(shaped, temperature, top_k, top_p, gens, min_p)  # (B,)
+            if control is not None:
+                control.push(nxt)
+            yield nxt[back]
+            if stop_t is not None:
+                done |= torch.isin(nxt, stop_t)
+                if bool(done.all()):
+                    return
+            if step + 1 < max_new_tokens:
+                logits = model(nxt[:, None], kv_cache=cache, last_only=True)[0][:, -1].float()
+    finally:
+        model.train(was_training)
+
+
 # ----------------------------------------------------------------------------- banned phrases
 
 
@@ -419,9 +499,12 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int | None = None) -> list[byt
 class _Control:
     """Per-row logit shaping of ``generate_tokens``: bias, repetition penalty, bans."""
 
-    def __init__(self, vocab_size: int, idx: torch.Tensor, logit_bias: dict[int, float] | None,
-                 repetition_penalty: float, bans: BanList | None):
-        device = idx.device
+    def __init__(self, vocab_size: int, idx: torch.Tensor | Sequence[Sequence[int]],
+                 logit_bias: dict[int, float] | None, repetition_penalty: float,
+                 bans: BanList | None, device: torch.device | str | None = None):
+        """``idx``: the prompts, (B, T) or B lists of ids of any lengths."""
+        device = idx.device if isinstance(idx, torch.Tensor) else device
+        rows = idx.tolist() if isinstance(idx, torch.Tensor) else [list(r) for r in idx]
         self.bias = None
         if logit_bias:
             self.bias = torch.zeros(vocab_size, device=device)  # (V,)
@@ -430,9 +513,10 @@ class _Control:
         self.penalty = repetition_penalty
         self.seen = None
         if repetition_penalty != 1.0:
-            self.seen = torch.zeros(idx.shape[0], vocab_size, dtype=torch.bool, device=device)
-            self.seen.scatter_(1, idx, True)  # (B, V)
-        self.bans = [bans.state(row.tolist(), device) for row in idx] if bans else None
+            self.seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+            for r, row in enumerate(rows):
+                self.seen[r, row] = True  # (B, V)
+        self.bans = [bans.state(row, device) for row in rows] if bans else None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
@@ -532,6 +616,54 @@ class TextStreamer:
         return text
 
 
+BATCH_SLOTS = 32  # prompts of one generate() call decoded at once; the rest wait for a slot
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """The settings of one ``LanguageModel.generate`` call, checked, shared by its prompts."""
+
+    params: SamplingParams
+    bias: dict[int, float] | None = None
+    bans: BanList | None = None
+    stop: frozenset[int] | None = None  # tokens that end the text (not emitted); None: none
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per-token log-probabilities of one text (``LanguageModel.score``), position by
+    position: ``ids[i]`` has text ``tokens[i]`` and ``log p = logprobs[i]`` given everything
+    before it; ``greedy[i]`` says whether it was the model's most likely token there, and
+    ``top[i]`` (with ``top_k``) holds the most likely (id, text, log-prob), best first."""
+
+    ids: list[int]
+    tokens: list[str]
+    logprobs: list[float]
+    greedy: list[bool]
+    top: list[list[tuple[int, str, float]]] | None = None
+
+    @classmethod
+    def of(cls, scored, start: int, tokenizer: Tokenizer) -> TokenScores:
+        """The positions ``start:`` of a ``scoring.Scored``, with each token's text."""
+        ids = scored.ids[start:]
+        top = None
+        if scored.top is not None:
+            top = [[(t, tokenizer.decode([t]), lp) for t, lp in row]
+                   for row in scored.top[start:]]
+        return cls(ids, [tokenizer.decode([t]) for t in ids], scored.logprobs[start:],
+                   scored.greedy[start:], top)
+
+    @property
+    def total(self) -> float:
+        """The text's log-likelihood: the sum of its tokens' log-probs (nats)."""
+        return float(sum(self.logprobs))
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the mean negative log-prob per token."""
+        return math.exp(-self.total / len(self.logprobs))
+
+
 class LanguageModel:
     """A trained model with its tokenizer: what ``moorelm.load(run)`` returns."""
 
@@ -581,30 +713,71 @@ class LanguageModel:
             ids = ids[-limit:]
         return ids
 
-    def generate(self, prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8,
-                 top_k: int | None = None, top_p: float | None = None,
+    def generate(self, prompt: str | Sequence[str] = "", max_new_tokens: int = 256,
+                 temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_at_eot: bool = True, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-                 ban: Sequence[str] | BanList = ()) -> Iterator[str]:
-        """Yield the continuation of ``prompt`` as text pieces, as they are produced.
+                 ban: Sequence[str] | BanList = (), stream: bool = False,
+                 ) -> str | list[str] | Iterator[str] | Iterator[tuple[int, str]]:
+        """The continuation of ``prompt`` as text (``str``).
+
+        ``stream=True``: an iterator of text pieces as they are produced instead.
+
+        A list of prompts returns a list of texts, decoded together as one batch
+        (``generate_batch``, one KV cache for all); with ``stream=True`` it yields
+        ``(index, piece)`` pairs. With a ``seed``, prompt ``i`` samples with ``seed + i``
+        (as the server and ``moorelm generate --num-samples`` number their samples), so
+        ``generate(prompts, seed=s)[i] == generate(prompts[i], seed=s + i)`` and a list
+        repeating one prompt gives different samples of it. A prompt whose tokens plus
+        ``max_new_tokens`` do not fit the context window runs alone after the batch, sliding
+        the window as a single prompt does.
 
         ``ban``: phrases never produced (or a ``BanList`` from ``ban_list``, compiled once
-        for many calls); ``logit_bias``: token id -> value
-        in [-100, 100] added to its logit; ``min_p`` and ``repetition_penalty`` as vLLM's.
+        for many calls); ``logit_bias``: token id -> value in [-100, 100] added to its logit;
+        ``min_p`` and ``repetition_penalty`` as vLLM's.
         """
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                max_new_tokens=max_new_tokens, seed=seed, min_p=min_p,
-                                repetition_penalty=repetition_penalty)
-        bias = check_logit_bias(logit_bias, self.tokenizer.vocab_size)
+        job = self._decoding(max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, seed=seed, stop_at_eot=stop_at_eot,
+                             min_p=min_p, repetition_penalty=repetition_penalty,
+                             logit_bias=logit_bias, ban=ban)
+        if isinstance(prompt, str):
+            pieces = self._stream_one(self.encode_prompt(prompt), job, seed)
+            return pieces if stream else "".join(pieces)
+        if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
+            raise MoorelmError("prompt must be text or a list of texts")
+        encoded = []
+        for p in prompt:  # a loop, not a comprehension: warnings point at the caller
+            encoded.append(self.encode_prompt(p))
+        pairs = self._stream_batch(encoded, job, seed)
+        if stream:
+            return pairs
+        texts = [""] * len(encoded)
+        for i, piece in pairs:
+            texts[i] += piece
+        return texts
+
+    def _decoding(self, *, ban: Sequence[str] | BanList = (),
+                  logit_bias: dict[int, float] | None = None, stop_at_eot: bool = True,
+                  **sampling) -> _Decoding:
+        """``generate``'s keywords checked once, for every prompt of a call."""
+        seed = sampling.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise MoorelmError(f"seed must be an integer, got {seed!r}")
         bans = ban if isinstance(ban, BanList) else self.ban_list(ban) if ban else None
-        ids = torch.tensor([self.encode_prompt(prompt)], dtype=torch.long)
+        return _Decoding(params=SamplingParams(**sampling),
+                         bias=check_logit_bias(logit_bias, self.tokenizer.vocab_size),
+                         bans=bans, stop=frozenset(self.stop_ids) if stop_at_eot else None)
+
+    def _stream_one(self, ids: list[int], job: _Decoding, seed: int | None) -> Iterator[str]:
+        """One prompt's continuation as text pieces (``generate_tokens``, batch of one)."""
+        p = job.params
         streamer = TextStreamer(self.tokenizer)
-        stop = set(self.stop_ids) if stop_at_eot else None
-        for tok in generate_tokens(self.model, ids, params.max_new_tokens, params.temperature,
-                                   params.top_k, params.top_p, params.seed, stop_ids=stop,
-                                   min_p=params.min_p,
-                                   repetition_penalty=params.repetition_penalty,
-                                   logit_bias=bias, bans=bans):
+        stop = job.stop
+        for tok in generate_tokens(self.model, torch.tensor([ids], dtype=torch.long),
+                                   p.max_new_tokens, p.temperature, p.top_k, p.top_p, seed,
+                                   stop_ids=set(stop) if stop else None, min_p=p.min_p,
+                                   repetition_penalty=p.repetition_penalty,
+                                   logit_bias=job.bias, bans=job.bans):
             t = int(tok[0])
             if stop and t in stop:
                 break
@@ -615,8 +788,87 @@ class LanguageModel:
         if tail:
             yield tail
 
-    def complete(self, prompt: str = "", **kwargs) -> str:
-        return "".join(self.generate(prompt, **kwargs))
+    def _stream_batch(self, prompts: list[list[int]], job: _Decoding,
+                      seed: int | None) -> Iterator[tuple[int, str]]:
+        """Several prompts decoded together (``generate_batch``, up to ``BATCH_SLOTS`` at a
+        time) -> (prompt index, piece) pairs. Prompt ``i`` samples with ``seed + i``; the
+        prompts a batch cannot hold (prompt + new tokens beyond the window) run alone
+        afterwards, sliding the window."""
+        p = job.params
+        seeds = [None if seed is None else seed + i for i in range(len(prompts))]
+        room = self.config.seq_len - p.max_new_tokens
+        together = [i for i, ids in enumerate(prompts) if p.max_new_tokens and len(ids) <= room]
+        stop = job.stop
+        for c in range(0, len(together), BATCH_SLOTS):
+            chunk = together[c:c + BATCH_SLOTS]
+            streamers = [TextStreamer(self.tokenizer) for _ in chunk]
+            live = [True] * len(chunk)
+            for toks in generate_batch(
+                    self.model, [prompts[i] for i in chunk], p.max_new_tokens, p.temperature,
+                    p.top_k, p.top_p, [seeds[i] for i in chunk],
+                    stop_ids=set(stop) if stop else None, min_p=p.min_p,
+                    repetition_penalty=p.repetition_penalty, logit_bias=job.bias,
+                    bans=job.bans):
+                for r, t in enumerate(toks.tolist()):
+                    if not live[r]:
+                        continue
+                    if stop and t in stop:
+                        live[r] = False
+                        piece = streamers[r].flush()
+                    else:
+                        piece = streamers[r].push(t)
+                    if piece:
+                        yield chunk[r], piece
+            for r, s in enumerate(streamers):
+                tail = s.flush()
+                if tail:
+                    yield chunk[r], tail
+        alone = sorted(set(range(len(prompts))) - set(together))
+        for i in alone:
+            for piece in self._stream_one(prompts[i], job, seeds[i]):
+                yield i, piece
+
+    def complete(self, prompt: str | Sequence[str] = "", **kwargs) -> str | list[str]:
+        """``generate(prompt, **kwargs)`` (its text); kept for code written before
+        ``generate`` returned text."""
+        kwargs.pop("stream", None)
+        return self.generate(prompt, **kwargs)
+
+    def score(self, text: str | Sequence[str], context: str | None = None,
+              top_k: int = 0) -> TokenScores | list[TokenScores]:
+        """Per-token log-probabilities of ``text`` under the model (``TokenScores``).
+
+        Every token of ``text`` is scored given ``context`` and the tokens before it; without
+        a context, the end-of-text token (what the model sees at the start of a document)
+        stands before it, so the first token is scored too. ``context`` and ``text`` are
+        tokenized separately. ``top_k`` > 0 also gives that many most likely alternatives at
+        each position. A list of texts returns a list, scored in batches
+        (``moorelm.scoring.score_sequences``, the path every likelihood in moorelm takes).
+        Text and context together must fit the context window plus one token.
+        """
+        from moorelm.scoring import score_sequences
+
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+            raise MoorelmError("text to score must be text or a list of texts")
+        if context is not None and not isinstance(context, str):
+            raise MoorelmError("context must be text")
+        head = self.tokenizer.encode(context) if context else []
+        head = head or [self.tokenizer.eot_id]
+        seqs = []
+        for n, t in enumerate(texts):
+            ids = self.tokenizer.encode(t)
+            if not ids:
+                raise MoorelmError(f"text {n} is empty: there is nothing to score")
+            if len(head) + len(ids) > self.config.seq_len + 1:
+                raise MoorelmError(
+                    f"text {n} is {len(ids)} tokens after {len(head)} of context; the model "
+                    f"scores at most {self.config.seq_len + 1} at once (its context window is "
+                    f"{self.config.seq_len}): split it")
+            seqs.append(head + ids)
+        scored = score_sequences(self.model, seqs, top_k=top_k)
+        out = [TokenScores.of(s, len(head), self.tokenizer) for s in scored]
+        return out[0] if isinstance(text, str) else out
 
     def template(self):
         """The run's ``moorelm.chat.ChatTemplate`` (its own, or the documented default)."""
@@ -659,7 +911,7 @@ class LanguageModel:
         """``generate(prompt)`` cut at the chat template's stop text (the default template's
         blank line), which is not yielded."""
         stops = StopText(self.template().stop)
-        for piece in self.generate(prompt, **kwargs):
+        for piece in self.generate(prompt, stream=True, **kwargs):
             text, hit = stops.push(piece)
             if text:
                 yield text

@@ -174,11 +174,13 @@ def test_streamer_never_splits_characters():
     assert "🙂" in out  # emitted whole
 
 
-def test_api_generate_is_an_iterator(tiny_run):
-    """moorelm.load(run).generate(...) yields text pieces; seeded runs repeat."""
+def test_api_generate_returns_text_and_streams(tiny_run):
+    """moorelm.load(run).generate(...) returns the text; stream=True yields the same text in
+    pieces; seeded runs repeat."""
     lm = moorelm.load(tiny_run, device="cpu")
-    it = lm.generate("JULIET:", max_new_tokens=15, seed=3, temperature=1.0)
+    it = lm.generate("JULIET:", max_new_tokens=15, seed=3, temperature=1.0, stream=True)
     assert iter(it) is it
     a = "".join(it)
-    b = lm.complete("JULIET:", max_new_tokens=15, seed=3, temperature=1.0)
-    assert a == b and len(a) > 0
+    b = lm.generate("JULIET:", max_new_tokens=15, seed=3, temperature=1.0)
+    assert isinstance(b, str) and a == b and len(a) > 0
+    assert lm.complete("JULIET:", max_new_tokens=15, seed=3, temperature=1.0) == b

@@ -318,15 +318,15 @@ def cmd_generate(args) -> int:
             print("\n" + "-" * 40)
         seed = None if args.seed is None else args.seed + i
         sys.stdout.write(prompt)
-        pieces = lm.generate(prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=seed, **control)
+        out = lm.generate(prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=seed, stream=args.stream, **control)
         if args.stream:
-            for piece in pieces:
+            for piece in out:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         else:
-            sys.stdout.write("".join(pieces))
+            sys.stdout.write(out)
         sys.stdout.write("\n")
     return 0
 

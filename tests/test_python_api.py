@@ -1,0 +1,115 @@
+"""The Python API's generate, batch and score: what ``moorelm.load(run)`` gives a user."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moorelm
+from moorelm.errors import MoorelmError
+from moorelm.generate import generate_batch, generate_tokens
+from moorelm.scoring import score_sequences
+
+PROMPTS = ["JULIET:", "O", "ROMEO: But soft", "It is the east"]
+
+
+@pytest.fixture
+def lm(tiny_run):
+    return moorelm.load(tiny_run, device="cpu")
+
+
+def test_generate_returns_text_and_streams_the_same(lm):
+    """generate(prompt) is a str; stream=True yields pieces that join into that str."""
+    text = lm.generate("JULIET:", max_new_tokens=10, temperature=1.0, seed=2)
+    assert isinstance(text, str) and text
+    pieces = list(lm.generate("JULIET:", max_new_tokens=10, temperature=1.0, seed=2,
+                              stream=True))
+    assert all(isinstance(p, str) for p in pieces) and "".join(pieces) == text
+
+
+def test_a_list_of_prompts_equals_one_by_one_with_seed_plus_index(lm):
+    """A list of prompts of different lengths returns a list of texts, and prompt i's text
+    is what generate(prompts[i], seed=seed + i) gives alone, with sampling, bans, bias and
+    the repetition penalty."""
+    for kw in ({"temperature": 1.0},
+               {"temperature": 0.9, "top_k": 20, "ban": ["the"], "repetition_penalty": 1.3,
+                "logit_bias": {3: 5.0}, "min_p": 0.01}):
+        batch = lm.generate(PROMPTS, max_new_tokens=12, seed=7, **kw)
+        alone = [lm.generate(p, max_new_tokens=12, seed=7 + i, **kw)
+                 for i, p in enumerate(PROMPTS)]
+        assert isinstance(batch, list) and batch == alone
+    # one prompt repeated gives different samples (seed + i), greedy gives equal ones
+    same = lm.generate(["O"] * 3, max_new_tokens=12, temperature=1.0, seed=1)
+    assert len(set(same)) > 1
+    assert len(set(lm.generate(["O"] * 3, max_new_tokens=8, temperature=0))) == 1
+
+
+def test_batch_stream_yields_index_piece_pairs(lm):
+    """stream=True with a list yields (index, piece) pairs whose pieces, grouped by index,
+    are the non-streamed texts."""
+    texts = lm.generate(PROMPTS[:3], max_new_tokens=8, temperature=1.0, seed=4)
+    got = ["", "", ""]
+    for i, piece in lm.generate(PROMPTS[:3], max_new_tokens=8, temperature=1.0, seed=4,
+                                stream=True):
+        got[i] += piece
+    assert got == texts
+
+
+def test_batch_prompts_beyond_the_window_run_alone(lm):
+    """A prompt too long to batch with max_new_tokens (prompt + new > window) still gets the
+    text a single call gives it (sliding the window), beside batched ones."""
+    window = lm.config.seq_len
+    long = "Romeo " * (window // 6)
+    kw = {"max_new_tokens": window // 2, "temperature": 1.0}
+    out = lm.generate([long, "O"], seed=3, **kw)
+    assert out == [lm.generate(long, seed=3, **kw), lm.generate("O", seed=4, **kw)]
+    assert lm.generate(["O", "It"], max_new_tokens=0) == ["", ""]
+
+
+def test_generate_batch_tokens_equal_generate_tokens(lm):
+    """generate_batch gives each row the tokens generate_tokens gives it alone with the
+    same seed, for prompts of different lengths."""
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [5, 6, 7]]
+    steps = list(generate_batch(lm.model, prompts, 6, temperature=1.0, seeds=[1, 2, 3, 4]))
+    batch = torch.stack(steps, dim=1).tolist()  # (B, new)
+    for row, (ids, seed) in enumerate(zip(prompts, [1, 2, 3, 4])):
+        alone = [int(t[0]) for t in generate_tokens(lm.model, torch.tensor([ids]), 6,
+                                                    temperature=1.0, seed=seed)]
+        assert batch[row] == alone
+    with pytest.raises(MoorelmError, match="to leave room"):
+        next(generate_batch(lm.model, [[1] * lm.config.seq_len], 2))
+
+
+def test_score_is_the_shared_scoring_path(lm):
+    """score(text) gives one log-prob per token of text, after the end-of-text token, equal
+    to scoring.score_sequences; with a context the context's tokens are not reported; a
+    list returns a list; total and perplexity follow from the log-probs."""
+    s = lm.score("Romeo")
+    ids = lm.tokenizer.encode("Romeo")
+    ref = score_sequences(lm.model, [[lm.tokenizer.eot_id, *ids]])[0]
+    assert s.ids == ids and s.tokens == list("Romeo") and s.logprobs == ref.logprobs[1:]
+    assert all(lp <= 0 for lp in s.logprobs) and s.top is None
+    assert s.total == pytest.approx(sum(s.logprobs))
+    assert s.perplexity == pytest.approx(math.exp(-s.total / 5))
+    a, b = lm.score(["Romeo", "Juliet"], context="O ", top_k=3)
+    ref = score_sequences(lm.model, [lm.tokenizer.encode("O ") + lm.tokenizer.encode("Juliet")])
+    assert b.logprobs == pytest.approx(ref[0].logprobs[2:]) and len(a.ids) == 5
+    assert all(len(row) == 3 and row[0][2] >= row[-1][2] for row in b.top)
+    assert b.top[0][0][1] == lm.tokenizer.decode([b.top[0][0][0]])
+
+
+def test_bad_input_is_one_line(lm):
+    """Empty text, text beyond the window, a non-text prompt, a non-integer seed are
+    MoorelmErrors."""
+    with pytest.raises(MoorelmError, match="nothing to score"):
+        lm.score("")
+    with pytest.raises(MoorelmError, match="split it"):
+        lm.score("a" * (lm.config.seq_len + 5))
+    with pytest.raises(MoorelmError, match="text or a list of texts"):
+        lm.generate(["O", 3])
+    with pytest.raises(MoorelmError, match="seed must be an integer"):
+        lm.generate("O", seed=1.5)
+    with pytest.raises(MoorelmError, match="temperature"):
+        lm.generate(["O"], temperature=-1)
