@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from moorelm.errors import MoorelmError
+from moorelm.grammar import GrammarState, apply_grammars, grammars_for
 from moorelm.model import GPT
 from moorelm.tokenizer import Tokenizer
 
@@ -201,12 +202,15 @@ def generate_tokens(
     repetition_penalty: float = 1.0,
     logit_bias: dict[int, float] | None = None,
     bans: BanList | None = None,
+    grammars: Sequence[GrammarState] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue idx (B, T); yields the sampled tokens (B,) step by step.
 
     ``logit_bias`` (token id -> value added to its logit), ``repetition_penalty`` (over the
     prompt and the output) and ``bans`` (phrases never produced) shape each step's logits
     before sampling; without them a step samples the model's logits as they are.
+    ``grammars`` (one ``moorelm.grammar.GrammarState`` per row) restrict each row to what
+    its JSON grammar allows next.
 
     The prompt is prefilled once into a KV cache; each step feeds only the new token. When the
     context window fills up, the cache is rebuilt from the most recent half window and decoding
@@ -227,8 +231,9 @@ def generate_tokens(
     cached = idx.shape[1]  # every row has the same length here: no need to read the cache's
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
-    control = _Control(model.config.vocab_size, idx, logit_bias, repetition_penalty, bans) \
-        if logit_bias or repetition_penalty != 1.0 or bans else None
+    control = _Control(model.config.vocab_size, idx, logit_bias, repetition_penalty, bans,
+                       grammars) \
+        if logit_bias or repetition_penalty != 1.0 or bans or grammars else None
     try:
         for _ in range(max_new_tokens):
             step = logits[:, -1, :] if control is None else control.apply(logits[:, -1, :])
@@ -420,8 +425,10 @@ class _Control:
     """Per-row logit shaping of ``generate_tokens``: bias, repetition penalty, bans."""
 
     def __init__(self, vocab_size: int, idx: torch.Tensor, logit_bias: dict[int, float] | None,
-                 repetition_penalty: float, bans: BanList | None):
+                 repetition_penalty: float, bans: BanList | None,
+                 grammars: Sequence[GrammarState] | None = None):
         device = idx.device
+        self.grammars = list(grammars) if grammars else None
         self.bias = None
         if logit_bias:
             self.bias = torch.zeros(vocab_size, device=device)  # (V,)
@@ -441,6 +448,9 @@ class _Control:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
         if self.bans is not None:
             logits = torch.stack([st.apply(row) for st, row in zip(self.bans, logits)])
+        if self.grammars is not None:
+            logits = logits.clone()
+            apply_grammars(logits, range(len(self.grammars)), self.grammars)
         return logits
 
     def push(self, tokens: torch.Tensor) -> None:
@@ -448,6 +458,9 @@ class _Control:
             self.seen.scatter_(1, tokens[:, None], True)
         if self.bans is not None:
             for st, t in zip(self.bans, tokens.tolist()):
+                st.push(t)
+        if self.grammars is not None:
+            for st, t in zip(self.grammars, tokens.tolist()):
                 st.push(t)
 
 
@@ -585,12 +598,15 @@ class LanguageModel:
                  top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_at_eot: bool = True, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-                 ban: Sequence[str] | BanList = ()) -> Iterator[str]:
+                 ban: Sequence[str] | BanList = (),
+                 json_schema: dict | bool | None = None) -> Iterator[str]:
         """Yield the continuation of ``prompt`` as text pieces, as they are produced.
 
         ``ban``: phrases never produced (or a ``BanList`` from ``ban_list``, compiled once
         for many calls); ``logit_bias``: token id -> value
         in [-100, 100] added to its logit; ``min_p`` and ``repetition_penalty`` as vLLM's.
+        ``json_schema``: the output is JSON valid against this schema (``{"type": "object"}``:
+        any JSON object), ending at the end-of-text token once complete (``moorelm.grammar``).
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                 max_new_tokens=max_new_tokens, seed=seed, min_p=min_p,
@@ -599,12 +615,16 @@ class LanguageModel:
         bans = ban if isinstance(ban, BanList) else self.ban_list(ban) if ban else None
         ids = torch.tensor([self.encode_prompt(prompt)], dtype=torch.long)
         streamer = TextStreamer(self.tokenizer)
-        stop = set(self.stop_ids) if stop_at_eot else None
+        grammars = None
+        if json_schema is not None:  # compiled once per schema and tokenizer (cached)
+            grammars = [grammars_for(self.tokenizer, self.config.vocab_size, self.stop_ids)
+                        .compile(json_schema).state()]
+        stop = set(self.stop_ids) if stop_at_eot or grammars else None
         for tok in generate_tokens(self.model, ids, params.max_new_tokens, params.temperature,
                                    params.top_k, params.top_p, params.seed, stop_ids=stop,
                                    min_p=params.min_p,
                                    repetition_penalty=params.repetition_penalty,
-                                   logit_bias=bias, bans=bans):
+                                   logit_bias=bias, bans=bans, grammars=grammars):
             t = int(tok[0])
             if stop and t in stop:
                 break

@@ -92,6 +92,27 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="add VALUE (-100..100) to token ID's logit (repeatable; OpenAI's)")
     p.add_argument("--ban", action="append", default=[], metavar="PHRASE",
                    help="a phrase never produced, however it would be tokenised (repeatable)")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="the output is JSON valid against the JSON schema in FILE (decoding "
+                   "constrained by its grammar; docs/structured-output.md)")
+    p.add_argument("--json", action="store_true",
+                   help="the output is a JSON object (any; --json-schema for a given shape)")
+
+
+def json_schema_of(args: argparse.Namespace) -> dict | bool | None:
+    """The schema ``--json-schema FILE`` / ``--json`` ask for (None: free text), read and
+    checked before the model loads."""
+    if args.json_schema is not None and args.json:
+        raise MoorelmError("--json and --json-schema ask for the same thing; give one")
+    if args.json:
+        from moorelm.grammar import ANY_OBJECT
+
+        return dict(ANY_OBJECT)
+    if args.json_schema is None:
+        return None
+    from moorelm.grammar import load_schema_file
+
+    return load_schema_file(args.json_schema)
 
 
 def add_logger_flag(p: argparse.ArgumentParser) -> None:
@@ -297,6 +318,9 @@ def cmd_generate(args) -> int:
                    repetition_penalty=args.repetition_penalty)  # validate before loading
     control = {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
                "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban)}
+    schema = json_schema_of(args)
+    if schema is not None:
+        control["json_schema"] = schema
     if args.num_samples < 1:
         raise MoorelmError(f"--num-samples must be >= 1, got {args.num_samples}")
     lm = moorelm.load(args.run, device=args.device)
