@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moorelm.cli.core import add_sampling_flags, json_schema_of
+from moorelm.cli.core import add_sampling_flags, check_json_schema, json_schema_of
 from moorelm.errors import MoorelmError
 
 HELP = "commands: /reset clears the conversation, /quit leaves (so does end of input)"
@@ -55,6 +55,7 @@ def cmd_chat(args) -> int:
     if schema is not None:
         control["json_schema"] = schema
     lm = moorelm.load(args.run, device=args.device)
+    check_json_schema(lm, schema)
     if control["ban"]:
         control["ban"] = lm.ban_list(control["ban"])
     session = ChatSession(lm, args.system, control, args.seed, args.stream)

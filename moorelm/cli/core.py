@@ -115,6 +115,15 @@ def json_schema_of(args: argparse.Namespace) -> dict | bool | None:
     return load_schema_file(args.json_schema)
 
 
+def check_json_schema(lm, schema: dict | bool | None) -> None:
+    """Compile ``schema`` for ``lm`` now (it is cached), so a schema the grammar library
+    cannot compile is reported before anything is printed."""
+    if schema is not None:
+        from moorelm.grammar import grammars_for
+
+        grammars_for(lm.tokenizer, lm.config.vocab_size, lm.stop_ids).compile(schema)
+
+
 def add_logger_flag(p: argparse.ArgumentParser) -> None:
     """``--logger`` (repeatable, or comma-separated): trackers beside metrics.csv."""
     p.add_argument("--logger", action="append", default=None, metavar="NAME",
@@ -324,6 +333,7 @@ def cmd_generate(args) -> int:
     if args.num_samples < 1:
         raise MoorelmError(f"--num-samples must be >= 1, got {args.num_samples}")
     lm = moorelm.load(args.run, device=args.device)
+    check_json_schema(lm, schema)
     if control["ban"]:
         control["ban"] = lm.ban_list(control["ban"])  # compiled once for every sample
     # a fine-tuned run's prompt template applies unless --no-template
