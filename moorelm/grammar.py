@@ -119,6 +119,15 @@ def _check_keywords(schema: object, what: str, path: str) -> None:
         if key in schema:
             raise GrammarError(f"{what}: the keyword {key!r} (at {path or '/'}) is not "
                                "supported by structured output; remove it")
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        raise GrammarError(f"{what}: 'allOf' with more than one schema (at {path or '/'}) is "
+                           "not supported by structured output; merge them into one")
+    required, props = schema.get("required"), schema.get("properties") or {}
+    if isinstance(required, list) and "patternProperties" not in schema:
+        missing = [k for k in required if k not in props]
+        if missing:  # the grammar writes only the properties it is told about
+            raise GrammarError(f"{what}: the required key {missing[0]!r} (at {path or '/'}) "
+                               "is not among the properties; describe it in 'properties'")
     ref = schema.get("$ref")
     if ref is not None and not (ref == "#" or str(ref).startswith("#/")):
         raise GrammarError(f"{what}: $ref {ref!r} (at {path or '/'}) points outside the "
@@ -170,6 +179,14 @@ class Grammars:
         vocab = [b"" if t in specials else _json_safe(tokenizer.piece_bytes(t))
                  for t in range(n)]
         vocab += [b""] * (V - n)
+        self.pieces = vocab
+        # xgrammar lets a string hold UTF-16 surrogates spelled in UTF-8 (0xED 0xA0-0xBF ...),
+        # which is not UTF-8: after a lone 0xED byte these tokens are refused (GrammarState)
+        words = torch.zeros((V + 31) // 32, dtype=torch.int64)
+        for t, piece in enumerate(vocab):
+            if piece and 0xA0 <= piece[0] <= 0xBF:
+                words[t // 32] |= 1 << (t % 32)
+        self.after_ed = ~_int32(words)  # (ceil(V / 32),) int32: AND-ed into a row's bitmask
         self.vocab_size = V
         self.stop_ids = sorted({int(t) for t in stop_ids} or {tokenizer.eot_id})
         self.info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=V,
@@ -205,8 +222,17 @@ class Grammars:
 
 
 def _json_safe(piece: bytes) -> bytes:
-    """A token's bytes, or b"" (never allowed) when they hold a control character."""
-    return b"" if any(b < 0x20 for b in piece) else piece
+    """A token's bytes, or b"" (never allowed) when they hold a control character or a
+    surrogate spelled in UTF-8."""
+    return b"" if any(b < 0x20 for b in piece) or _SURROGATE.search(piece) else piece
+
+
+_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+
+
+def _int32(words: torch.Tensor) -> torch.Tensor:
+    """32-bit words held in int64 -> the same bits as int32 (xgrammar's bitmask type)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 _GRAMMARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Tokenizer -> {key: Grammars}
@@ -247,7 +273,7 @@ class GrammarState:
         self.grammar = grammar
         self.matcher = xgr.GrammarMatcher(grammar.compiled,
                                           override_stop_tokens=grammar.grammars.stop_ids)
-        self._mask = None
+        self.after_ed = False  # the output ends with a lone 0xED byte (see Grammars)
 
     @property
     def done(self) -> bool:
@@ -268,9 +294,12 @@ class GrammarState:
     def push(self, token: int) -> bool:
         """Advance by a sampled token; False when the grammar refuses it (the state is
         then unchanged)."""
-        if self.matcher.is_terminated():
+        if self.matcher.is_terminated() or not self.matcher.accept_token(int(token)):
             return False
-        return bool(self.matcher.accept_token(int(token)))
+        piece = self.grammar.grammars.pieces[int(token)]
+        if piece:
+            self.after_ed = piece.endswith(b"\xed")
+        return True
 
 
 def apply_grammars(logits: torch.Tensor, rows: Sequence[int],
@@ -284,5 +313,7 @@ def apply_grammars(logits: torch.Tensor, rows: Sequence[int],
     mask = xgr.allocate_token_bitmask(logits.shape[0], V)  # (B, ceil(V / 32)) int32, on CPU
     for row, st in zip(rows, states):
         st.matcher.fill_next_token_bitmask(mask, row)
+        if st.after_ed:
+            mask[row] &= st.grammar.grammars.after_ed
     xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device), vocab_size=V,
                                     indices=list(rows))

@@ -162,6 +162,8 @@ def test_python_api_generate_and_chat_take_a_schema(random_lm):
     ({"type": "array", "uniqueItems": True}, "'uniqueItems'"),
     ({"type": "object", "properties": {"a": {"if": {"type": "string"}}}}, "properties/a"),
     ({"$ref": "http://example.com/s.json"}, "outside the schema"),
+    ({"allOf": [{"type": "object"}, {"required": []}]}, "'allOf'"),
+    ({"type": "object", "required": ["zz"]}, "'zz'"),
 ])
 def test_bad_schemas_are_one_line_errors(schema, match):
     """Malformed schemas and keywords the grammar would not enforce are refused before
@@ -169,6 +171,22 @@ def test_bad_schemas_are_one_line_errors(schema, match):
     with pytest.raises(GrammarError, match=match) as info:
         check_schema(schema)
     assert "\n" not in str(info.value)
+
+
+def test_surrogates_and_control_characters_are_never_allowed():
+    """A byte-fallback vocabulary can spell any byte string; the grammar lets out neither a
+    raw control character inside a JSON string nor a UTF-16 surrogate spelled in UTF-8
+    (0xED 0xA0..0xBF, which xgrammar alone would allow), so the bytes are always UTF-8."""
+    tok = Tokenizer.train([SMALL_TEXT], "char")
+    byte = {b: tok.hf.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    state = grammars_for(tok).compile({"type": "string"}).state()
+    assert state.push(byte[0x22])  # the opening quote
+    allowed = torch.isfinite(state.apply(torch.zeros(tok.vocab_size)))
+    assert not allowed[byte[0x0A]] and not allowed[byte[0x1F]] and allowed[byte[0xED]]
+    assert state.push(byte[0xED])
+    allowed = torch.isfinite(state.apply(torch.zeros(tok.vocab_size)))
+    assert not allowed[byte[0xA0]] and not allowed[byte[0xBF]]
+    assert allowed[byte[0x80]] and allowed[byte[0x9F]]  # U+D000..U+D7FF are fine
 
 
 def test_schemas_the_library_cannot_compile_name_the_problem(random_lm):
