@@ -183,7 +183,10 @@ class Service:
         if fmt is None or fmt.type == "text":
             return None
         if fmt.type == "json_object":
-            return await asyncio.to_thread(self.engine.compile_grammar, None)
+            try:
+                return await asyncio.to_thread(self.engine.compile_grammar, None)
+            except MoorelmError as e:
+                raise ApiError(400, str(e), "response_format") from None
         param = "response_format.json_schema"
         if fmt.json_schema is None:
             raise ApiError(400, f"{param} is required when response_format.type is "
@@ -196,6 +199,8 @@ class Service:
                                            fmt.json_schema.schema_, param + ".schema")
         except GrammarError as e:
             raise ApiError(400, str(e), param + ".schema", "invalid_json_schema") from None
+        except MoorelmError as e:  # e.g. the grammar library is not installed here
+            raise ApiError(400, str(e), "response_format") from None
 
     def inspect(self, body: InspectRequest) -> dict:
         """``POST /v1/inspect``'s answer (``serve.inspection``; in a worker thread)."""
