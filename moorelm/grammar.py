@@ -315,5 +315,18 @@ def apply_grammars(logits: torch.Tensor, rows: Sequence[int],
         st.matcher.fill_next_token_bitmask(mask, row)
         if st.after_ed:
             mask[row] &= st.grammar.grammars.after_ed
-    xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device), vocab_size=V,
-                                    indices=list(rows))
+    if logits.device.type == "cpu":
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V, indices=list(rows))
+    else:  # plain torch on accelerators: no kernel to build or load at run time
+        apply_bitmask(logits, mask, list(rows))
+
+
+def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> None:
+    """Set logits (B, V) to -inf, in place, where bit ``t % 32`` of word ``t // 32`` of
+    ``mask[row]`` (B, ceil(V / 32)) int32 is 0, for each row in ``rows``."""
+    V = logits.shape[-1]
+    idx = torch.tensor(rows, device=logits.device)
+    words = mask[rows].to(logits.device)  # (k, W)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((words[:, :, None] >> shifts) & 1).bool().reshape(len(rows), -1)[:, :V]  # (k, V)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))

@@ -189,6 +189,25 @@ def test_surrogates_and_control_characters_are_never_allowed():
     assert allowed[byte[0x80]] and allowed[byte[0x9F]]  # U+D000..U+D7FF are fine
 
 
+def test_torch_mask_path_equals_xgrammars_kernel(random_lm):
+    """The plain-torch application of a bitmask (used on accelerators) masks exactly what
+    xgrammar's CPU kernel masks, only in the rows asked for."""
+    import xgrammar as xgr
+
+    from moorelm.grammar import apply_bitmask
+
+    V = random_lm.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.randint(-(2**31), 2**31 - 1, (4, (V + 31) // 32), generator=gen,
+                         dtype=torch.int64).to(torch.int32)
+    logits = torch.randn(4, V, generator=gen)
+    ours, theirs = logits.clone(), logits.clone()
+    apply_bitmask(ours, mask, [0, 2])
+    xgr.apply_token_bitmask_inplace(theirs, mask, vocab_size=V, indices=[0, 2])
+    assert torch.equal(ours, theirs) and torch.equal(ours[1], logits[1])
+    assert torch.isinf(ours[0]).any() and torch.isfinite(ours[0]).any()
+
+
 def test_schemas_the_library_cannot_compile_name_the_problem(random_lm):
     """A schema xgrammar cannot turn into a grammar is a one-line GrammarError with the
     library's reason and no log prefix."""
