@@ -41,6 +41,9 @@ ANY_OBJECT = {"type": "object"}  # what "any JSON object" (json_object mode) com
 COMPILED_CACHE = 64  # compiled schemas kept per vocabulary
 MAX_SCHEMA_BYTES = 256 * 1024  # a schema's JSON text
 MAX_SCHEMA_DEPTH = 64  # nesting of a schema's JSON
+# a pattern's size with its bounded repeats written out ("(a|b){1,5000}": 15,000), summed
+# over the schema: compiling grows faster than linearly in it (4,096: about a second)
+MAX_PATTERN_SIZE = 4096
 
 # keywords xgrammar reads past without enforcing: refused, so "validates" stays true
 UNENFORCED = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains",
@@ -95,7 +98,67 @@ def check_schema(schema: object, what: str = "json schema") -> dict | bool:
             raise GrammarError(f"{what} is malformed" + (f" at {where}" if where else "")
                                + f": {_first_line(e.message)}") from None
     _check_keywords(schema, what, "")
+    size = sum(pattern_size(p) for p in _patterns(schema))
+    if size > MAX_PATTERN_SIZE:
+        raise GrammarError(f"{what}: its patterns are too large to compile ({size:,} regex "
+                           f"atoms with their repeats written out, at most "
+                           f"{MAX_PATTERN_SIZE:,}); use smaller repeat counts")
     return schema
+
+
+def _patterns(value: object):
+    """Every string under a "pattern" key (and patternProperties' names) in a schema."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if isinstance(v.get("pattern"), str):
+                yield v["pattern"]
+            if isinstance(v.get("patternProperties"), dict):
+                yield from (k for k in v["patternProperties"] if isinstance(k, str))
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def pattern_size(pattern: str) -> int:
+    """An upper bound of a regular expression's size once bounded repeats (``{n}``,
+    ``{n,m}``) are written out, nested ones multiplying: what a grammar of it holds."""
+    levels = [[0, 0]]  # per open group: [size so far, size of its last atom]
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "{" and (m := _REPEAT.match(pattern, i)):
+            count = int(m.group(2) or m.group(1))  # {n}, {n,}: n; {n,m}: m
+            top = levels[-1]
+            top[0] += top[1] * (max(count, 1) - 1)
+            top[1] *= max(count, 1)
+            i = m.end()
+            continue
+        if c == "(":
+            levels.append([0, 0])
+            i += 1
+            continue
+        if c == ")" and len(levels) > 1:
+            atom = max(levels.pop()[0], 1)
+            i += 1
+        elif c == "\\":
+            atom, i = 1, i + 2
+        elif c == "[":
+            j = i + 1
+            j += pattern[j : j + 1] == "^"
+            j += pattern[j : j + 1] == "]"
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            atom, i = 1, j + 1
+        else:
+            atom, i = 1, i + 1
+        levels[-1][0] += atom
+        levels[-1][1] = atom
+    return sum(total for total, _ in levels)
 
 
 def _check_depth(value: object, what: str) -> None:

@@ -164,6 +164,8 @@ def test_python_api_generate_and_chat_take_a_schema(random_lm):
     ({"$ref": "http://example.com/s.json"}, "outside the schema"),
     ({"allOf": [{"type": "object"}, {"required": []}]}, "'allOf'"),
     ({"type": "object", "required": ["zz"]}, "'zz'"),
+    ({"type": "string", "pattern": "^(a|b){1,5000}$"}, "too large"),  # 24 s to compile
+    ({"type": "object", "patternProperties": {"^((a|b){1,64}){1,64}$": {}}}, "too large"),
 ])
 def test_bad_schemas_are_one_line_errors(schema, match):
     """Malformed schemas and keywords the grammar would not enforce are refused before
