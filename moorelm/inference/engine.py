@@ -300,8 +300,8 @@ class Engine:
             seq.handle.finish_one()
             return True
         if seq.grammar is not None and not seq.grammar.push(tok):
-            tok = "the JSON grammar allows no token here (a banned phrase or logit bias may " \
-                "rule out every token it allows)"
+            tok = "the JSON grammar allows no token here (a banned phrase may rule out " \
+                "every token it allows)"
             return self._emit(seq, tok, out)
         seq.last = tok
         self.counters["tokens"] += 1
