@@ -6,8 +6,8 @@ why that library) over a run's own token vocabulary, the bytes each token id sta
 a token that is only part of a UTF-8 character included.
 
 - ``check_schema``: a schema as a client sends it, checked: malformed ones (jsonschema's
-  meta-schema) and keywords the grammar would silently not enforce are a ``GrammarError``
-  naming the problem;
+  meta-schema), keywords the grammar would silently not enforce, required keys it would not
+  write and patterns too large to compile quickly are a ``GrammarError`` naming the problem;
 - ``Grammars``: one vocabulary's compiler (``grammars_for(tokenizer, vocab_size, stop_ids)``
   keeps one per tokenizer) and its cache of compiled schemas; ``compile(schema)`` ->
   ``Grammar``, ``compile(None)`` -> any JSON object;
@@ -17,7 +17,9 @@ a token that is only part of a UTF-8 character included.
 - ``apply_grammars(logits, rows, states)``: the masks of many rows of one batch, filled
   together and applied in place (the serving engine's sampler).
 
-Whitespace between JSON tokens is not free: the grammar spells separators one way (``", "``
+Where xgrammar alone would let through text that is not JSON or not UTF-8 (raw control
+characters in strings, UTF-16 surrogates spelled in UTF-8), the vocabulary it is given and
+``GrammarState`` close the gap. Whitespace between JSON tokens is not free: the grammar spells separators one way (``", "``
 and ``": "``), so a model cannot pad forever and a blank line (a chat template's stop text)
 never occurs inside the output.
 """
