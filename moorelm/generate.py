@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from moorelm.errors import MoorelmError
+from moorelm.grammar import Grammar, GrammarState, apply_grammars, grammars_for
 from moorelm.model import GPT
 from moorelm.tokenizer import Tokenizer
 
@@ -206,12 +207,15 @@ def generate_tokens(
     repetition_penalty: float = 1.0,
     logit_bias: dict[int, float] | None = None,
     bans: BanList | None = None,
+    grammars: Sequence[GrammarState] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue idx (B, T); yields the sampled tokens (B,) step by step.
 
     ``logit_bias`` (token id -> value added to its logit), ``repetition_penalty`` (over the
     prompt and the output) and ``bans`` (phrases never produced) shape each step's logits
     before sampling; without them a step samples the model's logits as they are.
+    ``grammars`` (one ``moorelm.grammar.GrammarState`` per row) restrict each row to what
+    its JSON grammar allows next.
 
     The prompt is prefilled once into a KV cache; each step feeds only the new token. When the
     context window fills up, the cache is rebuilt from the most recent half window and decoding
@@ -232,8 +236,9 @@ def generate_tokens(
     cached = idx.shape[1]  # every row has the same length here: no need to read the cache's
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
-    control = _Control(model.config.vocab_size, idx, logit_bias, repetition_penalty, bans) \
-        if logit_bias or repetition_penalty != 1.0 or bans else None
+    control = _Control(model.config.vocab_size, idx, logit_bias, repetition_penalty, bans,
+                       grammars=grammars) \
+        if logit_bias or repetition_penalty != 1.0 or bans or grammars else None
     try:
         for _ in range(max_new_tokens):
             step = logits[:, -1, :] if control is None else control.apply(logits[:, -1, :])
@@ -273,6 +278,7 @@ def generate_batch(
     repetition_penalty: float = 1.0,
     logit_bias: dict[int, float] | None = None,
     bans: BanList | None = None,
+    grammars: Sequence[GrammarState] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue prompts of any lengths together; yields the sampled tokens (B,) step by step,
     in the order of ``prompts``.
@@ -313,8 +319,10 @@ def generate_batch(
         start = stop
     gens = [gens[i] for i in order]
     rows = [list(prompts[i]) for i in order]
+    row_grammars = [grammars[i] for i in order] if grammars else None
     control = _Control(model.config.vocab_size, rows, logit_bias, repetition_penalty, bans,
-                       device) if logit_bias or repetition_penalty != 1.0 or bans else None
+                       device, row_grammars) \
+        if logit_bias or repetition_penalty != 1.0 or bans or grammars else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop_t = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
     try:
@@ -501,10 +509,13 @@ class _Control:
 
     def __init__(self, vocab_size: int, idx: torch.Tensor | Sequence[Sequence[int]],
                  logit_bias: dict[int, float] | None, repetition_penalty: float,
-                 bans: BanList | None, device: torch.device | str | None = None):
-        """``idx``: the prompts, (B, T) or B lists of ids of any lengths."""
+                 bans: BanList | None, device: torch.device | str | None = None,
+                 grammars: Sequence[GrammarState] | None = None):
+        """``idx``: the prompts, (B, T) or B lists of ids of any lengths; ``grammars``: one
+        ``moorelm.grammar.GrammarState`` per row, or None."""
         device = idx.device if isinstance(idx, torch.Tensor) else device
         rows = idx.tolist() if isinstance(idx, torch.Tensor) else [list(r) for r in idx]
+        self.grammars = list(grammars) if grammars else None
         self.bias = None
         if logit_bias:
             self.bias = torch.zeros(vocab_size, device=device)  # (V,)
@@ -525,6 +536,9 @@ class _Control:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
         if self.bans is not None:
             logits = torch.stack([st.apply(row) for st, row in zip(self.bans, logits)])
+        if self.grammars is not None:
+            logits = logits.clone()
+            apply_grammars(logits, range(len(self.grammars)), self.grammars)
         return logits
 
     def push(self, tokens: torch.Tensor) -> None:
@@ -532,6 +546,9 @@ class _Control:
             self.seen.scatter_(1, tokens[:, None], True)
         if self.bans is not None:
             for st, t in zip(self.bans, tokens.tolist()):
+                st.push(t)
+        if self.grammars is not None:
+            for st, t in zip(self.grammars, tokens.tolist()):
                 st.push(t)
 
 
@@ -627,6 +644,7 @@ class _Decoding:
     bias: dict[int, float] | None = None
     bans: BanList | None = None
     stop: frozenset[int] | None = None  # tokens that end the text (not emitted); None: none
+    grammar: Grammar | None = None  # a compiled JSON schema every prompt's output follows
 
 
 @dataclass(frozen=True)
@@ -718,6 +736,7 @@ class LanguageModel:
                  seed: int | None = None, stop_at_eot: bool = True, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
                  ban: Sequence[str] | BanList = (), stream: bool = False,
+                 json_schema: dict | bool | None = None,
                  ) -> str | list[str] | Iterator[str] | Iterator[tuple[int, str]]:
         """The continuation of ``prompt`` as text (``str``).
 
@@ -735,11 +754,13 @@ class LanguageModel:
         ``ban``: phrases never produced (or a ``BanList`` from ``ban_list``, compiled once
         for many calls); ``logit_bias``: token id -> value in [-100, 100] added to its logit;
         ``min_p`` and ``repetition_penalty`` as vLLM's.
+        ``json_schema``: the output is JSON valid against this schema (``{"type": "object"}``:
+        any JSON object), ending at the end-of-text token once complete (``moorelm.grammar``).
         """
         job = self._decoding(max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eot=stop_at_eot,
                              min_p=min_p, repetition_penalty=repetition_penalty,
-                             logit_bias=logit_bias, ban=ban)
+                             logit_bias=logit_bias, ban=ban, json_schema=json_schema)
         if isinstance(prompt, str):
             pieces = self._stream_one(self.encode_prompt(prompt), job, seed)
             return pieces if stream else "".join(pieces)
@@ -758,26 +779,32 @@ class LanguageModel:
 
     def _decoding(self, *, ban: Sequence[str] | BanList = (),
                   logit_bias: dict[int, float] | None = None, stop_at_eot: bool = True,
-                  **sampling) -> _Decoding:
+                  json_schema: dict | bool | None = None, **sampling) -> _Decoding:
         """``generate``'s keywords checked once, for every prompt of a call."""
         seed = sampling.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise MoorelmError(f"seed must be an integer, got {seed!r}")
         bans = ban if isinstance(ban, BanList) else self.ban_list(ban) if ban else None
+        grammar = None
+        if json_schema is not None:  # compiled once per schema and tokenizer (cached)
+            grammar = grammars_for(self.tokenizer, self.config.vocab_size,
+                                   self.stop_ids).compile(json_schema)
         return _Decoding(params=SamplingParams(**sampling),
                          bias=check_logit_bias(logit_bias, self.tokenizer.vocab_size),
-                         bans=bans, stop=frozenset(self.stop_ids) if stop_at_eot else None)
+                         bans=bans, grammar=grammar,
+                         stop=frozenset(self.stop_ids) if stop_at_eot or grammar else None)
 
     def _stream_one(self, ids: list[int], job: _Decoding, seed: int | None) -> Iterator[str]:
         """One prompt's continuation as text pieces (``generate_tokens``, batch of one)."""
         p = job.params
         streamer = TextStreamer(self.tokenizer)
         stop = job.stop
+        grammars = [job.grammar.state()] if job.grammar is not None else None
         for tok in generate_tokens(self.model, torch.tensor([ids], dtype=torch.long),
                                    p.max_new_tokens, p.temperature, p.top_k, p.top_p, seed,
                                    stop_ids=set(stop) if stop else None, min_p=p.min_p,
                                    repetition_penalty=p.repetition_penalty,
-                                   logit_bias=job.bias, bans=job.bans):
+                                   logit_bias=job.bias, bans=job.bans, grammars=grammars):
             t = int(tok[0])
             if stop and t in stop:
                 break
@@ -808,7 +835,8 @@ class LanguageModel:
                     p.top_k, p.top_p, [seeds[i] for i in chunk],
                     stop_ids=set(stop) if stop else None, min_p=p.min_p,
                     repetition_penalty=p.repetition_penalty, logit_bias=job.bias,
-                    bans=job.bans):
+                    bans=job.bans, grammars=None if job.grammar is None else
+                    [job.grammar.state() for _ in chunk]):
                 for r, t in enumerate(toks.tolist()):
                     if not live[r]:
                         continue

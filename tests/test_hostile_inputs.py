@@ -699,6 +699,39 @@ CASES = [
     Case("trend-top-k-zero", lambda c: ["trend", "--top-k", "0", "--out", str(c.out)]),
     Case("trend-out-under-user-file", lambda c: ["trend", "--out", str(c.user / "thesis.txt" / "t")]),
     Case("trend-out-user-file", lambda c: ["trend", "--out", str(c.user / "thesis.txt")]),
+    # ------------------------------------------------------------------ structured output
+    # (wt-structured) --json-schema FILE on generate and chat: a file that is missing, not
+    # JSON, a folder, a pipe, nested past the parser, not a schema, malformed, with a keyword
+    # the grammar would not enforce, or that the grammar library cannot compile; and --json
+    # with --json-schema. (response_format over HTTP: tests/test_structured.py.)
+    Case("generate-json-schema-missing",
+         lambda c: ["generate", c.run(), "--json-schema", str(c.inp / "nope.json")]),
+    Case("generate-json-schema-not-json",
+         lambda c: ["generate", c.run(), "--json-schema", c.file("s.json", "{type: object")]),
+    Case("generate-json-schema-binary",
+         lambda c: ["generate", c.run(), "--json-schema", c.file("s.json", BINARY)]),
+    Case("generate-json-schema-folder",
+         lambda c: ["generate", c.run(), "--json-schema", str(c.user)]),
+    Case("generate-json-schema-fifo",
+         lambda c: ["generate", c.run(), "--json-schema", c.fifo("s.json")]),
+    Case("generate-json-schema-deep",
+         lambda c: ["generate", c.run(), "--json-schema", c.file("s.json", DEEP)]),
+    Case("generate-json-schema-list",
+         lambda c: ["generate", c.run(), "--json-schema", c.file("s.json", "[1, 2]")]),
+    Case("generate-json-schema-malformed", lambda c: [
+        "generate", c.run(), "--json-schema", c.file("s.json", '{"type": "strin"}')]),
+    Case("generate-json-schema-unenforced", lambda c: [
+        "generate", c.run(), "--json-schema", c.file("s.json", '{"not": {"type": "null"}}')]),
+    Case("generate-json-schema-uncompilable", lambda c: [
+        "generate", c.run(), "--json-schema",
+        c.file("s.json", '{"type": "string", "pattern": "(?<=a)b"}')]),
+    Case("generate-json-and-json-schema", lambda c: [
+        "generate", c.run(), "--json", "--json-schema", c.file("s.json", '{"type": "object"}')]),
+    Case("chat-json-schema-missing",
+         lambda c: ["chat", c.run(), "--prompt", "a", "--json-schema", str(c.inp / "nope.json")]),
+    Case("chat-json-schema-uncompilable", lambda c: [
+        "chat", c.run(), "--prompt", "a", "--json-schema",
+        c.file("s.json", '{"$ref": "#/$defs/nope"}')]),
 ]
 
 

@@ -21,7 +21,7 @@ LAYERS = [
     {"errors", "atomic", "jsonfile"},
     {"config", "corpus", "device", "classify"},  # classify: HF encoders, nothing of moorelm's GPT
     {"tokenizer"},
-    {"data", "decode_plan", "model"},
+    {"data", "decode_plan", "model", "grammar"},  # grammar: JSON-schema constrained decoding
     {"optim", "codecs", "run", "plots", "quantize"},  # run: the run folder; codecs: one per
     # kind of model; quantize: weight formats for inference
     {"inspect", "chat", "scoring"},  # inspect: a forward pass laid open; chat: chat templates;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moorelm.cli.core import add_sampling_flags, add_weights_flag
+from moorelm.cli.core import add_sampling_flags, add_weights_flag, check_json_schema, json_schema_of
 from moorelm.errors import MoorelmError
 
 HELP = "commands: /reset clears the conversation, /quit leaves (so does end of input)"
@@ -52,7 +52,11 @@ def cmd_chat(args) -> int:
                "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban),
                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                "max_new_tokens": args.max_new_tokens}
+    schema = json_schema_of(args)
+    if schema is not None:
+        control["json_schema"] = schema
     lm = moorelm.load(args.run, device=args.device, weights=args.weights)
+    check_json_schema(lm, schema)
     if control["ban"]:
         control["ban"] = lm.ban_list(control["ban"])
     session = ChatSession(lm, args.system, control, args.seed, args.stream)

@@ -101,6 +101,36 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="add VALUE (-100..100) to token ID's logit (repeatable; OpenAI's)")
     p.add_argument("--ban", action="append", default=[], metavar="PHRASE",
                    help="a phrase never produced, however it would be tokenised (repeatable)")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="the output is JSON valid against the JSON schema in FILE (decoding "
+                   "constrained by its grammar; docs/structured-output.md)")
+    p.add_argument("--json", action="store_true",
+                   help="the output is a JSON object (any; --json-schema for a given shape)")
+
+
+def json_schema_of(args: argparse.Namespace) -> dict | bool | None:
+    """The schema ``--json-schema FILE`` / ``--json`` ask for (None: free text), read and
+    checked before the model loads."""
+    if args.json_schema is not None and args.json:
+        raise MoorelmError("--json and --json-schema ask for the same thing; give one")
+    if args.json:
+        from moorelm.grammar import ANY_OBJECT
+
+        return dict(ANY_OBJECT)
+    if args.json_schema is None:
+        return None
+    from moorelm.grammar import load_schema_file
+
+    return load_schema_file(args.json_schema)
+
+
+def check_json_schema(lm, schema: dict | bool | None) -> None:
+    """Compile ``schema`` for ``lm`` now (it is cached), so a schema the grammar library
+    cannot compile is reported before anything is printed."""
+    if schema is not None:
+        from moorelm.grammar import grammars_for
+
+        grammars_for(lm.tokenizer, lm.config.vocab_size, lm.stop_ids).compile(schema)
 
 
 def add_logger_flag(p: argparse.ArgumentParser) -> None:
@@ -306,9 +336,13 @@ def cmd_generate(args) -> int:
                    repetition_penalty=args.repetition_penalty)  # validate before loading
     control = {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
                "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban)}
+    schema = json_schema_of(args)
+    if schema is not None:
+        control["json_schema"] = schema
     if args.num_samples < 1:
         raise MoorelmError(f"--num-samples must be >= 1, got {args.num_samples}")
     lm = moorelm.load(args.run, device=args.device, weights=args.weights)
+    check_json_schema(lm, schema)
     if control["ban"]:
         control["ban"] = lm.ban_list(control["ban"])  # compiled once for every sample
     # a fine-tuned run's prompt template applies unless --no-template

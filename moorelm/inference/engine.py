@@ -26,6 +26,7 @@ import torch
 
 from moorelm.errors import MoorelmError
 from moorelm.generate import BanList
+from moorelm.grammar import Grammar, grammars_for
 from moorelm.inference.limits import ModelLimits, context_for_budget, kv_bytes_per_token
 from moorelm.inference.output import ChoiceText, token_logprobs
 from moorelm.inference.runner import Runner
@@ -185,6 +186,13 @@ class Engine:
                 self._bans.pop(next(iter(self._bans)))
         return bans
 
+    def compile_grammar(self, schema: dict | bool | None = None,
+                        what: str = "json schema") -> Grammar:
+        """A JSON schema (None: any JSON object) compiled for ``Request.grammar`` over this
+        model's vocabulary and stop ids (cached; ``grammar.GrammarError`` names a schema it
+        cannot compile). Compile off the engine's thread: it can take milliseconds."""
+        return grammars_for(self.tokenizer, self.vocab_size, self.stop_ids).compile(schema, what)
+
     def generate(self, request: Request) -> list[list[TokenEvent]]:
         """Submit and wait: each choice's events, in choice order (for scripts and tests)."""
         handle = self.submit(request)
@@ -275,8 +283,9 @@ class Engine:
 
     def _join(self, handle: RequestHandle, choice: int, logits: torch.Tensor) -> None:
         req = handle.request
-        text = ChoiceText(self.tokenizer, req.stop, req.stop_at_eot, req.params.max_new_tokens,
-                          self.stop_ids)
+        # a grammar ends its output at a stop id, which must then end the choice
+        text = ChoiceText(self.tokenizer, req.stop, req.stop_at_eot or req.grammar is not None,
+                          req.params.max_new_tokens, self.stop_ids)
         bans = self.ban_list(req.bad_words) if req.bad_words else None
         seq = Sequence(handle, choice, text, self.vocab_size, self.device, bans)
         seq.logits = logits
@@ -290,6 +299,10 @@ class Engine:
             out.setdefault(seq.handle, []).append(error_event(seq.index, tok))
             seq.handle.finish_one()
             return True
+        if seq.grammar is not None and not seq.grammar.push(tok):
+            tok = "the JSON grammar allows no token here (a banned phrase may rule out " \
+                "every token it allows)"
+            return self._emit(seq, tok, out)
         seq.last = tok
         self.counters["tokens"] += 1
         if seq.controlled:

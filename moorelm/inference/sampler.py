@@ -4,7 +4,9 @@ Sequences with the same temperature, top-k, top-p and min-p are sampled in one
 ``generate.sample_next_token`` call (each row drawing from its own generator, so a seeded
 sequence samples the same token whatever else is in the batch), after its logit bias and
 penalties (``generate.apply_penalties``, ``apply_repetition_penalty``) and banned phrases
-(``generate.BanState``: tokens that would complete one are set to -inf). Rows without any
+(``generate.BanState``: tokens that would complete one are set to -inf) and, last, its JSON
+grammar (``grammar.apply_grammars``: every constrained row's mask filled in one pass and
+applied in place to the batch's logits). Rows without any
 of these go through untouched, so constrained and plain rows share one batch. When such a call fails, its sequences are sampled
 one by one, and only one that fails alone gets an error message in place of its token: one
 bad request never fails the others.
@@ -17,6 +19,7 @@ import logging
 import torch
 
 from moorelm.generate import apply_penalties, apply_repetition_penalty, sample_next_token
+from moorelm.grammar import apply_grammars
 from moorelm.inference.sequence import Sequence
 
 log = logging.getLogger("moorelm.inference")
@@ -33,7 +36,10 @@ def sample_all(seqs: list[Sequence]) -> list[int | str]:
             lg = _shape(seq, lg)
         logits.append(lg)
         groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
-    logits = torch.cat(logits)  # (B, V)
+    logits = torch.cat(logits)  # (B, V), a fresh tensor: masked in place below
+    constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+    if constrained:
+        apply_grammars(logits, constrained, [seqs[i].grammar for i in constrained])
     tokens: list[int | str] = [0] * len(seqs)
     for (temperature, top_k, top_p, min_p), rows in groups.items():
         part = logits if len(rows) == len(seqs) else logits[rows]

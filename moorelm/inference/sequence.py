@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moorelm.generate import BanList, SamplingParams, make_generator
+from moorelm.grammar import Grammar
 from moorelm.inference.output import ChoiceText
 
 SEED_MASK = 2**64 - 1  # torch generators take seeds in [0, 2**64)
@@ -30,8 +31,10 @@ class Request:
     ``logprobs``: how many most likely alternatives to report per token (0: only the chosen
     token's log-probability; None: none). ``logit_bias``: token id -> value in [-100, 100]
     added to its logit. ``bad_words``: phrases never produced (``generate.BanList``, at the
-    text level, across token boundaries). Choice ``i * n + j`` is sample j of prompt i; with a seed, it samples
-    with seed + i*n + j.
+    text level, across token boundaries). ``grammar``: the output must be a JSON text of
+    this grammar (``moorelm.grammar``, compiled by ``Engine.compile_grammar``); each choice
+    then ends at a stop id once it is complete. Choice ``i * n + j`` is sample j of prompt i;
+    with a seed, it samples with seed + i*n + j.
     """
 
     prompts: tuple[tuple[int, ...], ...]
@@ -42,6 +45,7 @@ class Request:
     logit_bias: dict[int, float] | None = None
     stop_at_eot: bool = True
     bad_words: tuple[str, ...] = ()
+    grammar: Grammar | None = None
 
     @property
     def num_choices(self) -> int:
@@ -173,9 +177,12 @@ class Sequence:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
             self.seen[0, list(prompt)] = True
         self.ban = bans.state(prompt, device) if bans is not None else None
+        # structured output: where the choice is in its JSON grammar (masked in the sampler)
+        self.grammar = req.grammar.state() if req.grammar is not None else None
         # whether anything besides temperature/top-k/top-p shapes its logits (plain rows skip)
         self.controlled = bool(self.bias is not None or self.counts is not None
-                               or self.seen is not None or self.ban is not None)
+                               or self.seen is not None or self.ban is not None
+                               or self.grammar is not None)
         self.logits: torch.Tensor | None = None  # (1, V): what the next token samples from
         self.last = -1  # the token sampled last, fed at the next decode
 

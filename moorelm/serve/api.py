@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moorelm.chat import ChatTemplate
 from moorelm.errors import MoorelmError
 from moorelm.generate import SamplingParams, apply_template
+from moorelm.grammar import Grammar, GrammarError
 from moorelm.inference.engine import SHUTTING_DOWN, Engine
 from moorelm.inference.limits import RequestError
 from moorelm.inference.scheduler import QueueFull
@@ -175,6 +176,32 @@ class Service:
         if words and all(isinstance(w, str) and w.strip() for w in words):
             await asyncio.to_thread(self.engine.ban_list, words)
 
+    async def grammar(self, body: SamplingBody) -> Grammar | None:
+        """The grammar ``response_format`` asks for (None: free text), compiled off the event
+        loop; a schema that is missing, malformed or cannot be compiled is a 400."""
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            try:
+                return await asyncio.to_thread(self.engine.compile_grammar, None)
+            except MoorelmError as e:
+                raise ApiError(400, str(e), "response_format") from None
+        param = "response_format.json_schema"
+        if fmt.json_schema is None:
+            raise ApiError(400, f"{param} is required when response_format.type is "
+                           "'json_schema'; send {\"name\": ..., \"schema\": {...}}", param)
+        if fmt.json_schema.schema_ is None:
+            raise ApiError(400, f"{param}.schema is required: the JSON schema the output "
+                           "must fit", param + ".schema")
+        try:
+            return await asyncio.to_thread(self.engine.compile_grammar,
+                                           fmt.json_schema.schema_, param + ".schema")
+        except GrammarError as e:
+            raise ApiError(400, str(e), param + ".schema", "invalid_json_schema") from None
+        except MoorelmError as e:  # e.g. the grammar library is not installed here
+            raise ApiError(400, str(e), "response_format") from None
+
     def inspect(self, body: InspectRequest) -> dict:
         """``POST /v1/inspect``'s answer (``serve.inspection``; in a worker thread)."""
         return inspection(body, self.engine, self.model_name, self.token_text,
@@ -182,7 +209,8 @@ class Service:
 
     def submit(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
                max_param: str, prompt_param: str, logprobs: int | None,
-               extra_stop: tuple[str, ...] = ()) -> tuple[Request, RequestHandle]:
+               extra_stop: tuple[str, ...] = (),
+               grammar: Grammar | None = None) -> tuple[Request, RequestHandle]:
         """The engine request for an HTTP body, submitted. The engine checks it against the
         model (``inference.limits``); what it refuses is a 400 naming this route's field."""
         policy = self.policy
@@ -219,7 +247,7 @@ class Service:
             raise ApiError(400, str(e)) from None
         request = Request(tuple(prompts), params, body.n,
                           tuple(dict.fromkeys((*stops, *extra_stop, *policy.stop))), logprobs,
-                          bias or None, bad_words=self.bad_words(body))
+                          bias or None, bad_words=self.bad_words(body), grammar=grammar)
         try:
             return request, self.engine.submit(request, asyncio.get_running_loop())
         except RequestError as e:
@@ -556,8 +584,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         if not prompts:
             raise ApiError(400, "prompt is an empty list; send some text", "prompt")
         await service.warm_bans(body)
+        grammar = await service.grammar(body)
         req, handle = service.submit(body, prompts, body.max_tokens, "max_tokens", "prompt",
-                                     body.logprobs)
+                                     body.logprobs, grammar=grammar)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         want_logprobs = body.logprobs is not None
@@ -599,8 +628,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         max_tokens = body.max_completion_tokens or body.max_tokens
         max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         await service.warm_bans(body)
+        grammar = await service.grammar(body)
         req, handle = service.submit(body, [prompt], max_tokens, max_param, "messages",
-                                     logprobs, extra)
+                                     logprobs, extra, grammar)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
 

@@ -91,6 +91,23 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Body):
+    """``response_format.json_schema``, OpenAI's shape: a name, the schema, strict."""
+
+    name: StrictStr = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: StrictStr | None = None
+    schema_: dict | StrictBool | None = Field(None, alias="schema")
+    strict: StrictBool | None = None  # output always fits the schema, whatever this says
+
+
+class ResponseFormat(_Body):
+    """``response_format``: free text (the default), any JSON object, or JSON that fits a
+    schema (decoding constrained by its grammar, ``moorelm.grammar``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingBody(_Body):
     model: StrictStr
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
@@ -111,6 +128,7 @@ class SamplingBody(_Body):
     repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY, strict=True)
     bad_words: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_BAD_WORDS)] | None = (
         Field(None, description="phrases never produced, across token boundaries"))
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingBody):
