@@ -337,9 +337,8 @@ def _read_hf_config(src: HFSource) -> dict[str, Any]:
                            "a Hugging Face model config")
     if conf.get("auto_map") is not None or conf.get("trust_remote_code"):
         what = "auto_map" if conf.get("auto_map") is not None else "trust_remote_code"
-        raise MoorelmError(f"{path} asks for the model's own Python code ({what}); moorelm never "
-                           "runs remote code (trust_remote_code), it imports "
-                           f"{', '.join(IMPORTABLE)} models")
+        raise MoorelmError(f"{path} asks to run the model's own Python code ({what}); moorelm "
+                           f"never runs remote code; it imports {', '.join(IMPORTABLE)} models")
     family = conf.get("model_type")
     if family not in IMPORTABLE:
         raise MoorelmError(
@@ -816,6 +815,7 @@ def read_hf(source: str | Path | HFSource, *, seq_len: int | None = None) -> Imp
     hf_dir = src.path
     conf = _read_hf_config(src)
     family = conf["model_type"]
+    window = _sliding_window(conf) if family != "gpt2" else None
     tensors = src.weights()
     prefixes = ("transformer.", "") if family == "gpt2" else ("model.", "")
     w = _Weights(tensors, prefixes, hf_dir)
@@ -831,7 +831,6 @@ def read_hf(source: str | Path | HFSource, *, seq_len: int | None = None) -> Imp
     if unused and not (model_conf["tie_embeddings"] and unused == ["lm_head.weight"]):
         raise MoorelmError(f"{hf_dir} has tensors moorelm cannot place (e.g. {unused[0]!r}); "
                            f"it is not a plain {_FAMILY_NAMES[family]} model")
-    window = _sliding_window(conf) if family != "gpt2" else None
     if seq_len is not None:
         if not 1 <= seq_len <= model_conf["seq_len"]:
             raise MoorelmError(f"--seq-len must be in [1, {model_conf['seq_len']}], got {seq_len}")
