@@ -254,3 +254,34 @@ def test_load_on_the_fly_equals_import_then_load(tmp_path):
     assert direct.name == run.name == "hf"
     kw = dict(max_new_tokens=8, temperature=0, stop_at_eot=False)
     assert direct.complete("ROMEO:", **kw) == run.complete("ROMEO:", **kw)
+
+
+def test_load_gguf_on_the_fly_equals_import_then_load(tmp_path):
+    """moorelm.load(FILE.gguf) reads the file in memory (nothing written beside it) and gives
+    the logits, name and stop ids of importing it and loading the run."""
+    pytest.importorskip("gguf")
+    import moorelm
+    from moorelm.interop.gguf import import_gguf
+    from tests.test_gguf import write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", bias=True)
+    direct = moorelm.load(path, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    run = moorelm.load(import_gguf(path, tmp_path / "run"), device="cpu")
+    idx = torch.randint(0, direct.config.vocab_size, (2, 12),
+                        generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(direct.model(idx)[0], run.model(idx)[0])
+    assert direct.name == run.name and direct.stop_ids == run.stop_ids
+    assert direct.meta["config"]["imported_from"]["format"] == "gguf"
+    assert direct.meta["config"] == {**RunFolder(tmp_path / "run").read_config()}
+
+
+def test_load_names_what_it_cannot_read(tmp_path):
+    """moorelm.load of a folder that is neither a run nor a Hugging Face model keeps the run
+    folder's one-line message."""
+    import moorelm
+
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(MoorelmError, match="not a moorelm run folder|no checkpoint|does not exist"):
+        moorelm.load(tmp_path, device="cpu")

@@ -1,7 +1,7 @@
 """Hugging Face interop: moorelm runs <-> ``transformers`` GPT-2 and Llama folders.
 
     moorelm export RUN --format hf OUT      # AutoModelForCausalLM / AutoTokenizer load OUT
-    moorelm import HF_DIR RUN               # a GPT-2 or Llama folder -> a moorelm run folder
+    moorelm import HF_DIR RUN               # a GPT-2, Llama, Mistral, Qwen2 or Qwen3 folder
 
 Two architecture families map exactly onto moorelm's one ``GPT`` class:
 
@@ -18,7 +18,12 @@ has no exact counterpart in these two classes, and export refuses it naming the 
 
 Export needs no ``transformers`` (it writes safetensors + JSON); ``to_transformers`` builds
 the equivalent ``transformers`` model in memory (benchmarks and tests compare against it).
-Import reads safetensors only and never unpickles ``.bin`` files.
+Import reads safetensors only and never unpickles ``.bin`` files. It covers more families than
+export: Mistral (a Llama with a sliding window, imported with a context no longer than the
+window), Qwen2 (``qkv_bias``: biases on q/k/v only) and Qwen3 (``qk_norm`` + ``qk_gain``: a
+per-head RMS norm of queries and keys with learned gains, and its own ``head_dim``). Importing
+is two steps, ``read_hf`` (files -> ``ImportedModel``, also from memory: GGUF and
+``moorelm.load`` use it) and ``write_run`` (``ImportedModel`` -> run folder).
 """
 
 from __future__ import annotations
