@@ -59,7 +59,9 @@ class ModelConfig:
     qk_gain: bool = False  # learned per-dimension gains after the QK-norm (Qwen3); its norm
     # then uses norm_eps, as an RMSNorm layer does (the parameter-free one keeps 1e-6)
     qkv_bias: bool = False  # a bias on the query/key/value projection only (Qwen2)
-    head_dim: int | None = None  # head size (D); None: n_embd // n_head (Qwen3 sets its own)
+    head_dim: int | None = None  # head size (D); None: n_embd // n_head (Qwen3 sets its own).
+    # Read back it is always the size; to_dict writes None when derived, so build a changed
+    # config from to_dict() rather than dataclasses.replace(n_embd=...), which would keep it
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     zero_init_proj: bool = False  # output projections start at zero (block = identity at init)

@@ -373,12 +373,13 @@ class GPT(nn.Module):
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        """Model FLOPs per token: forward = 2 x matmul params + 4 x n_layer x T x C (attention
-        scores and weighted values, full T x T as PaLM counts it); training = 3 x forward."""
+        """Model FLOPs per token: forward = 2 x matmul params + 4 x n_layer x T x H x D
+        (attention scores and weighted values, full T x T as PaLM counts it; H x D is the width
+        C unless head_dim says otherwise); training = 3 x forward."""
         cfg = self.config
         T = seq_len or cfg.seq_len
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        forward = 2 * matmul + 4 * cfg.n_layer * T * cfg.n_embd
+        forward = 2 * matmul + 4 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
         return 3 * forward if training else forward
 
     # -- forward
