@@ -54,20 +54,44 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-def load(run: str | Path, device: str = "auto", weights: str = "fp32") -> LanguageModel:
-    """The newest checkpoint of a run folder, ready to generate (LoRA adapters merged in).
+def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
+         weights: str = "fp32") -> LanguageModel:
+    """A language model ready to generate and chat, from what ``moorelm import`` accepts too.
 
-    ``weights``: fp32 (as trained), bf16 or int8 (see ``moorelm.quantize``)."""
+    ``source`` is a run folder (its newest checkpoint, LoRA adapters merged in), or, converted
+    in memory without writing a run folder: a GGUF file, a bundled short name (``smollm2``),
+    or a Hugging Face model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3). ``seq_len`` shortens
+    an imported model's context window, as ``moorelm import --seq-len`` does. ``weights``:
+    fp32 (as trained), bf16 or int8 (see ``moorelm.quantize``).
+    """
     from moorelm.device import resolve_device
     from moorelm.generate import LanguageModel
+    from moorelm.interop.gguf import read_gguf_import, resolve_source
+    from moorelm.interop.hf import is_hf_folder, read_hf
     from moorelm.quantize import check_weights, quantize
     from moorelm.run import RunFolder
 
     check_weights(weights)
-    loaded = RunFolder(run).load(device=resolve_device(device))
-    quantize(loaded.model, weights)
-    return LanguageModel(loaded.model, loaded.tokenizer, Path(run),
-                         meta={"config": loaded.config, "state": loaded.state})
+    device = resolve_device(device)
+    path = Path(source)
+    imported = None
+    if not RunFolder(path).is_run():
+        gguf = resolve_source(source)
+        if gguf is not None:
+            imported = read_gguf_import(gguf, seq_len=seq_len)
+        elif is_hf_folder(path):
+            imported = read_hf(path, seq_len=seq_len)
+    if imported is None:
+        loaded = RunFolder(path).load(device=device)
+        quantize(loaded.model, weights)
+        return LanguageModel(loaded.model, loaded.tokenizer, path,
+                             meta={"config": loaded.config, "state": loaded.state})
+    model = imported.build()
+    imported.tensors.clear()  # the model holds the weights now
+    config = imported.run_config(model)
+    model = quantize(model.to(device).eval(), weights)
+    return LanguageModel(model, imported.tokenizer, path,
+                         meta={"config": config, "state": {"step": 0}})
 
 
 def pretrain(out, **kwargs):

@@ -56,6 +56,12 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     qk_norm: bool = False  # normalise queries and keys per head before attention
+    qk_gain: bool = False  # learned per-dimension gains after the QK-norm (Qwen3); its norm
+    # then uses norm_eps, as an RMSNorm layer does (the parameter-free one keeps 1e-6)
+    qkv_bias: bool = False  # a bias on the query/key/value projection only (Qwen2)
+    head_dim: int | None = None  # head size (D); None: n_embd // n_head (Qwen3 sets its own).
+    # Read back it is always the size; to_dict writes None when derived, so build a changed
+    # config from to_dict() rather than dataclasses.replace(n_embd=...), which would keep it
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     zero_init_proj: bool = False  # output projections start at zero (block = identity at init)
@@ -69,10 +75,17 @@ class ModelConfig:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
             if int(getattr(self, name)) < 1:
                 raise MoorelmError(f"model {name} must be >= 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise MoorelmError(
-                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise MoorelmError(
+                    f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+                )
+            # resolved here so every reader sees the size; to_dict writes None back
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+        elif self.head_dim < 1:
+            raise MoorelmError(f"head_dim must be >= 1 (or null), got {self.head_dim}")
+        if self.qk_gain and not self.qk_norm:
+            raise MoorelmError("qk_gain=True needs qk_norm=True (the gains follow the QK-norm)")
         if self.head_dim % 2 and self.pos == "rope":
             raise MoorelmError(f"rotary positions need an even head size, got {self.head_dim}")
         if self.kv_heads < 1 or self.n_head % self.kv_heads:
@@ -92,10 +105,6 @@ class ModelConfig:
             raise MoorelmError(f"init_std must be >= 0, got {self.init_std}")
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
 
@@ -110,7 +119,10 @@ class ModelConfig:
         return 4 * self.n_embd
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.head_dim == self.n_embd // self.n_head:
+            d["head_dim"] = None  # the derived size: a width change later derives it anew
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

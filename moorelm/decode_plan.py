@@ -61,8 +61,12 @@ class DecodePlan:
         self.model = model
         self.linear = {m: _bind_linear(m) for m in model.modules() if isinstance(m, nn.Linear)}
         lin, norm = self.linear, _bind_norm
+        # (norm, qkv, proj, norm, mlp, gains): the QK gains as a function, concatenated
+        # afresh each step so that in-place updates of q_gain/k_gain show through
         self.layers = [(norm(b.ln_1), lin[b.attn.c_attn], lin[b.attn.c_proj], norm(b.ln_2),
-                        b.mlp) for b in model.blocks]  # (norm, qkv, proj, norm, mlp)
+                        b.mlp, b.attn.qk_gains if b.attn.cfg.qk_gain else None)
+                       for b in model.blocks]
+        self.qk_eps = model.blocks[0].attn.qk_eps if len(model.blocks) else 1e-6
         self.head = (norm(model.ln_f), lin[model.lm_head])
 
     def apply(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@ Variant fields of ``ModelConfig`` (never copied classes):
     mlp       gelu (exact, 4x, GPT-2) | swiglu (Llama) | relu2 (squared ReLU)
     n_kv_head grouped-query attention: fewer key/value heads than query heads
     qk_norm   RMS-normalise queries and keys per head (stabilises high learning rates)
+    qk_gain   learned per-dimension gains after that norm (Qwen3's q_norm/k_norm)
+    qkv_bias  a bias on the query/key/value projection only (Qwen2)
+    head_dim  head size D when it is not n_embd / n_head (Qwen3: H x D may differ from C)
     tie_embeddings, zero_init_proj, logit_softcap, bias, dropout
 
 Shape letters: B batch, T time (sequence), C width (n_embd), H heads, K key/value heads,
@@ -140,53 +143,62 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _norm_rotate_values(x, cos, sin, norm: bool, eps: float):
+def _norm_rotate_values(x, gain, cos, sin, norm: bool, eps: float):
     """``norm_rotate``'s output, with the normalised input and 1/rms its backward needs."""
     y, r = _upcast(x), None
     if norm:
         r = torch.rsqrt(y.square().mean(-1, keepdim=True).add_(eps))
         y = y * r
-    out = _rotate(y, cos, sin) if cos is not None else y
+    z = y * _upcast(gain) if gain is not None else y
+    out = _rotate(z, cos, sin) if cos is not None else z
     return out.to(x.dtype), y, r
 
 
 class _NormRotate(torch.autograd.Function):
-    """Queries and keys together, (B, T, H + K, D): optional per-head RMS norm, then optional
-    rotary rotation (tables from ``rope_tables``, broadcast as (.., T, 1, D)).
+    """Queries and keys together, (B, T, H + K, D): optional per-head RMS norm, optional
+    learned gains (H + K, D) on the result, then optional rotary rotation (tables from
+    ``rope_tables``, broadcast as (.., T, 1, D)).
 
-    A hand-written backward: the rotation's gradient is the inverse rotation and the RMS
-    norm's is r * (g - y * mean(g * y)), a handful of kernels where autograd's composite
-    graph (pow, mean, rsqrt, slices padded back with zeros, ...) runs several times as many.
+    A hand-written backward: the rotation's gradient is the inverse rotation, the gains'
+    is the sum over positions of (gradient x normalised input), and the RMS norm's is
+    r * (g - y * mean(g * y)), a handful of kernels where autograd's composite graph (pow,
+    mean, rsqrt, slices padded back with zeros, ...) runs several times as many.
     fp16/bf16 inputs are computed in fp32.
     """
 
     @staticmethod
-    def forward(ctx, x, cos, sin, norm: bool, eps: float):
-        out, y, r = _norm_rotate_values(x, cos, sin, norm, eps)
+    def forward(ctx, x, gain, cos, sin, norm: bool, eps: float):
+        out, y, r = _norm_rotate_values(x, gain, cos, sin, norm, eps)
         ctx.norm = norm
-        ctx.save_for_backward(y if norm else None, r, cos, sin)
+        ctx.save_for_backward(y if norm or gain is not None else None, r, gain, cos, sin)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        y, r, cos, sin = ctx.saved_tensors
+        y, r, gain, cos, sin = ctx.saved_tensors
         g = _upcast(grad)
         if cos is not None:
             g = _rotate(g, cos, -sin)
+        grad_gain = None
+        if gain is not None:
+            if ctx.needs_input_grad[1]:  # summed over every leading (batch, time) dim
+                grad_gain = (g * y).reshape(-1, *gain.shape).sum(0).to(gain.dtype)
+            g = g * _upcast(gain)
         if ctx.norm:
             g = r * (g - y * (g * y).mean(-1, keepdim=True))
-        return g.to(grad.dtype), None, None, None, None
+        return g.to(grad.dtype), grad_gain, None, None, None, None
 
 
 def norm_rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                norm: bool, eps: float = 1e-6) -> torch.Tensor:
-    """x (B, T, N, D) -> RMS-normalised per head when ``norm``, rotated when ``rope``."""
-    if rope is None and not norm:
+                norm: bool, eps: float = 1e-6, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, N, D) -> RMS-normalised per head when ``norm``, times ``gain`` (N, D) when
+    given, rotated when ``rope``."""
+    if rope is None and not norm and gain is None:
         return x
     cos, sin = rope if rope is not None else (None, None)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _NormRotate.apply(x, cos, sin, norm, eps)
-    return _norm_rotate_values(x, cos, sin, norm, eps)[0]  # no graph: skip Function.apply
+    if torch.is_grad_enabled() and (x.requires_grad or (gain is not None and gain.requires_grad)):
+        return _NormRotate.apply(x, gain, cos, sin, norm, eps)
+    return _norm_rotate_values(x, gain, cos, sin, norm, eps)[0]  # no graph: skip Function.apply
 
 
 def _call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -198,9 +210,20 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, (H + 2 * K) * D, bias=cfg.bias)  # fused q, k, v
+        self.c_attn = nn.Linear(cfg.n_embd, (H + 2 * K) * D, bias=cfg.bias or cfg.qkv_bias)  # fused q, k, v
         self.c_proj = nn.Linear(H * D, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_gain:  # Qwen3's q_norm/k_norm weights: one gain per head dimension
+            self.q_gain = nn.Parameter(torch.ones(D))
+            self.k_gain = nn.Parameter(torch.ones(D))
+        self.qk_eps = cfg.norm_eps if cfg.qk_gain else 1e-6
         self.dropout = cfg.dropout
+
+    def qk_gains(self) -> torch.Tensor | None:
+        """The gains of queries and keys as one (H + K, D) tensor, or None without qk_gain."""
+        if not self.cfg.qk_gain:
+            return None
+        H, K, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
+        return torch.cat([self.q_gain.expand(H, D), self.k_gain.expand(K, D)])
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None, pos: torch.Tensor, uniform_start: int | None,
@@ -210,7 +233,8 @@ class Attention(nn.Module):
         H, K, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         # split, not slicing: a slice's backward pads its gradient with zeros, split's concatenates
         qk, v = self.c_attn(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
-        q, k = norm_rotate(qk, rope, self.cfg.qk_norm).split([H, K], dim=2)  # one pass for both
+        q, k = norm_rotate(qk, rope, self.cfg.qk_norm, self.qk_eps,
+                           self.qk_gains()).split([H, K], dim=2)  # one pass for both
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
 
         is_causal = mask is None
@@ -349,12 +373,13 @@ class GPT(nn.Module):
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        """Model FLOPs per token: forward = 2 x matmul params + 4 x n_layer x T x C (attention
-        scores and weighted values, full T x T as PaLM counts it); training = 3 x forward."""
+        """Model FLOPs per token: forward = 2 x matmul params + 4 x n_layer x T x H x D
+        (attention scores and weighted values, full T x T as PaLM counts it; H x D is the width
+        C unless head_dim says otherwise); training = 3 x forward."""
         cfg = self.config
         T = seq_len or cfg.seq_len
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        forward = 2 * matmul + 4 * cfg.n_layer * T * cfg.n_embd
+        forward = 2 * matmul + 4 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
         return 3 * forward if training else forward
 
     # -- forward
@@ -505,13 +530,15 @@ class GPT(nn.Module):
             mask = (torch.arange(last + 1, device=tok.device)[None, :] <= lengths[:, None])
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
             rows = torch.arange(B, device=tok.device)
-        for i, (norm_1, qkv_proj, out_proj, norm_2, mlp) in enumerate(plan.layers):
+        for i, (norm_1, qkv_proj, out_proj, norm_2, mlp, gain) in enumerate(plan.layers):
             qkv = qkv_proj(norm_1(x)).view(B, H + 2 * K, D)
             if rope is None and not cfg.qk_norm:  # split_with_sizes: no Python wrapper
                 q, k, v = qkv.split_with_sizes([H, K, K], dim=1)  # (B, H|K, D)
             else:
                 qk, v = qkv.split_with_sizes([H + K, K], dim=1)
-                q, k = norm_rotate(qk, rope, cfg.qk_norm).split_with_sizes([H, K], dim=1)
+                gain = gain() if gain is not None else None  # (H + K, D), current values
+                q, k = norm_rotate(qk, rope, cfg.qk_norm, plan.qk_eps,
+                                   gain).split_with_sizes([H, K], dim=1)
             ck, cv = cache.k[i], cache.v[i]
             if uniform:
                 ck[:, :, first] = k

@@ -732,6 +732,42 @@ CASES = [
     Case("chat-json-schema-uncompilable", lambda c: [
         "chat", c.run(), "--prompt", "a", "--json-schema",
         c.file("s.json", '{"$ref": "#/$defs/nope"}')]),
+    # ------------------------------------------------------------------ wt-families: HF families
+    # (import of Llama/Mistral/Qwen2/Qwen3 folders, and moorelm.load of a folder on the fly)
+    Case("import-family-unsupported",
+         lambda c: ["import", c.hf(_hf_config(lambda d: d.update(model_type="gemma3"))),
+                    str(c.out / "r")]),
+    Case("import-remote-code-auto-map",
+         lambda c: ["import", c.hf(_hf_config(lambda d: d.update(
+             auto_map={"AutoModelForCausalLM": "modeling_evil.Evil"}))), str(c.out / "r")]),
+    Case("import-remote-code-flag",
+         lambda c: ["import", c.hf(_hf_config(lambda d: d.update(trust_remote_code=True))),
+                    str(c.out / "r")]),
+    Case("import-pickled-only",
+         lambda c: ["import", c.hf(lambda f: ((f / "model.safetensors").unlink(),
+                                              (f / "pytorch_model.bin").write_bytes(b"never read"))),
+                    str(c.out / "r")]),
+    Case("import-shape-disagrees",
+         lambda c: ["import", c.hf(_hf_config(lambda d: d.update(n_embd=48, n_head=2))),
+                    str(c.out / "r")]),
+    Case("import-rope-llama3",
+         lambda c: ["import", c.hf(_hf_config(lambda d: d.update(
+             model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}))),
+                    str(c.out / "r")]),
+    Case("import-family-weights-disagree",  # config says Qwen3, the weights are GPT-2's
+         lambda c: ["import", c.hf(_hf_config(lambda d: d.update(model_type="qwen3"))),
+                    str(c.out / "r")]),
+    Case("import-mistral-window-text",
+         lambda c: ["import", c.hf(_hf_config(lambda d: d.update(model_type="mistral",
+                                                                 sliding_window="4k"))),
+                    str(c.out / "r")]),
+    Case("generate-hf-folder-remote-code",
+         lambda c: ["generate", c.hf(_hf_config(lambda d: d.update(auto_map={"A": "x.Y"}))),
+                    "--max-new-tokens", "2"]),
+    Case("generate-hf-folder-pickled-only",
+         lambda c: ["generate", c.hf(lambda f: ((f / "model.safetensors").unlink(),
+                                                (f / "pytorch_model.bin").write_bytes(b"no"))),
+                    "--max-new-tokens", "2"]),
 ]
 
 

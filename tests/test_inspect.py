@@ -36,6 +36,9 @@ VARIANTS = {
                     logit_softcap=15.0),
     "learned-qk-untied": dict(pos="learned", norm="layernorm", qk_norm=True,
                               tie_embeddings=False),
+    # Qwen3's shape: learned QK-norm gains, q/k/v biases, a head width of its own
+    "qwen3-gains": dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, qk_gain=True,
+                        qkv_bias=True, head_dim=16, n_kv_head=2),
 }
 
 
@@ -48,7 +51,13 @@ def tiny(tok, seed: int = 0, **variant) -> GPT:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=tok.vocab_size, seq_len=48, n_layer=2, n_head=4, n_embd=32,
                       init_std=0.2, **variant)
-    return GPT(cfg).eval()
+    model = GPT(cfg).eval()
+    if cfg.qk_gain:  # gains and biases away from their initial ones and zeros
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.3)
+    return model
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

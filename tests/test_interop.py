@@ -178,9 +178,9 @@ def test_import_refuses_pickled_weights(tmp_path):
 
 
 def test_import_refuses_other_architectures(tmp_path):
-    """A model_type other than gpt2/llama is refused by name."""
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}), encoding="utf-8")
-    with pytest.raises(MoorelmError, match="mistral"):
+    """A model_type outside the importable families is refused by name, listing them."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}), encoding="utf-8")
+    with pytest.raises(MoorelmError, match="'gemma2'.*gpt2, llama, mistral, qwen2, qwen3"):
         import_hf(tmp_path, tmp_path / "run")
 
 

@@ -48,7 +48,7 @@ def _attention(attn, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor,
     cfg = attn.cfg
     H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
     qk, v = attn.c_attn(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
-    q, k = norm_rotate(qk, rope, cfg.qk_norm).split([H, K], dim=2)
+    q, k = norm_rotate(qk, rope, cfg.qk_norm, attn.qk_eps, attn.qk_gains()).split([H, K], dim=2)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
     # grouped-query attention: query head h reads key/value head h // (H / K), as SDPA's
     # enable_gqa does

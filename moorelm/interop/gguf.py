@@ -9,9 +9,9 @@ tokenizer, all as metadata under llama.cpp's key names. ``read_gguf`` turns that
 what a Hugging Face model folder would hold: a ``config.json`` dict in ``LlamaConfig``'s keys,
 the weights under transformers' tensor names in float32, and the text files ``tokenizer.json``
 (built with the ``tokenizers`` library), ``tokenizer_config.json`` (chat template, special
-tokens), ``generation_config.json`` (every end-of-sequence id). ``import_gguf`` writes those to a
-temporary folder and hands it to ``moorelm.interop.hf.import_hf``, so there is one importer of
-Llama weights, and GGUF is only a reader in front of it.
+tokens), ``generation_config.json`` (every end-of-sequence id). ``read_gguf_import`` hands those,
+in memory, to ``moorelm.interop.hf.read_hf``, so there is one importer of Llama weights, and
+GGUF is only a reader in front of it; ``import_gguf`` writes the result as a run folder.
 
 What llama.cpp stores differently from transformers, undone here:
 
@@ -37,8 +37,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -503,39 +501,38 @@ def _tokenizer_files(meta: dict, conf: dict, path: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------- import
 
 
+def read_gguf_import(path: str | Path, *, seq_len: int | None = None):
+    """A GGUF file (or a bundled short name) as an ``ImportedModel`` of moorelm.interop.hf,
+    in memory: the Hugging Face folder ``read_gguf`` describes goes through the one importer
+    of Llama weights, ``read_hf``, without touching the disk."""
+    from moorelm.interop.hf import HFSource, read_hf
+
+    source = resolve_source(path) or Path(path)
+    model = read_gguf(source)
+    files = HFSource(source, files=model.files, config=model.config, tensors=model.tensors)
+    imported = read_hf(files, seq_len=seq_len)
+    model.tensors.clear()  # the imported model holds what it needs
+    # the run should name the GGUF file it came from
+    imported.imported_from.update(format="gguf", architecture=model.architecture,
+                                  path=str(source.resolve()), name=model.name)
+    return imported
+
+
 def import_gguf(path: str | Path, run: str | Path, *, force: bool = False,
                 seq_len: int | None = None) -> Path:
     """Turn a Llama-family GGUF file (or a bundled short name like 'smollm2') into a run folder.
 
     The weights are expanded to float32; the run is what ``moorelm import HF_DIR`` makes of the
-    equivalent Hugging Face folder, which is written to a temporary folder next to ``run``.
+    equivalent Hugging Face folder.
     """
-    from moorelm.atomic import atomic_write_json
-    from moorelm.interop.hf import import_hf
+    from moorelm.interop.hf import write_run
     from moorelm.run import RunFolder
 
-    source = resolve_source(path) or Path(path)
     run = Path(run)
     if RunFolder(run).checkpoints() and not force:  # before decoding a large file for nothing
         raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
-    model = read_gguf(source)
-    run.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run.parent, prefix=f".{run.name}.gguf.", suffix=".tmp"))
-    try:
-        model.write_hf_folder(tmp)
-        model.tensors.clear()  # import_hf reads them back; don't hold two copies
-        import_hf(tmp, run, seq_len=seq_len, overwrite=force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    # the run should name the GGUF file it came from, not the temporary folder
-    cfg_path = run / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if isinstance(cfg.get("imported_from"), dict):
-        cfg["imported_from"].update(format="gguf", architecture=model.architecture,
-                                    path=str(source.resolve()), name=model.name)
-        atomic_write_json(cfg_path, cfg)
-    return run
+    return write_run(read_gguf_import(path, seq_len=seq_len), run, overwrite=force)
 
 
 __all__ = ["ARCHITECTURES", "BUNDLED", "GGUFModel", "QUANT_TYPES", "bundled_model_path",
-           "import_gguf", "read_gguf", "resolve_source"]
+           "import_gguf", "read_gguf", "read_gguf_import", "resolve_source"]

@@ -1,7 +1,7 @@
 """Hugging Face interop: moorelm runs <-> ``transformers`` GPT-2 and Llama folders.
 
     moorelm export RUN --format hf OUT      # AutoModelForCausalLM / AutoTokenizer load OUT
-    moorelm import HF_DIR RUN               # a GPT-2 or Llama folder -> a moorelm run folder
+    moorelm import HF_DIR RUN               # a GPT-2, Llama, Mistral, Qwen2 or Qwen3 folder
 
 Two architecture families map exactly onto moorelm's one ``GPT`` class:
 
@@ -18,7 +18,12 @@ has no exact counterpart in these two classes, and export refuses it naming the 
 
 Export needs no ``transformers`` (it writes safetensors + JSON); ``to_transformers`` builds
 the equivalent ``transformers`` model in memory (benchmarks and tests compare against it).
-Import reads safetensors only and never unpickles ``.bin`` files.
+Import reads safetensors only and never unpickles ``.bin`` files. It covers more families than
+export: Mistral (a Llama with a sliding window, imported with a context no longer than the
+window), Qwen2 (``qkv_bias``: biases on q/k/v only) and Qwen3 (``qk_norm`` + ``qk_gain``: a
+per-head RMS norm of queries and keys with learned gains, and its own ``head_dim``). Importing
+is two steps, ``read_hf`` (files -> ``ImportedModel``, also from memory: GGUF and
+``moorelm.load`` use it) and ``write_run`` (``ImportedModel`` -> run folder).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,21 +254,101 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> P
 
 
 # ----------------------------------------------------------------------------- import
+#
+# Two halves, shared by every way in (``moorelm import``, ``moorelm.load`` on the fly, GGUF):
+# ``read_hf`` turns a folder's files (``HFSource``: on disk, or in memory as GGUF's reader
+# makes them) into an ``ImportedModel`` (config, weights, tokenizer, name, chat settings), and
+# ``write_run`` writes one as a run folder.
+
+IMPORTABLE = ("gpt2", "llama", "mistral", "qwen2", "qwen3")  # config.json model_type values
+_FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+                 "qwen3": "Qwen3"}
 
 
-def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
-    path = hf_dir / "config.json"
-    if not (path.exists() or path.is_symlink()):
-        raise MoorelmError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
-    conf = read_json(path)  # a folder, a device, deep nesting, huge numbers: one line each
+class HFSource:
+    """The files of a Hugging Face model folder: read from ``path`` on disk, or given in memory
+    (``files``: name -> text, with ``config`` and ``tensors``), as GGUF's reader produces them.
+    ``path`` names the source in messages either way."""
+
+    def __init__(self, path: str | Path, files: dict[str, str] | None = None,
+                 config: dict[str, Any] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None):
+        self.path = Path(path)
+        self.files, self.config, self.tensors = files, config, tensors
+
+    @property
+    def on_disk(self) -> bool:
+        return self.files is None
+
+    def has(self, name: str) -> bool:
+        if self.files is not None:
+            return name in self.files
+        p = self.path / name
+        return p.exists() or p.is_symlink()
+
+    def json(self, name: str) -> Any:
+        """A JSON file's contents, None when absent; a damaged file is one line."""
+        if not self.has(name):
+            return None
+        if self.files is None:
+            return read_json(self.path / name)  # a folder, a device, deep nesting: one line
+        try:
+            return json.loads(self.files[name])
+        except (ValueError, RecursionError) as e:
+            raise MoorelmError(f"{self.path}: {name} is not valid JSON ({str(e)[:80]})") from None
+
+    def text(self, name: str) -> str | None:
+        if self.files is not None:
+            return self.files.get(name)
+        p = self.path / name
+        return p.read_text(encoding="utf-8") if p.is_file() else None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.tensors if self.tensors is not None else _read_hf_weights(self.path)
+
+
+def _as_source(source: str | Path | HFSource) -> HFSource:
+    if isinstance(source, HFSource):
+        return source
+    path = Path(source)
+    if not path.is_dir():
+        raise MoorelmError(f"{path} is not a folder; pass a Hugging Face model folder")
+    return HFSource(path)
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """True for a folder whose config.json is a Hugging Face model config (it names a
+    ``model_type``), not a moorelm run's (which has a "model" section)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        conf = read_json(path / "config.json")
+    except MoorelmError:
+        return False
+    return isinstance(conf, dict) and "model_type" in conf and "model" not in conf
+
+
+def _read_hf_config(src: HFSource) -> dict[str, Any]:
+    path = src.path / "config.json"
+    if src.config is not None:
+        conf = dict(src.config)
+    elif not src.has("config.json"):
+        raise MoorelmError(f"{src.path} has no config.json; pass a Hugging Face model folder")
+    else:
+        conf = src.json("config.json")
     if not isinstance(conf, dict):
         raise MoorelmError(f"{path} holds a JSON {type(conf).__name__}, not an object; it is not "
                            "a Hugging Face model config")
+    if conf.get("auto_map") is not None or conf.get("trust_remote_code"):
+        what = "auto_map" if conf.get("auto_map") is not None else "trust_remote_code"
+        raise MoorelmError(f"{path} asks to run the model's own Python code ({what}); moorelm "
+                           f"never runs remote code; it imports {', '.join(IMPORTABLE)} models")
     family = conf.get("model_type")
-    if family not in ARCHITECTURES:
+    if family not in IMPORTABLE:
         raise MoorelmError(
             f"{path}: model_type {family!r} cannot be imported; moorelm imports "
-            f"{' and '.join(ARCHITECTURES)} models"
+            f"{', '.join(IMPORTABLE)} models"
         )
     conf["_path"] = str(path)  # for the field checks' messages; never written out
     for name in ("rope_parameters", "rope_scaling", "moorelm"):
@@ -404,8 +490,8 @@ class _Weights:
             raise MoorelmError(f"{self.source}: tensor {key!r} has dtype {t.dtype}; model weights "
                                "are floating point")
         if not 1 <= t.dim() <= 2:
-            raise MoorelmError(f"{self.source}: tensor {key!r} has shape {tuple(t.shape)}; GPT-2 "
-                               "and Llama weights are vectors or matrices")
+            raise MoorelmError(f"{self.source}: tensor {key!r} has shape {tuple(t.shape)}; the "
+                               "weights of these models are vectors or matrices")
         t = t.float()
         if not bool(torch.isfinite(t).all()):
             raise MoorelmError(f"{self.source}: tensor {key!r} holds NaN or infinite values")
@@ -453,52 +539,96 @@ def _gpt2_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]
     return model, sd
 
 
-def _llama_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]]:
-    if conf.get("hidden_act", "silu") != "silu":
-        raise MoorelmError(f"Llama hidden_act {conf['hidden_act']!r} cannot be imported; moorelm's SwiGLU uses SiLU")
-    rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
+
+def _rope_base(conf: dict) -> float:
+    """The rotary base; scaled or partial rotary positions are refused naming the field."""
+    field_name = "rope_parameters" if conf.get("rope_parameters") is not None else "rope_scaling"
+    rope = conf.get(field_name) or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
-        raise MoorelmError(f"Llama rope_type {kind!r} (scaled rotary positions) cannot be imported; "
-                           "moorelm implements plain rotary positions")
-    base = _float_field({**conf, **rope}, "rope_theta", default=10000.0)
+        raise MoorelmError(f"{_where(conf)}: {field_name} has rope_type {kind!r} (scaled rotary "
+                           "positions, e.g. Llama 3.1+), which moorelm cannot import; it "
+                           "implements plain rotary positions")
+    partial = rope.get("partial_rotary_factor", conf.get("partial_rotary_factor", 1.0))
+    if partial not in (1, 1.0, None):
+        raise MoorelmError(f"{_where(conf)}: partial_rotary_factor={_show(partial)} (rotary "
+                           "positions on part of each head) cannot be imported; moorelm rotates "
+                           "whole heads")
+    return _float_field({**conf, **rope}, "rope_theta", default=10000.0)
+
+
+def _sliding_window(conf: dict) -> int | None:
+    """The attention window, when the config turns one on (Mistral's ``sliding_window``; Qwen's
+    with ``use_sliding_window``), else None."""
+    family = conf["model_type"]
+    if family == "mistral" or (family in ("qwen2", "qwen3")
+                               and _bool_field(conf, "use_sliding_window", False)):
+        if conf.get("sliding_window") is None:
+            return None
+        return _int_field(conf, "sliding_window")
+    return None
+
+
+def _llama_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Llama, Mistral, Qwen2 and Qwen3: one shape (rotary, RMSNorm, SwiGLU, GQA) with their
+    differences as fields: q/k/v biases (Qwen2), per-head QK-norm with gains (Qwen3), a head
+    size other than width / heads (Qwen3, Mistral-Nemo)."""
+    family = conf["model_type"]
+    name = _FAMILY_NAMES[family]
+    if conf.get("hidden_act", "silu") != "silu":
+        raise MoorelmError(f"{name} hidden_act {conf['hidden_act']!r} cannot be imported; "
+                           "moorelm's SwiGLU uses SiLU")
+    base = _rope_base(conf)
     n_layer = _int_field(conf, "num_hidden_layers", "n_layer")
     C = _int_field(conf, "hidden_size", "n_embd")
     H = _int_field(conf, "num_attention_heads", "n_head")
     K = _int_field(conf, "num_key_value_heads", default=H)
-    D = _int_field(conf, "head_dim", default=max(C // H, 1))
+    # Qwen3Config's own default when config.json leaves it out; the others derive it
+    D = _int_field(conf, "head_dim", default=128 if family == "qwen3" else max(C // H, 1))
     seq_len = _int_field(conf, "max_position_embeddings", default=2048)
     norm_eps = _float_field(conf, "rms_norm_eps", default=1e-6)
     tie = _bool_field(conf, "tie_word_embeddings", False)
-    if D * H != C:
-        raise MoorelmError(f"Llama head_dim={D} x {H} heads != hidden_size={C}; moorelm needs "
-                           "head size = width / heads")
+    if H % K:
+        raise MoorelmError(f"{_where(conf)}: num_attention_heads={H} is not a multiple of "
+                           f"num_key_value_heads={K}")
+    # which projections carry biases: Llama's attention_bias covers q, k, v and o (mlp_bias
+    # the MLP), Qwen3's attention_bias q, k, v and o, Qwen2 always has them on q, k, v only
+    attn_bias = family in ("llama", "qwen3") and _bool_field(conf, "attention_bias", False)
+    mlp_bias = family == "llama" and _bool_field(conf, "mlp_bias", False)
+    bias = attn_bias or mlp_bias  # moorelm's bias: every linear (missing ones are zeros)
+    qkv_bias = family == "qwen2" and not bias
+    qk_gain = family == "qwen3"
     sd: dict[str, torch.Tensor] = {"wte.weight": w.get("embed_tokens.weight")}
-    bias = _bool_field(conf, "attention_bias", False) or _bool_field(conf, "mlp_bias", False)
+    names = {"attn.c_proj": "self_attn.o_proj", "mlp.c_gate": "mlp.gate_proj",
+             "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
     for i in range(n_layer):
         h, m = f"layers.{i}", f"blocks.{i}"
         sd[f"{m}.ln_1.weight"] = w.get(f"{h}.input_layernorm.weight")
         sd[f"{m}.ln_2.weight"] = w.get(f"{h}.post_attention_layernorm.weight")
-        names = {"attn.c_proj": "self_attn.o_proj", "mlp.c_gate": "mlp.gate_proj",
-                 "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
-        for kind in ("weight", "bias") if bias else ("weight",):
-            qkv = [w.get(f"{h}.self_attn.{p}_proj.{kind}", required=kind == "weight")
+        for kind in ("weight", "bias") if bias or qkv_bias else ("weight",):
+            qkv = [w.get(f"{h}.self_attn.{p}_proj.{kind}", required=kind == "weight" or qkv_bias)
                    for p in ("q", "k", "v")]
             if kind == "bias":  # attention_bias without mlp_bias (or the reverse): zeros
                 qkv = [t if t is not None else torch.zeros(n) for t, n in zip(qkv, (H * D, K * D, K * D))]
             sd[f"{m}.attn.c_attn.{kind}"] = torch.cat(qkv, dim=0)
+            if qkv_bias and kind == "bias":
+                continue  # Qwen2: no bias on the output projection or the MLP
             for dst, src in names.items():
                 t = w.get(f"{h}.{src}.{kind}", required=kind == "weight")
                 if t is None:
                     t = torch.zeros(sd[f"{m}.{dst}.weight"].shape[0])
                 sd[f"{m}.{dst}.{kind}"] = t
+        if qk_gain:
+            sd[f"{m}.attn.q_gain"] = w.get(f"{h}.self_attn.q_norm.weight")
+            sd[f"{m}.attn.k_gain"] = w.get(f"{h}.self_attn.k_norm.weight")
     sd["ln_f.weight"] = w.get("norm.weight")
-    hidden = sd["blocks.0.mlp.c_fc.weight"].shape[0]
+    hidden = sd["blocks.0.mlp.c_fc.weight"].shape[0] if n_layer else 4 * C
     model = dict(
         vocab_size=sd["wte.weight"].shape[0], seq_len=seq_len,
         n_layer=n_layer, n_head=H, n_kv_head=None if K == H else K, n_embd=C, pos="rope",
         norm="rmsnorm", mlp="swiglu", mlp_hidden=hidden, bias=bias, rope_base=base,
-        norm_eps=norm_eps, tie_embeddings=tie,
+        norm_eps=norm_eps, tie_embeddings=tie, qkv_bias=qkv_bias, qk_norm=qk_gain,
+        qk_gain=qk_gain, head_dim=D,
     )
     return model, sd
 
@@ -526,7 +656,7 @@ def _settle_config(model_conf: dict, exported: dict | None) -> ModelConfig:
     return ModelConfig.from_dict(model_conf)
 
 
-def convert_tokenizer(hf_dir: str | Path, eos_token: str | None = None) -> Tokenizer:
+def convert_tokenizer(hf_dir: str | Path | HFSource, eos_token: str | None = None) -> Tokenizer:
     """The folder's tokenizer as a moorelm Tokenizer (which needs an ``<|endoftext|>`` token).
 
     A tokenizer.json with ``<|endoftext|>`` is used as is; one whose end-of-sequence token is
@@ -536,11 +666,12 @@ def convert_tokenizer(hf_dir: str | Path, eos_token: str | None = None) -> Token
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    hf_dir = Path(hf_dir)
+    src = hf_dir if isinstance(hf_dir, HFSource) else HFSource(hf_dir)
+    hf_dir = src.path
     tj, vocab, merges = hf_dir / "tokenizer.json", hf_dir / "vocab.json", hf_dir / "merges.txt"
-    if tj.exists() or tj.is_symlink():
-        data = read_json(tj)
-    elif vocab.is_file() and merges.is_file():  # not a pipe or a device: nothing to hang on
+    if src.has("tokenizer.json"):
+        data = src.json("tokenizer.json")
+    elif src.on_disk and vocab.is_file() and merges.is_file():  # not a pipe or a device
         hf = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -550,7 +681,7 @@ def convert_tokenizer(hf_dir: str | Path, eos_token: str | None = None) -> Token
     else:
         extra = " (it has a SentencePiece tokenizer.model: save it once with transformers' " \
                 "AutoTokenizer.save_pretrained to get tokenizer.json)" \
-            if (hf_dir / "tokenizer.model").exists() else ""
+            if src.has("tokenizer.model") else ""
         raise MoorelmError(f"{hf_dir} has no tokenizer.json (nor vocab.json + merges.txt){extra}")
     added = (data.get("added_tokens") or []) if isinstance(data, dict) else None
     if not isinstance(added, list) or not all(
@@ -596,16 +727,9 @@ def _rename_token(node: Any, old: str, new: str) -> Any:
     return node
 
 
-def _eos_token(hf_dir: Path, conf: dict) -> str | None:
-    """The end-of-sequence token's text, from tokenizer_config.json."""
-    path = hf_dir / "tokenizer_config.json"
-    if not (path.exists() or path.is_symlink()):
-        return None
-    tc = read_json(path)
-    eos = tc.get("eos_token") if isinstance(tc, dict) else None
-    if isinstance(eos, dict):  # older files store AddedToken dicts
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) else None
+def _tokenizer_config(src: HFSource) -> dict[str, Any]:
+    tc = src.json("tokenizer_config.json")
+    return tc if isinstance(tc, dict) else {}
 
 
 def _token_text(value: Any) -> str | None:
@@ -614,28 +738,26 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _model_name(hf_dir: Path, conf: dict) -> str:
+def _model_name(src: HFSource, conf: dict) -> str:
     """The model's name: config.json's ``_name_or_path`` when it is a name, else the folder's."""
     name = conf.get("_name_or_path")
     if isinstance(name, str) and name.strip() and not Path(name).is_absolute():
         return name.strip()[:200]
-    return hf_dir.resolve().name
+    return src.path.resolve().name
 
 
-def _chat_settings(hf_dir: Path, conf: dict, tokenizer: Tokenizer) -> dict[str, Any]:
+def _chat_settings(src: HFSource, conf: dict, tokenizer: Tokenizer) -> dict[str, Any]:
     """What chatting with the model needs, for config.json's ``chat`` section: the chat template
     (tokenizer_config.json's ``chat_template``, else chat_template.jinja), the bos/eos/pad
     tokens' text as the run's tokenizer spells them, and ``stop_ids``: every end-of-sequence id
     (generation_config.json's ``eos_token_id``, config.json's, the tokenizer's eos)."""
-    tc_path, jinja = hf_dir / "tokenizer_config.json", hf_dir / "chat_template.jinja"
-    tc = read_json(tc_path) if tc_path.exists() or tc_path.is_symlink() else {}
-    tc = tc if isinstance(tc, dict) else {}
+    tc = _tokenizer_config(src)
     template = tc.get("chat_template")
     if isinstance(template, list):  # several named templates: the "default" one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    if not isinstance(template, str) and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+    if not isinstance(template, str):
+        template = src.text("chat_template.jinja")
     out: dict[str, Any] = {"template": template if isinstance(template, str) else None}
     eos_text = _token_text(tc.get("eos_token"))
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -651,8 +773,7 @@ def _chat_settings(hf_dir: Path, conf: dict, tokenizer: Tokenizer) -> dict[str, 
                     and v not in ids:
                 ids.append(v)
 
-    gen_path = hf_dir / "generation_config.json"
-    gen = read_json(gen_path) if gen_path.exists() or gen_path.is_symlink() else {}
+    gen = src.json("generation_config.json")
     add((gen if isinstance(gen, dict) else {}).get("eos_token_id"))
     add(conf.get("eos_token_id"))
     if out["eos_token"] is not None:
@@ -663,25 +784,44 @@ def _chat_settings(hf_dir: Path, conf: dict, tokenizer: Tokenizer) -> dict[str, 
     return out
 
 
-def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None,
-              overwrite: bool = False) -> Path:
-    """Turn a transformers GPT-2 or Llama folder into a moorelm run folder at ``run``.
+@dataclass
+class ImportedModel:
+    """A model read from outside moorelm, in moorelm's terms, before anything is written:
+    what ``write_run`` puts in a run folder and ``moorelm.load`` serves straight away."""
 
-    The run holds config.json, tokenizer.json and checkpoints/step-00000000 with the weights,
-    ready for ``moorelm generate``, ``evaluate`` and fine-tuning. ``seq_len`` shortens the
-    context window (rotary models only need it to bound KV-cache memory; a GPT-2 model keeps
-    the first ``seq_len`` position embeddings).
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # moorelm's names, float32
+    tokenizer: Tokenizer
+    name: str
+    chat: dict[str, Any]
+    imported_from: dict[str, Any]  # format, architecture, path (and name for GGUF)
+
+    def build(self) -> GPT:
+        """The GPT holding the weights (checks every name and shape against the config)."""
+        return build_gpt(self.config, self.tensors, self.imported_from["path"])
+
+    def run_config(self, model: GPT) -> dict[str, Any]:
+        """config.json of the run folder (``moorelm.load`` keeps it in memory the same)."""
+        return {"model": self.config.to_dict(), "params": model.param_counts(),
+                "imported_from": dict(self.imported_from), "name": self.name,
+                "chat": dict(self.chat)}
+
+
+def read_hf(source: str | Path | HFSource, *, seq_len: int | None = None) -> ImportedModel:
+    """Read a transformers GPT-2, Llama, Mistral, Qwen2 or Qwen3 folder (safetensors, single or
+    sharded; never pickle, never remote code) into an ``ImportedModel``.
+
+    ``seq_len`` shortens the context window (rotary models only need it to bound KV-cache
+    memory; a GPT-2 model keeps the first ``seq_len`` position embeddings). A sliding-window
+    model (Mistral) keeps a context no longer than its window, where full attention computes
+    what its windowed attention does.
     """
-    hf_dir, run = Path(hf_dir), Path(run)
-    if not hf_dir.is_dir():
-        raise MoorelmError(f"{hf_dir} is not a folder; pass a Hugging Face model folder")
-    target = RunFolder(run)
-    target.check_folder()  # no folder of the user's files is written over
-    if target.checkpoints() and not overwrite:
-        raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
-    conf = _read_hf_config(hf_dir)
+    src = _as_source(source)
+    hf_dir = src.path
+    conf = _read_hf_config(src)
     family = conf["model_type"]
-    tensors = _read_hf_weights(hf_dir)
+    window = _sliding_window(conf) if family != "gpt2" else None
+    tensors = src.weights()
     prefixes = ("transformer.", "") if family == "gpt2" else ("model.", "")
     w = _Weights(tensors, prefixes, hf_dir)
     try:
@@ -695,35 +835,68 @@ def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None
     unused = sorted(set(tensors) - w.used - ignored)
     if unused and not (model_conf["tie_embeddings"] and unused == ["lm_head.weight"]):
         raise MoorelmError(f"{hf_dir} has tensors moorelm cannot place (e.g. {unused[0]!r}); "
-                           "it is not a plain GPT-2 or Llama model")
+                           f"it is not a plain {_FAMILY_NAMES[family]} model")
     if seq_len is not None:
         if not 1 <= seq_len <= model_conf["seq_len"]:
             raise MoorelmError(f"--seq-len must be in [1, {model_conf['seq_len']}], got {seq_len}")
+        if window is not None and seq_len > window:
+            raise MoorelmError(f"--seq-len {seq_len} is longer than the model's sliding_window "
+                               f"{window}; moorelm attends to the whole context, so it imports "
+                               f"at most {window} positions")
         model_conf["seq_len"] = seq_len
         if family == "gpt2":
             sd["wpe.weight"] = sd["wpe.weight"][:seq_len].contiguous()
+    elif window is not None and model_conf["seq_len"] > window:
+        warnings.warn(f"the model attends within a sliding_window of {window} tokens; its context "
+                      f"is imported as {window} positions (not {model_conf['seq_len']}), where "
+                      "full attention is exact", stacklevel=2)
+        model_conf["seq_len"] = window
     cfg = _settle_config(model_conf, (conf.get("moorelm") or {}).get("model"))
     # names and shapes against the config, and rotary tables no larger than the weights,
     # before anything is allocated
     check_gpt_header(cfg, {k: (tuple(t.shape), "F32") for k, t in sd.items()}, hf_dir)
-    tokenizer = convert_tokenizer(hf_dir, _eos_token(hf_dir, conf))
+    tc = _tokenizer_config(src)
+    tokenizer = convert_tokenizer(src, _token_text(tc.get("eos_token")))
     if tokenizer.vocab_size > cfg.vocab_size:
         raise MoorelmError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{cfg.vocab_size} embeddings")
+    origin = {"format": "hf", "architecture": family, "path": str(hf_dir.resolve())}
+    return ImportedModel(cfg, sd, tokenizer, _model_name(src, conf),
+                         _chat_settings(src, conf, tokenizer), origin)
 
-    model = build_gpt(cfg, sd, hf_dir)  # checks every name and shape against the config
-    run_config = {
-        "model": cfg.to_dict(),
-        "params": model.param_counts(),
-        "imported_from": {"format": "hf", "architecture": family, "path": str(hf_dir.resolve())},
-        "name": _model_name(hf_dir, conf),
-        "chat": _chat_settings(hf_dir, conf, tokenizer),
-    }
-    with target.rewrite(force=overwrite) as new:  # the whole run is replaced, or nothing
-        new.write_files(run_config, tokenizer)
+
+def _check_target(run: Path, overwrite: bool) -> RunFolder:
+    target = RunFolder(run)
+    target.check_folder()  # no folder of the user's files is written over
+    if target.checkpoints() and not overwrite:
+        raise MoorelmError(f"{run} already holds a run; choose another folder or pass --force")
+    return target
+
+
+def write_run(imported: ImportedModel, run: str | Path, *, overwrite: bool = False) -> Path:
+    """Write an ``ImportedModel`` as a run folder: config.json, tokenizer.json and
+    checkpoints/step-00000000, ready for ``generate``, ``evaluate``, ``chat`` and fine-tuning.
+    The whole run is replaced, or nothing."""
+    run = Path(run)
+    target = _check_target(run, overwrite)
+    model = imported.build()
+    with target.rewrite(force=overwrite) as new:
+        new.write_files(imported.run_config(model), imported.tokenizer)
         new.save(0, LMCodec().checkpoint_files(model), {"tokens": 0, "elapsed": 0.0})
     return run
 
 
-__all__ = ["convert_tokenizer", "export_hf", "hf_architecture", "hf_config", "hf_state_dict",
-           "import_hf", "to_transformers"]
+def import_hf(hf_dir: str | Path, run: str | Path, *, seq_len: int | None = None,
+              overwrite: bool = False) -> Path:
+    """Turn a transformers folder (GPT-2, Llama, Mistral, Qwen2, Qwen3) into a moorelm run
+    folder at ``run``: ``read_hf`` then ``write_run``."""
+    hf_dir, run = Path(hf_dir), Path(run)
+    if not hf_dir.is_dir():
+        raise MoorelmError(f"{hf_dir} is not a folder; pass a Hugging Face model folder")
+    _check_target(run, overwrite)  # before reading weights for nothing
+    return write_run(read_hf(hf_dir, seq_len=seq_len), run, overwrite=overwrite)
+
+
+__all__ = ["HFSource", "IMPORTABLE", "ImportedModel", "convert_tokenizer", "export_hf",
+           "hf_architecture", "hf_config", "hf_state_dict", "import_hf", "is_hf_folder",
+           "read_hf", "to_transformers", "write_run"]
