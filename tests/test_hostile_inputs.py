@@ -714,6 +714,8 @@ API_CASES = [
     ("api-echo-too-long", "POST", "/v1/completions",
      {**GOOD_COMPLETION, "prompt": "word " * 40, "max_tokens": 0, "echo": True, "logprobs": 1},
      400, "context window"),
+    ("api-echo-65-prompts", "POST", "/v1/completions",
+     {**GOOD_COMPLETION, "prompt": ["a"] * 65, "max_tokens": 0, "echo": True}, 400, "split it"),
     ("api-logprobs-21", "POST", "/v1/completions", {**GOOD_COMPLETION, "logprobs": 21}, 400,
      "logprobs"),
     ("api-logprobs-negative", "POST", "/v1/completions", {**GOOD_COMPLETION, "logprobs": -1},

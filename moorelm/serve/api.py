@@ -206,9 +206,14 @@ class Service:
             await asyncio.to_thread(self.engine.ban_list, words)
 
     def check_prompts(self, prompts: list[tuple[int, ...]], param: str = "prompt") -> None:
-        """400 unless every prompt is non-empty, in the vocabulary and within the context
-        window (for prompts that generate nothing; the engine checks the others)."""
+        """400 unless there are at most as many prompts as the engine takes choices and each
+        is non-empty, in the vocabulary and within the context window (for prompts that
+        generate nothing; the engine checks the others)."""
         vocab, window = self.engine.token_vocab, self.engine.seq_len
+        bound = self.engine.limits.max_choices
+        if len(prompts) > bound:
+            raise ApiError(400, f"{len(prompts)} prompts is more than {bound} in one request; "
+                           "split it", param)
         for ids in prompts:
             if not ids:
                 raise ApiError(400, f"{param} is empty; send at least one token of text", param)
