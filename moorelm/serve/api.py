@@ -235,13 +235,8 @@ class Service:
         padding = model.config.vocab_size - self.engine.token_vocab
         k = min(model.config.vocab_size, top + padding) if top else 0
         try:
-            future: Future = self.engine.run_job(
-                lambda: score_sequences(model, prompts, top_k=k))
-            scored = await asyncio.wrap_future(future)
+            scored = await self.on_engine(lambda: score_sequences(model, prompts, top_k=k))
         except MoorelmError as e:
-            if not self.engine.alive:
-                raise ApiError(503, f"the model is not available ({e})", None,
-                               "engine_down", "server_error") from None
             raise ApiError(400, str(e), "prompt") from None
         if padding and top:
             vocab = self.engine.token_vocab
@@ -250,10 +245,20 @@ class Service:
                     alts[:] = [(t, lp) for t, lp in alts if t < vocab][:top]
         return scored
 
-    def inspect(self, body: InspectRequest) -> dict:
-        """``POST /v1/inspect``'s answer (``serve.inspection``; in a worker thread)."""
-        return inspection(body, self.engine, self.model_name, self.token_text,
-                          self.inspect_lock)
+    async def on_engine(self, fn: Callable[[], object]):
+        """``fn()`` run on the engine's thread between two decode steps (``Engine.run_job``),
+        awaited without blocking the event loop; 503 when the engine is not running."""
+        try:
+            future: Future = self.engine.run_job(fn)
+        except MoorelmError as e:
+            raise ApiError(503, f"the model is not available ({e})", None, "engine_down",
+                           "server_error") from None
+        return await asyncio.wrap_future(future)
+
+    async def inspect(self, body: InspectRequest) -> dict:
+        """``POST /v1/inspect``'s answer (``serve.inspection``, on the engine's thread)."""
+        return await self.on_engine(lambda: inspection(body, self.engine, self.model_name,
+                                                       self.token_text, self.inspect_lock))
 
     def submit(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
                max_param: str, prompt_param: str, logprobs: int | None,
@@ -802,7 +807,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     @app.post("/v1/inspect")
     async def inspect_route(body: InspectRequest):
         service.check_model(body.model)
-        return await asyncio.to_thread(service.inspect, body)
+        return await service.inspect(body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
