@@ -153,6 +153,24 @@ def test_echo_prompt_longer_than_the_window(server):
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_run_job_runs_on_the_engine_thread(lm):
+    """Engine.run_job runs its function on the engine's own thread and hands back its result
+    or exception; once the engine stops it refuses new jobs with one MoorelmError."""
+    import threading
+
+    from moorelm.errors import MoorelmError
+
+    engine = Engine(lm.model, lm.tokenizer, max_batch=1).start()
+    assert engine.run_job(lambda: threading.current_thread().name).result(30) == \
+        "moorelm-engine"
+    with pytest.raises(ZeroDivisionError):
+        engine.run_job(lambda: 1 / 0).result(30)
+    assert engine.run_job(lambda: 2).result(30) == 2  # a failed job leaves the loop running
+    engine.stop()
+    with pytest.raises(MoorelmError, match="not running"):
+        engine.run_job(lambda: 3)
+
+
 # ----------------------------------------------------------------------------- tokenizer routes
 
 
