@@ -1,5 +1,6 @@
 """OpenAI's wire format as the server speaks it: the request bodies (pydantic models, strict
-types, the limits OpenAI documents) and the error shape, ``{"error": {"message", "type",
+types, the limits OpenAI documents, a field the server does not implement refused by name;
+vLLM's /tokenize and /detokenize bodies too) and the error shape, ``{"error": {"message", "type",
 "param", "code"}}``, including how a failed validation becomes one 400 with the field named.
 
 ``moorelm.serve.api`` uses these; nothing here knows the engine.
