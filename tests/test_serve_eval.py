@@ -323,8 +323,8 @@ def _start_serve(run: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
 def test_lm_eval_local_completions_matches_score_sequences(tiny_run, lm, tmp_path):
     """lm_eval --model local-completions against `moorelm serve` (offline, a local
     multiple-choice task) reports per-sample log-likelihoods equal to score_sequences'
-    within 1e-4, finding the tokenizer through /tokenizer_info and /tokenize; a
-    generate_until task with seven stop strings runs through the same server."""
+    within 1e-4 and the same accuracy, with batched requests (three prompts a request),
+    finding the tokenizer through /tokenizer_info and /tokenize; a generate_until task with seven stop strings runs through the same server."""
     lm_eval = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
     missing = [m for m in ("tenacity", "aiohttp", "requests") if find_spec(m) is None]
     if lm_eval is None or missing:  # lm-eval's API backend needs lm-eval[api]
@@ -347,7 +347,8 @@ def test_lm_eval_local_completions_matches_score_sequences(tiny_run, lm, tmp_pat
         out = subprocess.run(
             [lm_eval, "--model", "local-completions", "--model_args",
              f"model=tiny,base_url={url}/v1/completions,max_length={seq_len},num_concurrent=1",
-             "--tasks", "moorelm_tiny_mc,moorelm_tiny_gen", "--include_path", str(tasks),
+             "--batch_size", "3", "--tasks", "moorelm_tiny_mc,moorelm_tiny_gen",
+             "--include_path", str(tasks),
              "--output_path", str(tmp_path / "out"), "--log_samples"],
             env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
