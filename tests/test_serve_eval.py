@@ -324,7 +324,8 @@ def test_lm_eval_local_completions_matches_score_sequences(tiny_run, lm, tmp_pat
     """lm_eval --model local-completions against `moorelm serve` (offline, a local
     multiple-choice task) reports per-sample log-likelihoods equal to score_sequences'
     within 1e-4 and the same accuracy, with batched requests (three prompts a request),
-    finding the tokenizer through /tokenizer_info and /tokenize; a generate_until task with seven stop strings runs through the same server."""
+    finding the tokenizer through /tokenizer_info and /tokenize; a generate_until task
+    with seven stop strings runs through the same server."""
     lm_eval = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
     missing = [m for m in ("tenacity", "aiohttp", "requests") if find_spec(m) is None]
     if lm_eval is None or missing:  # lm-eval's API backend needs lm-eval[api]
