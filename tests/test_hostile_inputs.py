@@ -770,6 +770,51 @@ CASES = [
                     "--max-new-tokens", "2"]),
 ]
 
+# ------------------------------------------------------------------ the HTTP API (wt-server)
+# Hostile requests to a running server: each gets its 4xx in OpenAI's error shape, naming
+# the problem, and never a 5xx (test_hostile_request below). (id, method, path, body,
+# status, words in the message)
+GOOD_COMPLETION = {"model": "tiny", "prompt": "It", "max_tokens": 2}
+API_CASES = [
+    ("api-echo-n-2", "POST", "/v1/completions", {**GOOD_COMPLETION, "echo": True, "n": 2},
+     400, "n > 1"),
+    ("api-echo-max-tokens-0-no-echo", "POST", "/v1/completions",
+     {**GOOD_COMPLETION, "max_tokens": 0}, 400, "echo"),
+    ("api-echo-too-long", "POST", "/v1/completions",
+     {**GOOD_COMPLETION, "prompt": "word " * 40, "max_tokens": 0, "echo": True, "logprobs": 1},
+     400, "context window"),
+    ("api-echo-65-prompts", "POST", "/v1/completions",
+     {**GOOD_COMPLETION, "prompt": ["a"] * 65, "max_tokens": 0, "echo": True}, 400, "split it"),
+    ("api-logprobs-21", "POST", "/v1/completions", {**GOOD_COMPLETION, "logprobs": 21}, 400,
+     "logprobs"),
+    ("api-logprobs-negative", "POST", "/v1/completions", {**GOOD_COMPLETION, "logprobs": -1},
+     400, "logprobs"),
+    ("api-chat-top-logprobs-21", "POST", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+      "top_logprobs": 21}, 400, "top_logprobs"),
+    ("api-17-stops", "POST", "/v1/completions",
+     {**GOOD_COMPLETION, "stop": [f"s{i}" for i in range(17)]}, 400, "at most 16"),
+    ("api-stop-too-long", "POST", "/v1/completions", {**GOOD_COMPLETION, "stop": "x" * 300},
+     400, "256"),
+    ("api-unknown-field", "POST", "/v1/completions", {**GOOD_COMPLETION, "guided_regex": "a+"},
+     400, "guided_regex"),
+    ("api-tools", "POST", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("api-tool-choice", "POST", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"},
+     400, "tool_choice"),
+    ("api-tokenize-too-long", "POST", "/tokenize", {"prompt": "word " * 40}, 400,
+     "context window"),
+    ("api-tokenize-nothing", "POST", "/tokenize", {"model": "tiny"}, 400, "prompt or messages"),
+    ("api-tokenize-unknown-field", "POST", "/tokenize", {"prompt": "x", "tools": ["y"]}, 400,
+     "tools"),
+    ("api-detokenize-outside-vocab", "POST", "/detokenize", {"tokens": [1, 2**40]}, 400,
+     "vocabulary"),
+    ("api-detokenize-negative", "POST", "/detokenize", {"tokens": [-5]}, 400, "vocabulary"),
+    ("api-detokenize-floats", "POST", "/detokenize", {"tokens": [1.5]}, 400, "tokens"),
+]
+
 
 def _snapshot(folder: Path) -> dict[str, object]:
     """Names, kinds and contents of everything under ``folder`` (links are not followed)."""
@@ -856,3 +901,33 @@ def test_every_verb_is_covered():
     verbs = {v for vs in VERBS.values() for v in vs}
     assert verbs <= {_verb_of(c.id) for c in CASES}
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.fixture(scope="module")
+def api_server(tiny_run):
+    import moorelm
+    from moorelm.inference.engine import Engine
+    from moorelm.serve import BackgroundServer
+    from moorelm.serve.api import create_app
+
+    lm = moorelm.load(tiny_run, device="cpu")
+    engine = Engine(lm.model, lm.tokenizer, max_batch=2, max_queue=4)
+    with BackgroundServer(create_app(engine, "tiny")) as server:
+        yield server
+    engine.stop()
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
+def test_hostile_request(case, api_server):
+    """The request gets its 4xx in OpenAI's error shape with a message naming the problem,
+    no traceback, and the server still answers /health."""
+    import httpx
+
+    _, method, path, body, status, needle = case
+    r = httpx.request(method, api_server.url + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert needle.lower() in err["message"].lower(), err
+    assert "Traceback" not in r.text
+    assert httpx.get(api_server.url + "/health").status_code == 200

@@ -8,6 +8,9 @@ One background thread owns the model and repeats one step (``Engine._step``):
     emit      its text goes out through the request's handle; finished ones leave (``output``)
     decode    one forward pass of the active sequences' new tokens (B, 1) (``runner``)
 
+Other work on the model (scoring prompts for the server's ``echo``) is handed to the same
+thread with ``run_job`` and runs between two steps, so it never races decoding.
+
 Because every sequence has its own generator and is sampled on its own, a seeded request
 gives the same text whether it ran alone or in a full batch (up to the last bits of batched
 matrix products, which the tests check do not change the text).
@@ -21,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
@@ -98,6 +104,7 @@ class Engine:
         self._bans: dict[tuple[str, ...], BanList] = {}
         self._ban_lock = threading.Lock()
         self._stopping = False
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # run_job's queue
         self.failure: str | None = None  # set if the loop itself died
         self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "rejected": 0,
                          "tokens": 0, "steps": 0, "errors": 0}
@@ -174,6 +181,19 @@ class Engine:
         self.counters["requests"] += 1
         return handle
 
+    def run_job(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn()`` on the engine's thread between two steps (that thread owns the model,
+        so work such as scoring a prompt never races decoding); its result, or the exception
+        it raised, arrives through the returned future. MoorelmError when the engine is not
+        running; jobs still queued when it stops fail with the stop's reason."""
+        future: Future = Future()
+        with self.scheduler.cond:
+            if self._thread is None or self._stopping or self.failure:
+                raise MoorelmError("the engine is not running")
+            self._jobs.append((fn, future))
+            self.scheduler.cond.notify_all()
+        return future
+
     def ban_list(self, phrases: tuple[str, ...]) -> BanList:
         """``phrases`` compiled for this tokenizer, cached (the last ``BAN_CACHE`` lists)."""
         with self._ban_lock:
@@ -212,12 +232,17 @@ class Engine:
             with torch.no_grad():
                 while True:
                     with sched.cond:
-                        while not (self._stopping or sched.has_work()):
+                        while not (self._stopping or sched.has_work() or self._jobs):
                             sched.cond.wait()
                         if self._stopping:
                             break
+                        work = sched.has_work()
                         sched.poked = False
-                    self._step()
+                        job = self._jobs.popleft() if self._jobs else None
+                    if job is not None:  # one job per step, so decoding goes on between them
+                        _run_one(*job)
+                    if work:
+                        self._step()
         except BaseException as e:  # the loop must never die silently
             log.exception("engine loop failed")
             self.failure = f"{type(e).__name__}: {e}"
@@ -323,6 +348,11 @@ class Engine:
         return event.finish_reason is not None
 
     def _fail_all(self, message: str) -> None:
+        with self.scheduler.cond:
+            jobs, self._jobs = list(self._jobs), deque()
+        for _, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(MoorelmError(message))
         out: Outbox = {}
         for seq in self.scheduler.clear():
             out.setdefault(seq.handle, []).append(error_event(seq.index, message))
@@ -330,3 +360,12 @@ class Engine:
             out.setdefault(handle, []).extend(error_event(c, message) for c in handle.pending)
             handle.pending.clear()
         deliver(out)
+
+
+def _run_one(fn: Callable[[], object], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except Exception as e:  # the job's failure is its caller's, not the loop's
+        future.set_exception(e)

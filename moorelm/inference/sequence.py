@@ -70,6 +70,7 @@ class TokenEvent:
     finish_reason: str | None = None
     error: str | None = None
     step: int = -1  # the engine step that produced it (shows who was decoded together)
+    at: float = field(default_factory=time.perf_counter)  # when (the server's latency metrics)
 
 
 def error_event(index: int, message: str) -> TokenEvent:

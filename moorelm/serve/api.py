@@ -6,11 +6,21 @@ Routes:
     POST /v1/chat/completions   chat, through the chat template below
     GET  /v1/models             the one model served (also /v1/models/{id})
     POST /v1/inspect            per-token probabilities and attention of a text (moorelm's)
+    POST /tokenize              text or chat messages -> token ids (vLLM's shape)
+    POST /detokenize            token ids -> text (vLLM's shape)
+    GET  /tokenizer_info        the tokenizer's special tokens and chat template (vLLM's)
+    GET  /metrics               counters and latency histograms, Prometheus' text format
     GET  /health                liveness and load (no API key needed)
     GET  /                      the web playground (static HTML, no build step)
 
-Safe by default: ``serve`` binds 127.0.0.1; with an API key every /v1 route needs
-``Authorization: Bearer KEY`` (401 otherwise); bodies over ``max_body_bytes`` get 413; a full
+Completions take ``echo``: the prompt comes back before the completion, with each prompt
+token's log-probability (``moorelm.scoring.score_sequences``, run on the engine's thread
+between decode steps) when ``logprobs`` is set, and ``max_tokens: 0`` asks for the prompt
+alone, which is how lm-evaluation-harness scores likelihoods through an API.
+
+Safe by default: ``serve`` binds 127.0.0.1; with an API key every route but the playground
+and /health needs ``Authorization: Bearer KEY`` (401 otherwise); a request field the server
+does not implement is a 400 naming it; bodies over ``max_body_bytes`` get 413; a full
 queue gets 429 with Retry-After; prompt + max_tokens beyond the context window gets 400; a
 client that goes away mid-request frees its batch rows at the engine's next step. Every error
 is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, without a traceback.
@@ -37,13 +47,15 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from importlib import resources
 
 import anyio
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moorelm.chat import ChatTemplate
@@ -54,15 +66,19 @@ from moorelm.inference.engine import SHUTTING_DOWN, Engine
 from moorelm.inference.limits import RequestError
 from moorelm.inference.scheduler import QueueFull
 from moorelm.inference.sequence import Request, RequestHandle, TokenEvent
+from moorelm.scoring import Scored, score_sequences
 from moorelm.serve.inspection import inspection
+from moorelm.serve.metrics import CountRequests, ServerMetrics
 from moorelm.serve.policy import ServePolicy
 from moorelm.serve.schema import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     InspectRequest,
     Message,
     SamplingBody,
+    TokenizeRequest,
     error_body,
     error_response,
     validation_error_response,
@@ -88,10 +104,11 @@ def _text(value: str, param: str) -> str:
 
 
 def render_chat(messages: list[Message], template: str | None,
-                chat: ChatTemplate | None = None) -> str:
+                chat: ChatTemplate | None = None, add_generation_prompt: bool = True) -> str:
     """The conversation as model input (see the module docstring): through the fine-tuned
     run's prompt ``template`` when it has one, else the chat template ``chat`` (the default
-    one when None). A template that cannot render the conversation is a 400."""
+    one when None; ``add_generation_prompt`` False leaves out what asks for the reply). A
+    template that cannot render the conversation is a 400."""
     if template is None:
         plain = []
         for i, m in enumerate(messages):
@@ -101,7 +118,7 @@ def render_chat(messages: list[Message], template: str | None,
                           "name": _text(m.name.strip(), f"messages.{i}.name") if m.name and m.name.strip()
                           else None})
         try:
-            return (chat or ChatTemplate.default()).render(plain)
+            return (chat or ChatTemplate.default()).render(plain, add_generation_prompt)
         except MoorelmError as e:
             raise ApiError(400, str(e), "messages") from None
     parts = []
@@ -138,6 +155,7 @@ class Service:
         self.chat = chat or ChatTemplate.default()
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
+        self.metrics = ServerMetrics(engine)
 
     def token_text(self, tok: int) -> str:
         """A token as text; one that is only part of a character reads ``bytes:\\xNN``."""
@@ -152,6 +170,18 @@ class Service:
                     text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
             self._token_text[tok] = text
         return text
+
+    def tokenizer_info(self) -> dict:
+        """``GET /tokenizer_info``: what vLLM's route reports and lm-evaluation-harness'
+        remote tokenizer reads (its special tokens, its chat template), and the window."""
+        special = self.chat.special
+        eos = special.get("eos_token") or self.tokenizer.decode([self.tokenizer.eot_id])
+        return {"tokenizer_class": f"moorelm-{self.tokenizer.kind}", "eos_token": eos,
+                "bos_token": special.get("bos_token"), "pad_token": special.get("pad_token"),
+                "unk_token": special.get("unk_token"), "add_bos_token": False,
+                "add_eos_token": False, "model_max_length": self.engine.seq_len,
+                "vocab_size": self.engine.token_vocab,
+                "chat_template": self.chat.source if self.prompt_template is None else None}
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -202,10 +232,60 @@ class Service:
         except MoorelmError as e:  # e.g. the grammar library is not installed here
             raise ApiError(400, str(e), "response_format") from None
 
-    def inspect(self, body: InspectRequest) -> dict:
-        """``POST /v1/inspect``'s answer (``serve.inspection``; in a worker thread)."""
-        return inspection(body, self.engine, self.model_name, self.token_text,
-                          self.inspect_lock)
+    def check_prompts(self, prompts: list[tuple[int, ...]], param: str = "prompt") -> None:
+        """400 unless there are at most as many prompts as the engine takes choices and each
+        is non-empty, in the vocabulary and within the context window (for prompts that
+        generate nothing; the engine checks the others)."""
+        vocab, window = self.engine.token_vocab, self.engine.seq_len
+        bound = self.engine.limits.max_choices
+        if len(prompts) > bound:
+            raise ApiError(400, f"{len(prompts)} prompts is more than {bound} in one request; "
+                           "split it", param)
+        for ids in prompts:
+            if not ids:
+                raise ApiError(400, f"{param} is empty; send at least one token of text", param)
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} in the {param} is not in the vocabulary "
+                               f"(ids 0..{vocab - 1})", param)
+            if len(ids) > window:
+                raise ApiError(400, f"the {param} is {len(ids)} tokens, more than the context "
+                               f"window of {window} tokens served here; shorten it", param,
+                               "context_length_exceeded")
+
+    async def score(self, prompts: list[tuple[int, ...]], top: int) -> list[Scored]:
+        """Each prompt's per-token log-probs and ``top`` alternatives
+        (``scoring.score_sequences``), computed on the engine's thread between two decode
+        steps: the event loop goes on, and the model is never used by two threads at once.
+        Ids the tokenizer lacks (vocabulary padding) are never offered as alternatives."""
+        model = self.engine.runner.model
+        padding = model.config.vocab_size - self.engine.token_vocab
+        k = min(model.config.vocab_size, top + padding) if top else 0
+        try:
+            scored = await self.on_engine(lambda: score_sequences(model, prompts, top_k=k))
+        except MoorelmError as e:
+            raise ApiError(400, str(e), "prompt") from None
+        if padding and top:
+            vocab = self.engine.token_vocab
+            for s in scored:
+                for alts in s.top or []:
+                    alts[:] = [(t, lp) for t, lp in alts if t < vocab][:top]
+        return scored
+
+    async def on_engine(self, fn: Callable[[], object]):
+        """``fn()`` run on the engine's thread between two decode steps (``Engine.run_job``),
+        awaited without blocking the event loop; 503 when the engine is not running."""
+        try:
+            future: Future = self.engine.run_job(fn)
+        except MoorelmError as e:
+            raise ApiError(503, f"the model is not available ({e})", None, "engine_down",
+                           "server_error") from None
+        return await asyncio.wrap_future(future)
+
+    async def inspect(self, body: InspectRequest) -> dict:
+        """``POST /v1/inspect``'s answer (``serve.inspection``, on the engine's thread)."""
+        return await self.on_engine(lambda: inspection(body, self.engine, self.model_name,
+                                                       self.token_text, self.inspect_lock))
 
     def submit(self, body: SamplingBody, prompts: list[tuple[int, ...]], max_tokens: int | None,
                max_param: str, prompt_param: str, logprobs: int | None,
@@ -249,7 +329,9 @@ class Service:
                           tuple(dict.fromkeys((*stops, *extra_stop, *policy.stop))), logprobs,
                           bias or None, bad_words=self.bad_words(body), grammar=grammar)
         try:
-            return request, self.engine.submit(request, asyncio.get_running_loop())
+            handle = self.engine.submit(request, asyncio.get_running_loop())
+            self.metrics.prompt_tokens.inc(handle.prompt_tokens)
+            return request, handle
         except RequestError as e:
             param = {"prompt": prompt_param, "max_tokens": max_param}.get(e.param, e.param)
             raise ApiError(400, str(e), param, e.code) from None
@@ -319,12 +401,16 @@ def _raise_if_error(event: TokenEvent) -> None:
         raise _generation_error(event)
 
 
-async def collect(handle: RequestHandle, receive) -> list[list[TokenEvent]] | None:
-    """All of a request's events per choice; None when the client went away first."""
+async def collect(handle: RequestHandle, receive,
+                  stream: AsyncIterator[list[TokenEvent]] | None = None
+                  ) -> list[list[TokenEvent]] | None:
+    """All of a request's events per choice (read from ``stream``, default the handle);
+    None when the client went away first."""
     out: list[list[TokenEvent]] = [[] for _ in range(handle.request.num_choices)]
+    stream = handle if stream is None else stream
 
     async def consume() -> None:
-        async for events in handle:
+        async for events in stream:
             for e in events:
                 out[e.index].append(e)
 
@@ -362,6 +448,66 @@ def _completion_logprobs(service: Service, events: list[TokenEvent], offset: int
             "text_offset": offsets}
 
 
+@dataclass(frozen=True)
+class Echo:
+    """A prompt as ``echo`` returns it: its text, its tokens' log-probs in the legacy shape
+    (None unless logprobs was asked for) and the text offset where the completion begins."""
+
+    text: str
+    logprobs: dict | None
+    end: int
+
+
+def _prompt_logprobs(service: Service, scored: Scored) -> tuple[dict, int]:
+    """A scored prompt in OpenAI's legacy shape (the first token has no log-prob and no
+    alternatives) -> (that, the offset after its last token)."""
+    tokens, offsets, tops, offset = [], [], [], 0
+    for i, tok in enumerate(scored.ids):
+        text = service.token_text(tok)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        alts = scored.top[i] if scored.top is not None and i > 0 else None
+        tops.append(None if alts is None else {service.token_text(t): lp for t, lp in alts})
+    return {"tokens": tokens, "token_logprobs": list(scored.logprobs), "top_logprobs": tops,
+            "text_offset": offsets}, offset
+
+
+async def _echoes(service: Service, prompts: list[tuple[int, ...]], texts: list[str | None],
+                  logprobs: int | None) -> list[Echo]:
+    """What ``echo`` returns of each prompt, scored when ``logprobs`` is set."""
+    scored = await service.score(prompts, logprobs) if logprobs is not None else None
+    out = []
+    for i, ids in enumerate(prompts):
+        text = texts[i] if texts[i] is not None else service.tokenizer.decode(ids)
+        if scored is None:
+            out.append(Echo(text, None, len(text)))
+        else:
+            lp, end = _prompt_logprobs(service, scored[i])
+            out.append(Echo(text, lp, end))
+    return out
+
+
+def _echo_only(head: dict, body: CompletionRequest, echoes: list[Echo], prompt_tokens: int):
+    """The answer to ``echo`` with ``max_tokens: 0``: each prompt back, finished ("length",
+    as vLLM says), streamed or not."""
+    choices = [{"index": i, "text": e.text, "logprobs": e.logprobs, "finish_reason": "length"}
+               for i, e in enumerate(echoes)]
+    counts = {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+              "total_tokens": prompt_tokens}
+    if not body.stream:
+        return {**head, "choices": choices, "usage": counts}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for choice in choices:
+            yield sse({**head, "choices": [choice]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse({**head, "choices": [], "usage": counts})
+        yield sse("[DONE]")
+
+    return EventStream(chunks(), lambda: None)
+
+
 def _chat_logprobs(service: Service, events: list[TokenEvent]) -> dict:
     def entry(tok: int, lp: float) -> dict:
         text = service.token_text(tok)
@@ -381,6 +527,7 @@ def _chat_logprobs(service: Service, events: list[TokenEvent]) -> dict:
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+OPEN_PATHS = ("/", "/health")  # the only routes answered without the API key
 
 
 def host_name(value: str) -> str:
@@ -417,7 +564,7 @@ def playground_headers(page: str) -> dict[str, str]:
 
 
 class Guard:
-    """ASGI middleware: the Host check, the API key on /v1 routes and the schema, then the
+    """ASGI middleware: the Host check, the API key on every route but ``OPEN_PATHS``, then the
     body size limit and deadline (the body is read here, up to the limit, and replayed to
     the app).
 
@@ -443,7 +590,7 @@ class Guard:
                     f"for {', '.join(self.hosts)} only (start it with --api-key to serve "
                     "others)", None, "host_not_allowed")(scope, receive, send)
         path = scope["path"]
-        if self.api_key and (path.startswith("/v1") or path == "/openapi.json"):
+        if self.api_key and path not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode("latin-1"), self.api_key.encode()):
@@ -565,36 +712,63 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
+        start = time.perf_counter()
         service.check_model(body.model)
-        if body.echo:
-            raise ApiError(400, "echo is not supported; leave it false", "echo")
         if body.suffix:
             raise ApiError(400, "suffix is not supported; leave it null", "suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise ApiError(400, "best_of other than n is not supported", "best_of")
+        if body.echo and body.n > 1:
+            raise ApiError(400, "echo with n > 1 is not supported; send n = 1 (the prompt "
+                           "and its log-probs are the same for every sample)", "n")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens 0 asks for nothing without echo; send max_tokens "
+                           ">= 1, or echo: true to get the prompt (and its log-probs) back",
+                           "max_tokens")
         raw = body.prompt
+        texts: list[str | None]  # each prompt as the client sent it, when it sent text
         if isinstance(raw, str):
-            prompts = [await service.encode(_text(raw, "prompt"))]
+            texts = [_text(raw, "prompt")]
+            prompts = [await service.encode(raw)]
         elif raw and all(isinstance(x, int) for x in raw):
-            prompts = [tuple(raw)]
+            texts, prompts = [None], [tuple(raw)]
         elif raw and all(isinstance(x, str) for x in raw):
-            prompts = [await service.encode(_text(x, "prompt")) for x in raw]
+            texts = [_text(x, "prompt") for x in raw]
+            prompts = [await service.encode(x) for x in raw]
         else:
             prompts = [tuple(x) for x in raw]
+            texts = [None] * len(prompts)
         if not prompts:
             raise ApiError(400, "prompt is an empty list; send some text", "prompt")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name}
+        want_logprobs = body.logprobs is not None
+        if body.max_tokens == 0:  # echo alone: the prompt and its scores, no generation
+            service.check_prompts(prompts)
+            echoes = await _echoes(service, prompts, texts, body.logprobs)
+            service.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+            return _echo_only(head, body, echoes, sum(len(p) for p in prompts))
         await service.warm_bans(body)
         grammar = await service.grammar(body)
         req, handle = service.submit(body, prompts, body.max_tokens, "max_tokens", "prompt",
                                      body.logprobs, grammar=grammar)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": model_name}
-        want_logprobs = body.logprobs is not None
-        offsets = [0] * req.num_choices
+        echoes: list[Echo] = []
+        if body.echo:
+            try:
+                echoes = await _echoes(service, prompts, texts, body.logprobs)
+            except BaseException:
+                handle.cancel()
+                raise
+        offsets = [e.end for e in echoes] or [0] * req.num_choices
 
         def whole(i: int, events: list[TokenEvent]) -> dict:
-            return {"index": i, "text": "".join(e.text for e in events),
-                    "logprobs": _completion_logprobs(service, events, 0) if want_logprobs else None,
+            text = "".join(e.text for e in events)
+            lp = _completion_logprobs(service, events, offsets[i]) if want_logprobs else None
+            if echoes:
+                text = echoes[i].text + text
+                if lp is not None:
+                    lp = {k: echoes[i].logprobs[k] + lp[k] for k in lp}
+            return {"index": i, "text": text, "logprobs": lp,
                     "finish_reason": events[-1].finish_reason}
 
         def piece(e: TokenEvent) -> list[dict]:
@@ -607,15 +781,66 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             return [{"index": e.index, "text": e.text, "logprobs": lp,
                      "finish_reason": e.finish_reason}]
 
-        return await respond(handle, request, head, body, whole, piece)
+        opening = [{"index": i, "text": e.text, "logprobs": e.logprobs, "finish_reason": None}
+                   for i, e in enumerate(echoes)]
+        return await respond(handle, request, head, body, whole, piece, opening,
+                             service.metrics.events(handle, start))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            service.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send a prompt or messages (one of them)", "prompt")
+        if body.prompt is not None:
+            ids = await service.encode(_text(body.prompt, "prompt"))
+            param = "prompt"
+        else:
+            if not body.add_generation_prompt and service.prompt_template is not None:
+                raise ApiError(400, "this model's prompt template always asks for a reply; "
+                               "leave add_generation_prompt true", "add_generation_prompt")
+            text = render_chat(body.messages, service.prompt_template, service.chat,
+                               body.add_generation_prompt)
+            ids, param = await service.encode(text), "messages"
+        if len(ids) > engine.seq_len:
+            raise ApiError(400, f"the {param} is {len(ids)} tokens, more than the context "
+                           f"window of {engine.seq_len} tokens served here; shorten it", param,
+                           "context_length_exceeded")
+        strs = None
+        if body.return_token_strs:
+            strs = [service.tokenizer.hf.id_to_token(t) or "" for t in ids]
+        return {"count": len(ids), "max_model_len": engine.seq_len, "tokens": list(ids),
+                "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            service.check_model(body.model)
+        vocab = engine.token_vocab
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is not in the vocabulary (ids 0..{vocab - 1})",
+                           "tokens")
+        if len(body.tokens) < 4096:
+            return {"prompt": service.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(service.tokenizer.decode, body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return service.tokenizer_info()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
     @app.post("/v1/inspect")
     async def inspect_route(body: InspectRequest):
         service.check_model(body.model)
-        return await asyncio.to_thread(service.inspect, body)
+        return await service.inspect(body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
+        start = time.perf_counter()
         service.check_model(body.model)
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
@@ -654,23 +879,29 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                     "finish_reason": None} for i in range(req.num_choices)]
         if body.stream:
             head["object"] = "chat.completion.chunk"
-        return await respond(handle, request, head, body, whole, piece, opening)
+        return await respond(handle, request, head, body, whole, piece, opening,
+                             service.metrics.events(handle, start))
 
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts,
                        body_timeout=body_timeout)
+    app.add_middleware(CountRequests, metrics=service.metrics)  # outermost: counts all
     return app
 
 
 async def respond(handle: RequestHandle, request: HTTPRequest, head: dict, body: SamplingBody,
                   whole: Callable[[int, list[TokenEvent]], dict],
-                  piece: Callable[[TokenEvent], list[dict]], opening: list[dict] = ()):
+                  piece: Callable[[TokenEvent], list[dict]], opening: list[dict] = (),
+                  events: AsyncIterator[list[TokenEvent]] | None = None):
     """The response to a submitted request: events as server-sent chunks (``piece`` spells
-    the choices of one event) or, once every choice has finished, one body (``whole`` spells
-    one choice from all its events)."""
+    the choices of one event; ``opening`` chunks go first) or, once every choice has
+    finished, one body (``whole`` spells one choice from all its events). ``events``: the
+    handle's events as read (``ServerMetrics.events`` times them); default the handle."""
+    events = handle if events is None else events
     if body.stream:
         want_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_chunks(handle, head, want_usage, piece, opening), handle.cancel)
-    per_choice = await collect(handle, request.receive)
+        return EventStream(_chunks(handle, head, want_usage, piece, opening, events),
+                           handle.cancel)
+    per_choice = await collect(handle, request.receive, events)
     if per_choice is None:  # the client went away; nobody reads this
         return JSONResponse({}, status_code=499)
     for events in per_choice:
@@ -681,12 +912,12 @@ async def respond(handle: RequestHandle, request: HTTPRequest, head: dict, body:
 
 
 async def _chunks(handle: RequestHandle, head: dict, want_usage: bool,
-                  piece: Callable[[TokenEvent], list[dict]],
-                  opening: list[dict]) -> AsyncIterator[bytes]:
+                  piece: Callable[[TokenEvent], list[dict]], opening: list[dict],
+                  stream: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[bytes]:
     total = 0
     for choice in opening:
         yield sse({**head, "choices": [choice]})
-    async for events in handle:
+    async for events in stream:
         for e in events:
             if e.finish_reason == "error":  # the stream ends here, as every stream does
                 err = _generation_error(e)

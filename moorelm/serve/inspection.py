@@ -1,6 +1,6 @@
 """``POST /v1/inspect`` (a moorelm extension): per-token probabilities of a text and the
-attention of one layer, from ``moorelm.inspect``. The app runs requests one at a time, in
-a worker thread beside the engine, on the engine's model.
+attention of one layer, from ``moorelm.inspect``. The app runs requests one at a time on
+the engine's thread, between two decode steps (``Engine.run_job``), on the engine's model.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """OpenAI's wire format as the server speaks it: the request bodies (pydantic models, strict
-types, the limits OpenAI documents) and the error shape, ``{"error": {"message", "type",
+types, the limits OpenAI documents, a field the server does not implement refused by name;
+vLLM's /tokenize and /detokenize bodies too) and the error shape, ``{"error": {"message", "type",
 "param", "code"}}``, including how a failed validation becomes one 400 with the field named.
 
 ``moorelm.serve.api`` uses these; nothing here knows the engine.
@@ -11,11 +12,22 @@ from typing import Annotated, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 MAX_REPETITION_PENALTY = 100.0  # generate.MAX_REPETITION_PENALTY (vLLM asks only > 0)
 MAX_BAD_WORDS = 64  # banned phrases in one request
 MAX_INSPECT_ALTERNATIVES = 20
+MAX_STOPS = 16  # stop strings in one request (lm-eval's chain-of-thought tasks send 6+)
+MAX_STOP_CHARS = 256  # characters in one stop string
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's chat bound; vLLM's default)
 
 # ----------------------------------------------------------------------------- errors
 
@@ -51,7 +63,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 _UNION_HELP = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists "
               "of token ids",
-    "stop": "must be a string or a list of at most 4 strings",
+    "stop": f"must be a string or a list of at most {MAX_STOPS} strings, each at most "
+            f"{MAX_STOP_CHARS} characters",
     "content": "must be a string or a list of text parts",
     "bad_words": "must be a string or a list of at most 64 strings",
 }
@@ -64,9 +77,15 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
         detail = (err.get("ctx") or {}).get("error", "")
         return error_response(400, f"request body is not valid JSON ({detail}); send a JSON "
                               "object with Content-Type: application/json", code="invalid_json")
+    if err.get("type") == "extra_forbidden" and loc:
+        name = ".".join(str(p) for p in loc)
+        return error_response(400, f"{name}: this server does not implement {loc[-1]!r}; "
+                              "leave it out (see docs/serving.md for the fields it takes)",
+                              param=name, code="unsupported_parameter")
     path: list[str] = []
     for part in loc:
-        if isinstance(part, str) and (part.lower() in _TYPE_TAGS or "[" in part):
+        if isinstance(part, str) and (part.lower() in _TYPE_TAGS or "[" in part
+                                      or part.startswith("constrained-")):
             break  # the rest names a branch of a union type, not a field
         path.append(str(part))
     param = ".".join(path) or None
@@ -83,8 +102,24 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
 # ----------------------------------------------------------------------------- request models
 
 
+def _asks_nothing(value: object) -> bool:
+    return value is None or value == [] or value == {}
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    """A request body: a field this server does not implement is refused (400 naming it),
+    never ignored. One whose value asks for nothing (null, [] or {}, as clients that echo a
+    whole message object send, e.g. ``"tool_calls": null``) is the same as leaving it out."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty_unknowns(cls, data: object) -> object:
+        if isinstance(data, dict):
+            known = cls.model_fields
+            data = {k: v for k, v in data.items() if k in known or not _asks_nothing(v)}
+        return data
 
 
 class StreamOptions(_Body):
@@ -116,7 +151,9 @@ class SamplingBody(_Body):
     n: StrictInt = Field(1, ge=1, le=16)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    stop: (Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
+           | Annotated[list[Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]],
+                       Field(max_length=MAX_STOPS)] | None) = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
@@ -133,9 +170,10 @@ class SamplingBody(_Body):
 
 class CompletionRequest(SamplingBody):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = Field(16, ge=1)
-    logprobs: StrictInt | None = Field(None, ge=0, le=5)
-    echo: StrictBool = False
+    max_tokens: StrictInt | None = Field(16, ge=0, description="0 only with echo (vLLM's)")
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = Field(False, description="the prompt comes back before the "
+                             "completion, with its log-probs when logprobs is set")
     suffix: StrictStr | None = None
     best_of: StrictInt | None = Field(None, ge=1)
 
@@ -156,7 +194,7 @@ class ChatRequest(SamplingBody):
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class InspectRequest(_Body):
@@ -171,3 +209,23 @@ class InspectRequest(_Body):
     head: StrictInt | None = Field(None, ge=0, description="default: the mean over heads")
     position: StrictInt | None = Field(None, ge=-(2**31), description="one query position")
     attention: StrictBool = True
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize`` (vLLM's shape): a ``prompt``, or chat ``messages`` rendered as
+    /v1/chat/completions renders them. moorelm's tokenizers add no special tokens, so
+    ``add_special_tokens`` changes nothing; it is taken for vLLM's clients."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool | None = False
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize`` (vLLM's shape): token ids back to text."""
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
