@@ -59,7 +59,8 @@ import numpy as np
 import torch
 
 from moorelm.atomic import atomic_write_json
-from moorelm.classify.data import read_table
+from moorelm.chat import ChatTemplate
+from moorelm.classify.data import Table, read_table
 from moorelm.classify.metrics import TruncationWarning
 from moorelm.codecs import model_tensors
 from moorelm.config import LORA_LR, SFT_TRAIN, ModelConfig, TrainConfig
@@ -90,7 +91,10 @@ class Pair:
 
 def read_pairs(path: str | Path) -> list[Pair]:
     """Read and check prompt/completion rows from a .jsonl (or .csv/.tsv) file."""
-    table = read_table(path)  # missing file, folder, non-UTF-8, bad JSON, no rows
+    return _pairs_of(read_table(path))  # missing file, folder, non-UTF-8, bad JSON, no rows
+
+
+def _pairs_of(table: Table) -> list[Pair]:
     missing = [f for f in FIELDS if f not in table.columns]
     if missing:
         found = ", ".join(repr(c) for c in table.columns) or "none"
@@ -117,8 +121,89 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
-def split_pairs(pairs: list[Pair], eval_rows: int, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """Hold out ``eval_rows`` rows chosen with a seeded shuffle; both parts keep file order."""
+@dataclass(frozen=True)
+class Conversation:
+    """A chat row: checked messages (``role``, ``content``, optional ``name``) and, per
+    message, whether its tokens are learned (assistant messages whose ``weight`` is not 0)."""
+
+    messages: tuple[dict[str, Any], ...]
+    learn: tuple[bool, ...]
+    line: int
+    path: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}, line {self.line}"
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _conversation(value: Any, path: Path, line: int) -> Conversation:
+    """One row's ``messages`` checked (OpenAI's fine-tuning format)."""
+    where = f"{path}, line {line}"
+    if not isinstance(value, list) or not value:
+        raise MoorelmError(f"{where}: 'messages' must be a non-empty list of "
+                           '{"role": ..., "content": ...} objects')
+    messages, learn = [], []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise MoorelmError(f"{where}: message {i} must be an object with 'role' and "
+                               f"'content', got {type(m).__name__}")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            shown = json.dumps(role)[:40] if role is not None else "none"
+            raise MoorelmError(f"{where}: message {i} has an unknown role {shown}; use one of "
+                               f"{', '.join(CHAT_ROLES)}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise MoorelmError(f"{where}: message {i} ({role}) must have string content, got "
+                               f"{type(content).__name__} {json.dumps(content)[:40]}")
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise MoorelmError(f"{where}: message {i} has a 'name' that is not a string")
+        weight = m.get("weight", 1)
+        if role == "assistant":
+            if weight not in (0, 1) or isinstance(weight, bool):
+                raise MoorelmError(f"{where}: message {i} has weight {json.dumps(weight)[:20]}; "
+                                   "an assistant message's weight is 0 (not learned) or 1")
+        elif "weight" in m:
+            raise MoorelmError(f"{where}: message {i} ({role}) has a weight; only assistant "
+                               "messages take one")
+        messages.append({"role": role, "content": content, **({"name": name} if name else {})})
+        learn.append(role == "assistant" and weight == 1)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise MoorelmError(f"{where}: the conversation has no assistant message, so nothing "
+                           "to learn; add the reply or remove the row")
+    if not any(learn):
+        raise MoorelmError(f"{where}: every assistant message has weight 0, so nothing to learn")
+    if messages[0]["role"] == "assistant":
+        raise MoorelmError(f"{where}: the conversation starts with an assistant message; begin "
+                           "it with a system or user message")
+    return Conversation(tuple(messages), tuple(learn), line, str(path))
+
+
+def read_rows(path: str | Path) -> list[Pair] | list[Conversation]:
+    """Training rows of a file: chat rows (``{"messages": [...]}``, JSON Lines) or
+    prompt/completion rows (``read_pairs``), never both in one file."""
+    table = read_table(path)
+    if "messages" not in table.columns:
+        return _pairs_of(table)
+    first_chat = next(line for row, line in zip(table.rows, table.lines) if "messages" in row)
+    rows = []
+    for row, line in zip(table.rows, table.lines):
+        other = [f for f in FIELDS if f in row]
+        if "messages" not in row or other:
+            raise MoorelmError(
+                f"{table.path}, line {line}: a prompt/completion row in a file of chat rows "
+                f"(line {first_chat} has \"messages\"); use one format per file")
+        rows.append(_conversation(row["messages"], table.path, line))
+    return rows
+
+
+def split_pairs(pairs: list, eval_rows: int, seed: int = 0) -> tuple[list, list]:
+    """Hold out ``eval_rows`` rows (pairs or conversations) chosen with a seeded shuffle; both
+    parts keep file order."""
     if not 1 <= eval_rows < len(pairs):
         raise MoorelmError(
             f"cannot hold out {eval_rows} of {len(pairs)} rows for evaluation; pass a smaller "
@@ -127,6 +212,85 @@ def split_pairs(pairs: list[Pair], eval_rows: int, seed: int = 0) -> tuple[list[
     held = set(np.random.default_rng(seed).permutation(len(pairs))[:eval_rows].tolist())
     return ([p for i, p in enumerate(pairs) if i not in held],
             [p for i, p in enumerate(pairs) if i in held])
+
+
+# ----------------------------------------------------------------------------- chat rows
+
+
+def _render(template: ChatTemplate, messages: Sequence[dict], generation: bool, where: str) -> str:
+    try:
+        return template.render(list(messages), add_generation_prompt=generation)
+    except MoorelmError as e:
+        raise MoorelmError(f"{where}: {e}") from None
+
+
+def assistant_spans(conv: Conversation, template: ChatTemplate) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as text and the character spans of its learned assistant messages.
+
+    The span of assistant message i runs from the end of the first i messages rendered with
+    the generation prompt (where a reply starts at inference) to the end of the first i + 1
+    messages rendered without it (the reply and the template's closing of it). Both texts
+    must be prefixes of the whole conversation's text; a template that renders earlier turns
+    differently once later ones follow is refused, since no span could be trusted."""
+    full = _render(template, conv.messages, False, conv.where)
+    spans: list[tuple[int, int]] = []
+    for i, learn in enumerate(conv.learn):
+        if not learn:
+            continue
+        before = _render(template, conv.messages[:i], True, conv.where)
+        upto = _render(template, conv.messages[: i + 1], False, conv.where)
+        if not (full.startswith(upto) and upto.startswith(before)) or \
+                (spans and len(before) < spans[-1][1]):
+            raise MoorelmError(
+                f"{conv.where}: the {template.name} does not render the conversation turn by "
+                f"turn (its first {i + 1} messages are not a prefix of the whole), so the "
+                "assistant's tokens cannot be told apart; use prompt/completion rows instead")
+        if len(upto) == len(before):
+            raise MoorelmError(f"{conv.where}: the {template.name} renders assistant message "
+                               f"{i} as no text")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_conversation(conv: Conversation, template: ChatTemplate, tok: Tokenizer,
+                        stop_ids: frozenset[int] | set[int]) -> tuple[list[int], list[bool], bool]:
+    """(tokens, is-target mask, exact) of a chat row.
+
+    The whole rendered conversation is tokenized once; each span boundary must be a token
+    boundary, checked by the prefix property (the text before the boundary, tokenized on its
+    own, gives a prefix of the whole's tokens: the prompt the model reads at inference). When
+    a boundary breaks it (a token straddles it), the row is tokenized piece by piece between
+    boundaries instead (``exact`` False). Targets: every token of each learned assistant span
+    up to and including the last stop token in it (the end-of-turn token that closes the
+    message, so the model learns to stop), none of what the template adds after that (e.g.
+    ChatML's line break after ``<|im_end|>``). A span without a stop token is learned whole
+    (the default template's closing blank line is its stop text)."""
+    full, spans = assistant_spans(conv, template)
+    bounds = sorted({b for span in spans for b in span} - {0, len(full)})
+    ids = tok.encode(full)
+    at = {0: 0, len(full): len(ids)}
+    exact = True
+    for b, prefix in zip(bounds, tok.encode_batch([full[:b] for b in bounds])):
+        if ids[: len(prefix)] != prefix:
+            exact = False
+            break
+        at[b] = len(prefix)
+    if not exact:
+        cuts = [0, *bounds, len(full)]
+        ids = []
+        for b, piece in zip(cuts[1:], tok.encode_batch([full[a:z] for a, z in zip(cuts, cuts[1:])])):
+            ids += piece
+            at[b] = len(ids)
+    mask = [False] * len(ids)
+    for start, end in spans:
+        a, z = at[start], at[end]
+        last = max((j for j in range(a, z) if ids[j] in stop_ids), default=None)
+        if last is not None:
+            z = last + 1
+        if z <= a:
+            raise MoorelmError(f"{conv.where}: an assistant message has no tokens")
+        mask[a:z] = [True] * (z - a)
+    return ids, mask, exact
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -144,41 +308,86 @@ def _example(prompt: list[int], completion: list[int], eot: int,
     return prompt + body, [False] * len(prompt) + [True] * len(body), cut
 
 
-class SFTData:
-    """Packed prompt/completion examples: a ``moorelm.data.DataSource`` for ``train()``.
+@dataclass(frozen=True)
+class ChatExample:
+    """A tokenized chat row: its tokens and which of them are targets."""
 
+    tokens: list[int]
+    mask: list[bool]
+    where: str  # file and line, for errors
+
+
+class SFTData:
+    """Packed fine-tuning examples: a ``moorelm.data.DataSource`` for ``train()``.
+
+    Rows are prompt/completion ``Pair``s (the prompt ``template`` applied) or chat
+    ``Conversation``s (``chat_template`` applied; ``stop_ids`` are the tokens that end a turn).
     ``train_batch``/``val_batch`` return a ``Batch`` (B, T) whose targets are -1 on prompt
-    tokens and padding, with the segments when examples are packed. Rows are packed lazily
-    per context length.
+    tokens (everything but assistant replies, for chat rows) and padding, with the segments
+    when examples are packed. Rows are packed lazily per context length.
     """
 
-    def __init__(self, train_pairs: list[Pair], val_pairs: list[Pair], tokenizer_path: Path,
-                 template: str, source: Path, fingerprint: str, pack_seed: int = 0,
-                 pack: bool = True):
+    def __init__(self, train_pairs: list[Pair] | list[Conversation],
+                 val_pairs: list[Pair] | list[Conversation], tokenizer_path: Path,
+                 template: str | None, source: Path, fingerprint: str, pack_seed: int = 0,
+                 pack: bool = True, chat_template: ChatTemplate | None = None,
+                 stop_ids: frozenset[int] | set[int] = frozenset()):
         tok = Tokenizer.load(tokenizer_path)
         self.tokenizer_path = Path(tokenizer_path)
         self.vocab_size = tok.vocab_size
         self.eot_id = tok.eot_id
         self.pack_seed = pack_seed
         self.pack = pack
+        self.chat = bool(train_pairs) and isinstance(train_pairs[0], Conversation)
+        kind = "chat conversations" if self.chat else "prompt/completion pairs"
         self._provenance = {"dir": str(Path(source).resolve()), "fingerprint": fingerprint,
-                            "corpus": f"prompt/completion pairs from {source}",
-                            "tokenizer": tok.kind}
-        self._examples = {s: self._encode(tok, p, template)
-                          for s, p in (("train", train_pairs), ("val", val_pairs))}
-        self._bytes = {s: sum(len(x.completion.encode("utf-8")) for x in p)
-                       for s, p in (("train", train_pairs), ("val", val_pairs))}
+                            "corpus": f"{kind} from {source}", "tokenizer": tok.kind}
+        self.piecewise = 0  # chat rows whose span boundaries split a token (tokenized in pieces)
+        if self.chat:
+            tpl = chat_template or ChatTemplate.default()
+            stops = frozenset(stop_ids) | {tok.eot_id}
+            self._examples = {s: self._encode_chat(tok, p, tpl, stops)
+                              for s, p in (("train", train_pairs), ("val", val_pairs))}
+            self._bytes = {s: sum(len(m["content"].encode("utf-8")) for c in p
+                                  for m, learn in zip(c.messages, c.learn) if learn)
+                           for s, p in (("train", train_pairs), ("val", val_pairs))}
+        else:
+            self._examples = {s: self._encode(tok, p, template)
+                              for s, p in (("train", train_pairs), ("val", val_pairs))}
+            self._bytes = {s: sum(len(x.completion.encode("utf-8")) for x in p)
+                           for s, p in (("train", train_pairs), ("val", val_pairs))}
         self._rows: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}
         self._perm: tuple[tuple[int, int, int], np.ndarray] | None = None
         self.truncated: dict[str, int] = {}
 
-    def _encode(self, tok: Tokenizer, pairs: list[Pair], template: str) -> list[tuple[list[int], list[int]]]:
+    def _encode(self, tok: Tokenizer, pairs: list[Pair], template: str | None) -> list[tuple[list[int], list[int]]]:
         prompts = tok.encode_batch([apply_template(template, p.prompt) for p in pairs])
         completions = tok.encode_batch([p.completion for p in pairs])
         return [(p or [self.eot_id], c) for p, c in zip(prompts, completions)]
 
+    def _encode_chat(self, tok: Tokenizer, convs: list[Conversation], template: ChatTemplate,
+                     stops: frozenset[int]) -> list[ChatExample]:
+        out = []
+        for c in convs:
+            ids, mask, exact = encode_conversation(c, template, tok, stops)
+            self.piecewise += not exact
+            out.append(ChatExample(ids, mask, c.where))
+        return out
+
+    def _fit(self, example: tuple[list[int], list[int]] | ChatExample,
+             cap: int) -> tuple[list[int], list[bool], bool]:
+        if isinstance(example, ChatExample):
+            if len(example.tokens) > cap:
+                raise MoorelmError(
+                    f"{example.where}: the conversation is {len(example.tokens):,} tokens with "
+                    f"the chat template, longer than the context window ({cap - 1:,} tokens); "
+                    "shorten or split it")
+            return example.tokens, example.mask, False
+        return _example(*example, self.eot_id, cap)
+
     def rows(self, split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Packed (tokens, is-target) arrays (N, seq_len + 1) of a split."""
+        """Packed (tokens, is-target) arrays (N, seq_len + 1) of a split (unpacked: as wide as
+        the longest example)."""
         return self._packed(split, seq_len)[:2]
 
     def _packed(self, split: str, seq_len: int) -> tuple[np.ndarray, ...]:
@@ -195,7 +404,7 @@ class SFTData:
             cur_s: list[int] = []  # which example of the row (1, 2, ...) each token is
             n_cut = 0
             for i in order:
-                t, m, cut = _example(*examples[i], self.eot_id, cap)
+                t, m, cut = self._fit(examples[i], cap)
                 n_cut += cut
                 if cur_t and (not self.pack or len(cur_t) + len(t) > cap):
                     rows.append((cur_t, cur_m, cur_s))
@@ -205,9 +414,12 @@ class SFTData:
                 cur_m += m
             if cur_t:
                 rows.append((cur_t, cur_m, cur_s))
-            tokens = np.full((len(rows), cap), self.eot_id, dtype=np.int64)
-            mask = np.zeros((len(rows), cap), dtype=bool)
-            segments = np.zeros((len(rows), cap), dtype=np.int64)  # 0: padding
+            # unpacked rows are only as wide as the longest example (an 8k-context model's
+            # short rows would otherwise hold mostly padding)
+            width = cap if self.pack else max(2, max((len(t) for t, _, _ in rows), default=2))
+            tokens = np.full((len(rows), width), self.eot_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=bool)
+            segments = np.zeros((len(rows), width), dtype=np.int64)  # 0: padding
             for r, (t, m, s) in enumerate(rows):
                 tokens[r, : len(t)] = t
                 mask[r, : len(m)] = m
@@ -230,7 +442,10 @@ class SFTData:
         return len(self._examples[split])
 
     def tokens(self, split: str) -> int:
-        """Target (completion + end-of-text) tokens of a split, before any truncation."""
+        """Target tokens of a split (completion + end-of-text; for chat rows the learned
+        assistant tokens), before any truncation."""
+        if self.chat:
+            return sum(sum(x.mask) for x in self._examples[split])
         return sum(len(c) + 1 for _, c in self._examples[split])
 
     def bytes_per_token(self, split: str = "val") -> float:
@@ -284,9 +499,12 @@ class SFTData:
 
 
 def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 64,
-                   max_new_tokens: int = 64, stop: tuple[str, ...] = ()) -> list[str]:
-    """Greedy completions of user prompts (the run's template applied), each ending at
-    end-of-text, a ``stop`` string, ``max_new_tokens`` or the context window.
+                   max_new_tokens: int = 64, stop: tuple[str, ...] = (),
+                   templated: bool = True) -> list[str]:
+    """Greedy completions of user prompts (the run's template applied unless ``templated`` is
+    False: prompts already formatted, e.g. rendered conversations), each ending at
+    end-of-text or another of the model's stop ids, a ``stop`` string, ``max_new_tokens`` or
+    the context window.
 
     Decoded by the inference engine (``moorelm.inference.engine``): prompts of any lengths share
     the batch, each joining and leaving as it starts and finishes.
@@ -296,9 +514,10 @@ def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 6
     from moorelm.inference.sequence import Request
 
     limit = lm.config.seq_len - 1
-    ids = [x[-limit:] or [lm.tokenizer.eot_id]
-           for x in lm.tokenizer.encode_batch([lm.format_prompt(p) for p in prompts])]
-    engine = Engine(lm.model, lm.tokenizer, max_batch=batch_size, max_queue=len(ids)).start()
+    texts = [lm.format_prompt(p) for p in prompts] if templated else list(prompts)
+    ids = [x[-limit:] or [lm.tokenizer.eot_id] for x in lm.tokenizer.encode_batch(texts)]
+    engine = Engine(lm.model, lm.tokenizer, max_batch=batch_size, max_queue=len(ids),
+                    stop_ids=lm.stop_ids).start()
     try:
         handles = [engine.submit(Request(
             prompts=(tuple(x),), stop=stop,
@@ -310,24 +529,45 @@ def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 6
         engine.stop()
 
 
-def exact_match(lm: LanguageModel, pairs: list[Pair], *, batch_size: int = 64,
-                max_new_tokens: int | None = None, show: int = 5) -> dict[str, Any]:
+def last_reply(conv: Conversation, template: ChatTemplate) -> tuple[str, str, str]:
+    """(rendered prompt, expected reply, last user text) for a conversation's last learned
+    assistant message: what the model is asked at inference, and what it should answer."""
+    i = max(j for j, learn in enumerate(conv.learn) if learn)
+    prompt = _render(template, conv.messages[:i], True, conv.where)
+    user = next((m["content"] for m in reversed(conv.messages[:i]) if m["role"] == "user"), "")
+    return prompt, conv.messages[i]["content"], user
+
+
+def exact_match(lm: LanguageModel, pairs: list[Pair] | list[Conversation], *,
+                batch_size: int = 64, max_new_tokens: int | None = None,
+                show: int = 5) -> dict[str, Any]:
     """Greedy completions (``complete_batch``) compared with the expected completions after
-    stripping surrounding whitespace. ``max_new_tokens`` defaults to the longest expected
+    stripping surrounding whitespace. For chat rows: the reply to each conversation up to its
+    last learned assistant message (rendered with the run's chat template, cut at its stop
+    text) against that message. ``max_new_tokens`` defaults to the longest expected
     completion + 8 tokens."""
     if not pairs:
         raise MoorelmError("no rows to evaluate")
+    if isinstance(pairs[0], Conversation):
+        tpl = lm.template()
+        cases = [last_reply(c, tpl) for c in pairs]  # type: ignore[arg-type]
+        prompts, expected, shown_prompts = ([c[k] for c in cases] for k in range(3))
+        stop, templated = tpl.stop, False
+    else:
+        prompts = shown_prompts = [p.prompt for p in pairs]  # type: ignore[union-attr]
+        expected = [p.completion for p in pairs]  # type: ignore[union-attr]
+        stop, templated = (), True
     if max_new_tokens is None:
-        longest = max(len(c) for c in lm.tokenizer.encode_batch([p.completion for p in pairs]))
+        longest = max(len(c) for c in lm.tokenizer.encode_batch(expected))
         max_new_tokens = min(lm.config.seq_len, longest + 8)
-    got = complete_batch(lm, [p.prompt for p in pairs], batch_size=batch_size,
-                         max_new_tokens=max_new_tokens)
-    ok = [g.strip() == p.completion.strip() for g, p in zip(got, pairs)]
+    got = complete_batch(lm, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         stop=stop, templated=templated)
+    ok = [g.strip() == e.strip() for g, e in zip(got, expected)]
     wrong = [i for i, o in enumerate(ok) if not o]
     shown = sorted(set(range(min(show, len(pairs)))) | set(wrong[:show]))
     return {
         "rows": len(pairs), "correct": sum(ok), "exact_match": sum(ok) / len(pairs),
-        "examples": [{"prompt": pairs[i].prompt, "expected": pairs[i].completion,
+        "examples": [{"prompt": shown_prompts[i], "expected": expected[i],
                       "got": got[i], "ok": ok[i]} for i in shown],
     }
 
@@ -429,7 +669,7 @@ def finetune(
         if template is not None and template != saved_cfg.get("prompt_template"):
             raise MoorelmError(f"{out} was trained with the template "
                                f"{saved_cfg.get('prompt_template')!r}; resume without --template")
-        lora, template = saved_lora, saved_cfg["prompt_template"]
+        lora, template = saved_lora, saved_cfg.get("prompt_template")
         base_run = Path(ft["base_run"])
         data = Path(data) if data else Path(ft["data"])
         eval_data = Path(eval_data) if eval_data else (Path(ft["eval_data"]) if ft.get("eval_data") else None)
@@ -440,15 +680,23 @@ def finetune(
         if RunFolder(out).checkpoints():
             raise MoorelmError(f"{out} already holds a trained run; pass --resume to continue "
                                "it or choose another --out")
-        template = check_template(DEFAULT_TEMPLATE if template is None else template)
     base_run, data = Path(base_run), Path(data)
     eval_data = Path(eval_data) if eval_data is not None else None
 
     # ---- data: check everything before loading any weights
-    pairs = read_pairs(data)
+    pairs = read_rows(data)
+    chat = isinstance(pairs[0], Conversation)
+    if chat and template is not None and not resume:
+        raise MoorelmError(f"{data} holds chat rows, which go through the run's chat template; "
+                           "--template is the prompt template of prompt/completion rows")
+    if not resume:
+        template = None if chat else check_template(DEFAULT_TEMPLATE if template is None else template)
     if eval_data is not None:
-        train_pairs, eval_pairs = pairs, read_pairs(eval_data)
-        eval_rows = None
+        eval_pairs = read_rows(eval_data)
+        if isinstance(eval_pairs[0], Conversation) != chat:
+            raise MoorelmError(f"{eval_data} and {data} hold different kinds of rows (chat and "
+                               "prompt/completion); use one format for both")
+        train_pairs, eval_rows = pairs, None
     else:
         eval_rows = eval_rows if eval_rows is not None else min(DEFAULT_EVAL_ROWS, max(1, len(pairs) // 10))
         train_pairs, eval_pairs = split_pairs(pairs, eval_rows, seed)
@@ -461,14 +709,25 @@ def finetune(
     if not tok_path.exists():
         raise MoorelmError(f"{base_run} has no {TOKENIZER_FILE}")
     model_cfg = ModelConfig.from_dict((saved_cfg or base_cfg)["model"])
+    # the base's chat settings (an imported model's template, special tokens and stop ids)
+    # travel with the fine-tuned run, so it chats as the base did
+    chat_settings = RunFolder(base_run).chat_settings(saved_cfg or base_cfg)
+    chat_template = ChatTemplate.from_config(saved_cfg or base_cfg)
     fingerprint = _fingerprint(data.read_bytes(), eval_data.read_bytes() if eval_data else b"",
-                               str(eval_rows), str(seed), template, tok_path.read_bytes())
+                               str(eval_rows), str(seed),
+                               chat_template.source if chat else (template or ""),
+                               tok_path.read_bytes())
     if saved_cfg is not None and fingerprint != saved_cfg["finetune"]["fingerprint"]:
         raise MoorelmError(f"the data, template or tokenizer differ from what {out} was "
                            "trained on; resume with the same files")
     sft = SFTData(train_pairs, eval_pairs, tok_path, template, data.resolve(), fingerprint, seed,
-                  pack=pack)
+                  pack=pack, chat_template=chat_template,
+                  stop_ids=frozenset(chat_settings.get("stop_ids") or ()))
     sft.check_fits(model_cfg.seq_len)
+    if sft.piecewise:
+        warnings.warn(f"{sft.piecewise} chat rows were tokenized turn by turn: tokenizing the "
+                      "whole conversation merged characters across a turn boundary",
+                      TruncationWarning, stacklevel=2)
 
     # ---- training config and budget
     n_rows = len(sft.rows("train", model_cfg.seq_len)[0])
@@ -504,9 +763,13 @@ def finetune(
             "data": str(data.resolve()), "eval_data": str(eval_data.resolve()) if eval_data else None,
             "eval_rows": eval_rows, "seed": seed, "packing": pack, "fingerprint": fingerprint,
             "rows": {"train": len(train_pairs), "eval": len(eval_pairs)},
+            "format": "chat" if chat else "pairs",
         },
-        "prompt_template": template,
     }
+    if template is not None:
+        run_meta["prompt_template"] = template
+    if chat_settings:
+        run_meta["chat"] = chat_settings
     if lora is not None:
         run_meta["lora"] = lora.to_dict()
     result = train(model_cfg, cfg, sft, out, resume=resume, run_meta=run_meta, init_weights=init,
