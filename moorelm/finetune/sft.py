@@ -513,16 +513,17 @@ def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 6
     from moorelm.inference.engine import Engine
     from moorelm.inference.sequence import Request
 
-    limit = lm.config.seq_len - 1
     texts = [lm.format_prompt(p) for p in prompts] if templated else list(prompts)
-    ids = [x[-limit:] or [lm.tokenizer.eot_id] for x in lm.tokenizer.encode_batch(texts)]
-    engine = Engine(lm.model, lm.tokenizer, max_batch=batch_size, max_queue=len(ids),
-                    stop_ids=lm.stop_ids).start()
+    engine = Engine(lm.model, lm.tokenizer, max_batch=batch_size, max_queue=len(texts),
+                    stop_ids=lm.stop_ids)
+    window = engine.seq_len  # the model's context, or less when the KV-cache budget says so
+    ids = [x[-(window - 1):] or [lm.tokenizer.eot_id] for x in lm.tokenizer.encode_batch(texts)]
+    engine.start()
     try:
         handles = [engine.submit(Request(
             prompts=(tuple(x),), stop=stop,
             params=SamplingParams(temperature=0.0,
-                                  max_new_tokens=max(1, min(max_new_tokens, lm.config.seq_len - len(x))))))
+                                  max_new_tokens=max(1, min(max_new_tokens, window - len(x))))))
             for x in ids]
         return ["".join(e.text for events in h for e in events) for h in handles]
     finally:
