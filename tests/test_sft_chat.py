@@ -307,3 +307,21 @@ def test_cli_refuses_a_prompt_template_for_chat_rows(tiny_run, tmp_path, capsys)
                  "--template", "Q: {prompt}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--template is the prompt template" in err
+
+
+def test_chat_run_resumes_exactly_on_an_imported_model(imported, tmp_path):
+    """Fine-tuning an imported model on chat rows for 3 steps, then --resume to 6, gives the
+    same weights as 6 steps straight (the chat template is part of what resume checks)."""
+    base, _ = imported
+    rows = [{"messages": [{"role": "user", "content": f"a cat {i}"},
+                          {"role": "assistant", "content": "Eine Katze"}]} for i in range(10)]
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    common = dict(eval_rows=2, lora=LoRAConfig(rank=2), exact_match_rows=0, progress=False)
+    finetune(base, data, tmp_path / "straight", train_overrides={**FAST, "max_steps": 6, "lr": 1e-2}, **common)
+    finetune(base, data, tmp_path / "split", train_overrides={**FAST, "max_steps": 3, "lr": 1e-2}, **common)
+    r = finetune(None, None, tmp_path / "split", resume=True, train_overrides={"max_steps": 6},
+                 exact_match_rows=0, progress=False)
+    assert r.train.step == 6
+    a = moorelm.load(tmp_path / "straight", device="cpu").model.state_dict()
+    b = moorelm.load(tmp_path / "split", device="cpu").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
