@@ -19,7 +19,7 @@ from moorelm.finetune.lora import LoRAConfig
 from moorelm.finetune.sft import (
     Conversation,
     SFTData,
-    _conversation,
+    check_conversation,
     encode_conversation,
     finetune,
     read_rows,
@@ -53,7 +53,7 @@ def _conv(*turns: str, line: int = 1, weights: dict | None = None) -> Conversati
         msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
         if weights and len(msgs) - 1 in weights:
             msgs[-1]["weight"] = weights[len(msgs) - 1]
-    return _conversation(msgs, "data.jsonl", line)
+    return check_conversation(msgs, "data.jsonl", line)
 
 
 def _chatml_tokenizer() -> Tokenizer:
@@ -203,7 +203,7 @@ def test_a_failing_template_and_a_too_long_conversation_name_the_row(tmp_path):
                 chat_template=raising)
     long = [_conv("a cat " * 10, "Eine Katze " * 10, line=7)]
     data = SFTData(long, long, tmp_path / "tokenizer.json", None, tmp_path, "fp")
-    n = len(data._examples["train"][0].tokens)
+    n = len(encode_conversation(long[0], ChatTemplate.default(), tok, frozenset())[0])
     with pytest.raises(MoorelmError, match=rf"line 7: the conversation is {n} tokens with the "
                                            r"chat template, longer than the context window \(32 tokens\)"):
         data.check_fits(32)

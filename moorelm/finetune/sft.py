@@ -1,6 +1,8 @@
-"""Prompt -> completion fine-tuning (SFT) of moorelm GPTs, full or with LoRA adapters.
+"""Supervised fine-tuning (SFT) of moorelm GPTs on prompt -> completion pairs or chat rows,
+full or with LoRA adapters, for runs trained here and imported ones alike.
 
     moorelm finetune RUN --data pairs.jsonl --out DIR [--lora-rank 8] [--max-steps 600]
+    moorelm finetune RUN --data chats.jsonl --out DIR [--lora-rank 8] [--no-packing]
 
 Data. ``{"prompt": ..., "completion": ...}`` rows in JSON Lines (or CSV/TSV with those two
 columns), read and checked by ``read_pairs``: a missing file, bytes that are not UTF-8, a line
@@ -32,6 +34,17 @@ tokens whose targets are -1. Batches carry each token's example number in the ro
 attend only within its own example: a packed row computes exactly what its examples would
 alone, as a prompt starts at inference. (Before, packed examples saw the ones before them at
 shifted positions, which cost the dates demo a quarter of its exact matches.)
+
+Chat rows. ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``
+(OpenAI's fine-tuning format; an assistant message may carry ``"weight": 0`` to be context
+only), read by ``read_rows`` and checked by ``check_conversation``; a file holds one kind of
+row. The conversation is rendered by the run's chat template (``moorelm.chat.ChatTemplate``:
+an imported model's own, else the default one), and only assistant tokens are targets: for
+each learned reply, from where the conversation before it ends with the generation prompt up
+to and including the end-of-turn token that closes it (``assistant_spans``,
+``encode_conversation``: prefix renders checked for the text prefix property, boundaries for
+the token prefix property). Chat rows are never cut: one longer than the context window is
+refused, naming its line and token count.
 
 Training reuses ``moorelm.training.loop.train``: ``SFTData`` is a ``moorelm.data.DataSource``
 (its batches carry the segments, which the loop hands to the model; rows of an epoch come in a
@@ -139,8 +152,10 @@ class Conversation:
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def _conversation(value: Any, path: Path, line: int) -> Conversation:
-    """One row's ``messages`` checked (OpenAI's fine-tuning format)."""
+def check_conversation(value: Any, path: str | Path, line: int) -> Conversation:
+    """One row's ``messages`` checked (OpenAI's fine-tuning format): a non-empty list of
+    system/user/assistant messages with string content, at least one assistant message to
+    learn, not starting with the assistant."""
     where = f"{path}, line {line}"
     if not isinstance(value, list) or not value:
         raise MoorelmError(f"{where}: 'messages' must be a non-empty list of "
@@ -197,7 +212,7 @@ def read_rows(path: str | Path) -> list[Pair] | list[Conversation]:
             raise MoorelmError(
                 f"{table.path}, line {line}: a prompt/completion row in a file of chat rows "
                 f"(line {first_chat} has \"messages\"); use one format per file")
-        rows.append(_conversation(row["messages"], table.path, line))
+        rows.append(check_conversation(row["messages"], table.path, line))
     return rows
 
 
@@ -586,6 +601,7 @@ class SFTResult:
     exact_match: dict[str, Any] | None
     rows: dict[str, int]
     wall_s: float
+    chat: bool = False  # trained on chat rows
 
 
 def _fingerprint(*parts: bytes | str) -> str:
@@ -640,7 +656,11 @@ def finetune(
     progress: bool = True,
     loggers: Sequence[MetricsLogger] = (),
 ) -> SFTResult:
-    """Fine-tune the newest checkpoint of ``base_run`` on prompt/completion pairs.
+    """Fine-tune the newest checkpoint of ``base_run`` on prompt/completion pairs or chat rows.
+
+    ``data`` holds one kind of row (``read_rows``). Chat rows go through the base's chat
+    template (``ChatTemplate.from_config``) and learn the assistant's tokens only; the base's
+    ``chat`` section (template, special tokens, stop ids) is kept in the new run either way.
 
     Full fine-tuning unless ``lora`` is given. ``pack=False`` puts one example per row
     instead of packing them (packed examples are kept apart, so both learn the same thing;
@@ -786,7 +806,8 @@ def finetune(
                            meta={"config": loaded.config, "state": loaded.state})
         em = exact_match(lm, eval_pairs[:exact_match_rows])
     rows = {"train": len(train_pairs), "eval": len(eval_pairs)}
-    res = SFTResult(out, method, result, trainable, total, em, rows, time.perf_counter() - started)
+    res = SFTResult(out, method, result, trainable, total, em, rows, time.perf_counter() - started,
+                    chat)
     atomic_write_json(out / RESULT_FILE, result_dict(res))
     return res
 
@@ -806,7 +827,8 @@ def describe(r: SFTResult) -> str:
     t = r.train
     lines = [
         f"{r.method} fine-tuning: {t.step} steps in {t.elapsed:.1f}s; val loss "
-        f"{t.val_loss:.4f} (completion tokens); {r.trainable_params:,} trainable of "
+        f"{t.val_loss:.4f} ({'assistant' if r.chat else 'completion'} tokens); "
+        f"{r.trainable_params:,} trainable of "
         f"{r.total_params:,} parameters; {r.rows['train']} train / {r.rows['eval']} eval rows",
     ]
     if r.exact_match:
