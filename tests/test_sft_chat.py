@@ -1,4 +1,4 @@
-"""Fine-tuning on chat rows (moorelm.finetune.sft): OpenAI-style ``{"messages": [...]}`` rows
+"""Fine-tuning on chat rows (moorelm.finetune.chat_rows, moorelm.finetune.sft): OpenAI-style ``{"messages": [...]}`` rows
 read and checked, the run's chat template applied, loss on exactly the assistant tokens (each
 reply's end-of-turn token included), and full and LoRA fine-tuning of an imported HF Llama
 whose result chats and exports like any run."""
@@ -15,15 +15,9 @@ import moorelm
 from moorelm.chat import DEFAULT_TEMPLATE, ChatTemplate
 from moorelm.cli import main
 from moorelm.errors import MoorelmError
+from moorelm.finetune.chat_rows import Conversation, check_conversation, encode_conversation
 from moorelm.finetune.lora import LoRAConfig
-from moorelm.finetune.sft import (
-    Conversation,
-    SFTData,
-    check_conversation,
-    encode_conversation,
-    finetune,
-    read_rows,
-)
+from moorelm.finetune.sft import SFTData, finetune, read_rows
 from moorelm.run import RunFolder
 from moorelm.tokenizer import Tokenizer
 
