@@ -768,6 +768,47 @@ CASES = [
          lambda c: ["generate", c.hf(lambda f: ((f / "model.safetensors").unlink(),
                                                 (f / "pytorch_model.bin").write_bytes(b"no"))),
                     "--max-new-tokens", "2"]),
+    # ------------------------------------------------------------------ finetune on chat rows
+    # (issue 15, section 3: {"messages": [...]} rows, the run's chat template, assistant loss)
+    Case("finetune-chat-unknown-role",
+         lambda c: ["finetune", c.run(), "--data", c.file("c.jsonl", _chat_rows(
+             [{"role": "wizard", "content": "a"}])), "--out", str(c.out / "f")]),
+    Case("finetune-chat-content-not-text",
+         lambda c: ["finetune", c.run(), "--data", c.file("c.jsonl", _chat_rows(
+             [{"role": "user", "content": {"text": "a"}}, {"role": "assistant", "content": "b"}])),
+                    "--out", str(c.out / "f")]),
+    Case("finetune-chat-no-assistant",
+         lambda c: ["finetune", c.run(), "--data", c.file("c.jsonl", _chat_rows(
+             [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}])),
+                    "--out", str(c.out / "f")]),
+    Case("finetune-chat-mixed-with-pairs",
+         lambda c: ["finetune", c.run(), "--data", c.file("c.jsonl", _chat_rows(
+             [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+             + '{"prompt": "a", "completion": "b"}\n'), "--out", str(c.out / "f")]),
+    Case("finetune-chat-longer-than-context",
+         lambda c: ["finetune", c.run(), "--data", c.file("c.jsonl", _chat_rows(
+             [{"role": "user", "content": "to be or not " * 8},
+              {"role": "assistant", "content": "that is the question " * 8}])),
+                    "--out", str(c.out / "f"), "--max-steps", "1", "--quiet"]),
+    Case("finetune-chat-template-fails",
+         lambda c: ["finetune", c.run(_config(lambda cfg: cfg.update(
+             chat={"template": "{{ messages[0]['content'] + 1 }}"}))),
+                    "--data", c.file("c.jsonl", _chat_rows(
+                        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])),
+                    "--out", str(c.out / "f"), "--max-steps", "1", "--quiet"]),
+    Case("finetune-chat-template-raises",
+         lambda c: ["finetune", c.run(_config(lambda cfg: cfg.update(
+             chat={"template": "{{ raise_exception('only user turns') }}"}))),
+                    "--data", c.file("c.jsonl", _chat_rows(
+                        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])),
+                    "--out", str(c.out / "f"), "--max-steps", "1", "--quiet"]),
+    Case("finetune-chat-with-prompt-template",
+         lambda c: ["finetune", c.run(), "--data", c.file("c.jsonl", _chat_rows(
+             [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])),
+                    "--out", str(c.out / "f"), "--template", "Q: {prompt}"]),
+    Case("finetune-eval-chat-unknown-role",
+         lambda c: ["finetune-eval", c.run(), "--data", c.file("c.jsonl", _chat_rows(
+             [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]))]),
 ]
 
 # ------------------------------------------------------------------ the HTTP API (wt-server)
@@ -814,6 +855,11 @@ API_CASES = [
     ("api-detokenize-negative", "POST", "/detokenize", {"tokens": [-5]}, 400, "vocabulary"),
     ("api-detokenize-floats", "POST", "/detokenize", {"tokens": [1.5]}, 400, "tokens"),
 ]
+
+
+def _chat_rows(messages: list[dict], rows: int = 20) -> str:
+    """JSON Lines of ``rows`` chat rows, each holding ``messages`` (the finetune-chat cases)."""
+    return "".join(json.dumps({"messages": messages}) + "\n" for _ in range(rows))
 
 
 def _snapshot(folder: Path) -> dict[str, object]:

@@ -4,6 +4,9 @@
     moorelm finetune runs/base --data data/dates.jsonl --out runs/dates [--lora-rank 8]
     moorelm finetune-eval runs/dates --data data/dates.jsonl --rows 200
     moorelm generate runs/dates --prompt 2024-03-07 --temperature 0
+
+    moorelm finetune runs/smol --data chats.jsonl --out runs/smol-ft --lora-rank 8 --no-packing
+    moorelm chat runs/smol-ft --prompt "..."      # chat rows: {"messages": [...]}
 """
 
 from __future__ import annotations
@@ -60,11 +63,11 @@ def cmd_finetune(args) -> int:
 
 def cmd_finetune_eval(args) -> int:
     import moorelm
-    from moorelm.finetune.sft import exact_match, read_pairs
+    from moorelm.finetune.sft import exact_match, read_rows
 
     if args.rows is not None and args.rows < 1:
         raise MoorelmError(f"--rows must be >= 1, got {args.rows}")
-    pairs = read_pairs(args.data)[: args.rows]
+    pairs = read_rows(args.data)[: args.rows]
     lm = moorelm.load(args.run, device=args.device)
     if args.template is not None:
         from moorelm.generate import check_template
@@ -97,15 +100,20 @@ def add_parser(sub) -> None:
     from moorelm.finetune.tasks import TASKS
 
     p = sub.add_parser(
-        "finetune", help="fine-tune a run on prompt/completion pairs (full or LoRA)",
-        description="Supervised fine-tuning of a moorelm run on {\"prompt\", \"completion\"} "
-        "JSONL rows: loss on completion tokens only, examples packed into context windows, "
-        "the prompt template stored in the new run for generate and serve. Full fine-tuning "
-        "by default; --lora-rank trains low-rank adapters instead (merged into the weights on "
-        "save unless --keep-adapters). Prints held-out exact match at the end.",
+        "finetune", help="fine-tune a run on prompt/completion pairs or chat rows (full or LoRA)",
+        description="Supervised fine-tuning of a moorelm run (trained here or imported) on "
+        "{\"prompt\", \"completion\"} JSONL rows (loss on completion tokens only, the prompt "
+        "template stored in the new run for generate and serve) or on chat rows "
+        "{\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": ...}]} "
+        "(OpenAI's fine-tuning format: the run's chat template applied, loss on assistant "
+        "tokens only, each reply's end-of-turn token included); examples packed into context "
+        "windows. Full fine-tuning by default; --lora-rank trains low-rank adapters instead "
+        "(merged into the weights on save unless --keep-adapters). Prints held-out exact "
+        "match at the end.",
     )
     p.add_argument("run", nargs="?", default=None, help="base run folder (omit with --resume)")
-    p.add_argument("--data", default=None, help="prompt/completion pairs (.jsonl, or .csv/.tsv)")
+    p.add_argument("--data", default=None,
+                   help="prompt/completion pairs (.jsonl, or .csv/.tsv) or chat rows (.jsonl)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--eval-data", default=None, help="held-out pairs (default: hold out --eval-rows)")
     p.add_argument("--eval-rows", type=int, default=None,
@@ -147,7 +155,9 @@ def add_parser(sub) -> None:
                        description="Greedy completions (the run's prompt template applied, stop "
                        "at end-of-text) compared with the expected completions.")
     p.add_argument("run", help="run folder")
-    p.add_argument("--data", required=True, help="prompt/completion pairs (.jsonl, .csv, .tsv)")
+    p.add_argument("--data", required=True,
+                   help="prompt/completion pairs (.jsonl, .csv, .tsv) or chat rows (.jsonl): the "
+                   "reply to each conversation's last assistant message is scored")
     p.add_argument("--rows", type=int, default=None, help="score the first N rows only")
     p.add_argument("--template", default=None, help="override the run's prompt template")
     p.add_argument("--batch-size", type=int, default=64)

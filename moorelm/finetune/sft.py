@@ -1,6 +1,8 @@
-"""Prompt -> completion fine-tuning (SFT) of moorelm GPTs, full or with LoRA adapters.
+"""Supervised fine-tuning (SFT) of moorelm GPTs on prompt -> completion pairs or chat rows,
+full or with LoRA adapters, for runs trained here and imported ones alike.
 
     moorelm finetune RUN --data pairs.jsonl --out DIR [--lora-rank 8] [--max-steps 600]
+    moorelm finetune RUN --data chats.jsonl --out DIR [--lora-rank 8] [--no-packing]
 
 Data. ``{"prompt": ..., "completion": ...}`` rows in JSON Lines (or CSV/TSV with those two
 columns), read and checked by ``read_pairs``: a missing file, bytes that are not UTF-8, a line
@@ -33,6 +35,17 @@ attend only within its own example: a packed row computes exactly what its examp
 alone, as a prompt starts at inference. (Before, packed examples saw the ones before them at
 shifted positions, which cost the dates demo a quarter of its exact matches.)
 
+Chat rows. ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``
+(OpenAI's fine-tuning format; an assistant message may carry ``"weight": 0`` to be context
+only), read by ``read_rows`` and checked by ``moorelm.finetune.chat_rows``; a file holds one
+kind of row. The conversation is rendered by the run's chat template (``moorelm.chat.ChatTemplate``:
+an imported model's own, else the default one), and only assistant tokens are targets: for
+each learned reply, from where the conversation before it ends with the generation prompt up
+to and including the end-of-turn token that closes it (``chat_rows.encode_conversation``:
+prefix renders checked for the text prefix property, boundaries for
+the token prefix property). Chat rows are never cut: one longer than the context window is
+refused, naming its line and token count.
+
 Training reuses ``moorelm.training.loop.train``: ``SFTData`` is a ``moorelm.data.DataSource``
 (its batches carry the segments, which the loop hands to the model; rows of an epoch come in a
 permutation keyed by (seed, epoch), so the batch of a step is a pure function of the step and
@@ -59,13 +72,20 @@ import numpy as np
 import torch
 
 from moorelm.atomic import atomic_write_json
-from moorelm.classify.data import read_table
+from moorelm.chat import ChatTemplate
+from moorelm.classify.data import Table, read_table
 from moorelm.classify.metrics import TruncationWarning
 from moorelm.codecs import model_tensors
 from moorelm.config import LORA_LR, SFT_TRAIN, ModelConfig, TrainConfig
 from moorelm.data import Batch
 from moorelm.device import resolve_device
 from moorelm.errors import MoorelmError
+from moorelm.finetune.chat_rows import (
+    Conversation,
+    check_conversation,
+    encode_conversation,
+    last_reply,
+)
 from moorelm.finetune.lora import LoRAConfig, apply_lora
 from moorelm.generate import LanguageModel, apply_template, check_template
 from moorelm.run import TOKENIZER_FILE, RunFolder
@@ -90,7 +110,10 @@ class Pair:
 
 def read_pairs(path: str | Path) -> list[Pair]:
     """Read and check prompt/completion rows from a .jsonl (or .csv/.tsv) file."""
-    table = read_table(path)  # missing file, folder, non-UTF-8, bad JSON, no rows
+    return _pairs_of(read_table(path))  # missing file, folder, non-UTF-8, bad JSON, no rows
+
+
+def _pairs_of(table: Table) -> list[Pair]:
     missing = [f for f in FIELDS if f not in table.columns]
     if missing:
         found = ", ".join(repr(c) for c in table.columns) or "none"
@@ -117,8 +140,27 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
-def split_pairs(pairs: list[Pair], eval_rows: int, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """Hold out ``eval_rows`` rows chosen with a seeded shuffle; both parts keep file order."""
+def read_rows(path: str | Path) -> list[Pair] | list[Conversation]:
+    """Training rows of a file: chat rows (``{"messages": [...]}``, JSON Lines) or
+    prompt/completion rows (``read_pairs``), never both in one file."""
+    table = read_table(path)
+    if "messages" not in table.columns:
+        return _pairs_of(table)
+    first_chat = next(line for row, line in zip(table.rows, table.lines) if "messages" in row)
+    rows = []
+    for row, line in zip(table.rows, table.lines):
+        other = [f for f in FIELDS if f in row]
+        if "messages" not in row or other:
+            raise MoorelmError(
+                f"{table.path}, line {line}: a prompt/completion row in a file of chat rows "
+                f"(line {first_chat} has \"messages\"); use one format per file")
+        rows.append(check_conversation(row["messages"], table.path, line))
+    return rows
+
+
+def split_pairs(pairs: list, eval_rows: int, seed: int = 0) -> tuple[list, list]:
+    """Hold out ``eval_rows`` rows (pairs or conversations) chosen with a seeded shuffle; both
+    parts keep file order."""
     if not 1 <= eval_rows < len(pairs):
         raise MoorelmError(
             f"cannot hold out {eval_rows} of {len(pairs)} rows for evaluation; pass a smaller "
@@ -144,41 +186,86 @@ def _example(prompt: list[int], completion: list[int], eot: int,
     return prompt + body, [False] * len(prompt) + [True] * len(body), cut
 
 
-class SFTData:
-    """Packed prompt/completion examples: a ``moorelm.data.DataSource`` for ``train()``.
+@dataclass(frozen=True)
+class ChatExample:
+    """A tokenized chat row: its tokens and which of them are targets."""
 
+    tokens: list[int]
+    mask: list[bool]
+    where: str  # file and line, for errors
+
+
+class SFTData:
+    """Packed fine-tuning examples: a ``moorelm.data.DataSource`` for ``train()``.
+
+    Rows are prompt/completion ``Pair``s (the prompt ``template`` applied) or chat
+    ``Conversation``s (``chat_template`` applied; ``stop_ids`` are the tokens that end a turn).
     ``train_batch``/``val_batch`` return a ``Batch`` (B, T) whose targets are -1 on prompt
-    tokens and padding, with the segments when examples are packed. Rows are packed lazily
-    per context length.
+    tokens (everything but assistant replies, for chat rows) and padding, with the segments
+    when examples are packed. Rows are packed lazily per context length.
     """
 
-    def __init__(self, train_pairs: list[Pair], val_pairs: list[Pair], tokenizer_path: Path,
-                 template: str, source: Path, fingerprint: str, pack_seed: int = 0,
-                 pack: bool = True):
+    def __init__(self, train_pairs: list[Pair] | list[Conversation],
+                 val_pairs: list[Pair] | list[Conversation], tokenizer_path: Path,
+                 template: str | None, source: Path, fingerprint: str, pack_seed: int = 0,
+                 pack: bool = True, chat_template: ChatTemplate | None = None,
+                 stop_ids: frozenset[int] | set[int] = frozenset()):
         tok = Tokenizer.load(tokenizer_path)
         self.tokenizer_path = Path(tokenizer_path)
         self.vocab_size = tok.vocab_size
         self.eot_id = tok.eot_id
         self.pack_seed = pack_seed
         self.pack = pack
+        self.chat = bool(train_pairs) and isinstance(train_pairs[0], Conversation)
+        kind = "chat conversations" if self.chat else "prompt/completion pairs"
         self._provenance = {"dir": str(Path(source).resolve()), "fingerprint": fingerprint,
-                            "corpus": f"prompt/completion pairs from {source}",
-                            "tokenizer": tok.kind}
-        self._examples = {s: self._encode(tok, p, template)
-                          for s, p in (("train", train_pairs), ("val", val_pairs))}
-        self._bytes = {s: sum(len(x.completion.encode("utf-8")) for x in p)
-                       for s, p in (("train", train_pairs), ("val", val_pairs))}
+                            "corpus": f"{kind} from {source}", "tokenizer": tok.kind}
+        self.piecewise = 0  # chat rows whose span boundaries split a token (tokenized in pieces)
+        if self.chat:
+            tpl = chat_template or ChatTemplate.default()
+            stops = frozenset(stop_ids) | {tok.eot_id}
+            self._examples = {s: self._encode_chat(tok, p, tpl, stops)
+                              for s, p in (("train", train_pairs), ("val", val_pairs))}
+            self._bytes = {s: sum(len(m["content"].encode("utf-8")) for c in p
+                                  for m, learn in zip(c.messages, c.learn) if learn)
+                           for s, p in (("train", train_pairs), ("val", val_pairs))}
+        else:
+            self._examples = {s: self._encode(tok, p, template)
+                              for s, p in (("train", train_pairs), ("val", val_pairs))}
+            self._bytes = {s: sum(len(x.completion.encode("utf-8")) for x in p)
+                           for s, p in (("train", train_pairs), ("val", val_pairs))}
         self._rows: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}
         self._perm: tuple[tuple[int, int, int], np.ndarray] | None = None
         self.truncated: dict[str, int] = {}
 
-    def _encode(self, tok: Tokenizer, pairs: list[Pair], template: str) -> list[tuple[list[int], list[int]]]:
+    def _encode(self, tok: Tokenizer, pairs: list[Pair], template: str | None) -> list[tuple[list[int], list[int]]]:
         prompts = tok.encode_batch([apply_template(template, p.prompt) for p in pairs])
         completions = tok.encode_batch([p.completion for p in pairs])
         return [(p or [self.eot_id], c) for p, c in zip(prompts, completions)]
 
+    def _encode_chat(self, tok: Tokenizer, convs: list[Conversation], template: ChatTemplate,
+                     stops: frozenset[int]) -> list[ChatExample]:
+        out = []
+        for c in convs:
+            ids, mask, exact = encode_conversation(c, template, tok, stops)
+            self.piecewise += not exact
+            out.append(ChatExample(ids, mask, c.where))
+        return out
+
+    def _fit(self, example: tuple[list[int], list[int]] | ChatExample,
+             cap: int) -> tuple[list[int], list[bool], bool]:
+        if isinstance(example, ChatExample):
+            if len(example.tokens) > cap:
+                raise MoorelmError(
+                    f"{example.where}: the conversation is {len(example.tokens):,} tokens with "
+                    f"the chat template, longer than the context window ({cap - 1:,} tokens); "
+                    "shorten or split it")
+            return example.tokens, example.mask, False
+        return _example(*example, self.eot_id, cap)
+
     def rows(self, split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Packed (tokens, is-target) arrays (N, seq_len + 1) of a split."""
+        """Packed (tokens, is-target) arrays (N, seq_len + 1) of a split (unpacked: as wide as
+        the longest example)."""
         return self._packed(split, seq_len)[:2]
 
     def _packed(self, split: str, seq_len: int) -> tuple[np.ndarray, ...]:
@@ -195,7 +282,7 @@ class SFTData:
             cur_s: list[int] = []  # which example of the row (1, 2, ...) each token is
             n_cut = 0
             for i in order:
-                t, m, cut = _example(*examples[i], self.eot_id, cap)
+                t, m, cut = self._fit(examples[i], cap)
                 n_cut += cut
                 if cur_t and (not self.pack or len(cur_t) + len(t) > cap):
                     rows.append((cur_t, cur_m, cur_s))
@@ -205,9 +292,12 @@ class SFTData:
                 cur_m += m
             if cur_t:
                 rows.append((cur_t, cur_m, cur_s))
-            tokens = np.full((len(rows), cap), self.eot_id, dtype=np.int64)
-            mask = np.zeros((len(rows), cap), dtype=bool)
-            segments = np.zeros((len(rows), cap), dtype=np.int64)  # 0: padding
+            # unpacked rows are only as wide as the longest example (an 8k-context model's
+            # short rows would otherwise hold mostly padding)
+            width = cap if self.pack else max(2, max((len(t) for t, _, _ in rows), default=2))
+            tokens = np.full((len(rows), width), self.eot_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=bool)
+            segments = np.zeros((len(rows), width), dtype=np.int64)  # 0: padding
             for r, (t, m, s) in enumerate(rows):
                 tokens[r, : len(t)] = t
                 mask[r, : len(m)] = m
@@ -230,7 +320,10 @@ class SFTData:
         return len(self._examples[split])
 
     def tokens(self, split: str) -> int:
-        """Target (completion + end-of-text) tokens of a split, before any truncation."""
+        """Target tokens of a split (completion + end-of-text; for chat rows the learned
+        assistant tokens), before any truncation."""
+        if self.chat:
+            return sum(sum(x.mask) for x in self._examples[split])
         return sum(len(c) + 1 for _, c in self._examples[split])
 
     def bytes_per_token(self, split: str = "val") -> float:
@@ -284,9 +377,12 @@ class SFTData:
 
 
 def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 64,
-                   max_new_tokens: int = 64, stop: tuple[str, ...] = ()) -> list[str]:
-    """Greedy completions of user prompts (the run's template applied), each ending at
-    end-of-text, a ``stop`` string, ``max_new_tokens`` or the context window.
+                   max_new_tokens: int = 64, stop: tuple[str, ...] = (),
+                   templated: bool = True) -> list[str]:
+    """Greedy completions of user prompts (the run's template applied unless ``templated`` is
+    False: prompts already formatted, e.g. rendered conversations), each ending at
+    end-of-text or another of the model's stop ids, a ``stop`` string, ``max_new_tokens`` or
+    the context window.
 
     Decoded by the inference engine (``moorelm.inference.engine``): prompts of any lengths share
     the batch, each joining and leaving as it starts and finishes.
@@ -295,39 +391,53 @@ def complete_batch(lm: LanguageModel, prompts: list[str], *, batch_size: int = 6
     from moorelm.inference.engine import Engine
     from moorelm.inference.sequence import Request
 
-    limit = lm.config.seq_len - 1
-    ids = [x[-limit:] or [lm.tokenizer.eot_id]
-           for x in lm.tokenizer.encode_batch([lm.format_prompt(p) for p in prompts])]
-    engine = Engine(lm.model, lm.tokenizer, max_batch=batch_size, max_queue=len(ids)).start()
+    texts = [lm.format_prompt(p) for p in prompts] if templated else list(prompts)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=batch_size, max_queue=len(texts),
+                    stop_ids=lm.stop_ids)
+    window = engine.seq_len  # the model's context, or less when the KV-cache budget says so
+    ids = [x[-(window - 1):] or [lm.tokenizer.eot_id] for x in lm.tokenizer.encode_batch(texts)]
+    engine.start()
     try:
         handles = [engine.submit(Request(
             prompts=(tuple(x),), stop=stop,
             params=SamplingParams(temperature=0.0,
-                                  max_new_tokens=max(1, min(max_new_tokens, lm.config.seq_len - len(x))))))
+                                  max_new_tokens=max(1, min(max_new_tokens, window - len(x))))))
             for x in ids]
         return ["".join(e.text for events in h for e in events) for h in handles]
     finally:
         engine.stop()
 
 
-def exact_match(lm: LanguageModel, pairs: list[Pair], *, batch_size: int = 64,
-                max_new_tokens: int | None = None, show: int = 5) -> dict[str, Any]:
+def exact_match(lm: LanguageModel, pairs: list[Pair] | list[Conversation], *,
+                batch_size: int = 64, max_new_tokens: int | None = None,
+                show: int = 5) -> dict[str, Any]:
     """Greedy completions (``complete_batch``) compared with the expected completions after
-    stripping surrounding whitespace. ``max_new_tokens`` defaults to the longest expected
+    stripping surrounding whitespace. For chat rows: the reply to each conversation up to its
+    last learned assistant message (rendered with the run's chat template, cut at its stop
+    text) against that message. ``max_new_tokens`` defaults to the longest expected
     completion + 8 tokens."""
     if not pairs:
         raise MoorelmError("no rows to evaluate")
+    if isinstance(pairs[0], Conversation):
+        tpl = lm.template()
+        cases = [last_reply(c, tpl) for c in pairs]  # type: ignore[arg-type]
+        prompts, expected, shown_prompts = ([c[k] for c in cases] for k in range(3))
+        stop, templated = tpl.stop, False
+    else:
+        prompts = shown_prompts = [p.prompt for p in pairs]  # type: ignore[union-attr]
+        expected = [p.completion for p in pairs]  # type: ignore[union-attr]
+        stop, templated = (), True
     if max_new_tokens is None:
-        longest = max(len(c) for c in lm.tokenizer.encode_batch([p.completion for p in pairs]))
+        longest = max(len(c) for c in lm.tokenizer.encode_batch(expected))
         max_new_tokens = min(lm.config.seq_len, longest + 8)
-    got = complete_batch(lm, [p.prompt for p in pairs], batch_size=batch_size,
-                         max_new_tokens=max_new_tokens)
-    ok = [g.strip() == p.completion.strip() for g, p in zip(got, pairs)]
+    got = complete_batch(lm, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         stop=stop, templated=templated)
+    ok = [g.strip() == e.strip() for g, e in zip(got, expected)]
     wrong = [i for i, o in enumerate(ok) if not o]
     shown = sorted(set(range(min(show, len(pairs)))) | set(wrong[:show]))
     return {
         "rows": len(pairs), "correct": sum(ok), "exact_match": sum(ok) / len(pairs),
-        "examples": [{"prompt": pairs[i].prompt, "expected": pairs[i].completion,
+        "examples": [{"prompt": shown_prompts[i], "expected": expected[i],
                       "got": got[i], "ok": ok[i]} for i in shown],
     }
 
@@ -345,6 +455,7 @@ class SFTResult:
     exact_match: dict[str, Any] | None
     rows: dict[str, int]
     wall_s: float
+    chat: bool = False  # trained on chat rows
 
 
 def _fingerprint(*parts: bytes | str) -> str:
@@ -399,7 +510,11 @@ def finetune(
     progress: bool = True,
     loggers: Sequence[MetricsLogger] = (),
 ) -> SFTResult:
-    """Fine-tune the newest checkpoint of ``base_run`` on prompt/completion pairs.
+    """Fine-tune the newest checkpoint of ``base_run`` on prompt/completion pairs or chat rows.
+
+    ``data`` holds one kind of row (``read_rows``). Chat rows go through the base's chat
+    template (``ChatTemplate.from_config``) and learn the assistant's tokens only; the base's
+    ``chat`` section (template, special tokens, stop ids) is kept in the new run either way.
 
     Full fine-tuning unless ``lora`` is given. ``pack=False`` puts one example per row
     instead of packing them (packed examples are kept apart, so both learn the same thing;
@@ -429,7 +544,7 @@ def finetune(
         if template is not None and template != saved_cfg.get("prompt_template"):
             raise MoorelmError(f"{out} was trained with the template "
                                f"{saved_cfg.get('prompt_template')!r}; resume without --template")
-        lora, template = saved_lora, saved_cfg["prompt_template"]
+        lora, template = saved_lora, saved_cfg.get("prompt_template")
         base_run = Path(ft["base_run"])
         data = Path(data) if data else Path(ft["data"])
         eval_data = Path(eval_data) if eval_data else (Path(ft["eval_data"]) if ft.get("eval_data") else None)
@@ -440,15 +555,23 @@ def finetune(
         if RunFolder(out).checkpoints():
             raise MoorelmError(f"{out} already holds a trained run; pass --resume to continue "
                                "it or choose another --out")
-        template = check_template(DEFAULT_TEMPLATE if template is None else template)
     base_run, data = Path(base_run), Path(data)
     eval_data = Path(eval_data) if eval_data is not None else None
 
     # ---- data: check everything before loading any weights
-    pairs = read_pairs(data)
+    pairs = read_rows(data)
+    chat = isinstance(pairs[0], Conversation)
+    if chat and template is not None and not resume:
+        raise MoorelmError(f"{data} holds chat rows, which go through the run's chat template; "
+                           "--template is the prompt template of prompt/completion rows")
+    if not resume:
+        template = None if chat else check_template(DEFAULT_TEMPLATE if template is None else template)
     if eval_data is not None:
-        train_pairs, eval_pairs = pairs, read_pairs(eval_data)
-        eval_rows = None
+        eval_pairs = read_rows(eval_data)
+        if isinstance(eval_pairs[0], Conversation) != chat:
+            raise MoorelmError(f"{eval_data} and {data} hold different kinds of rows (chat and "
+                               "prompt/completion); use one format for both")
+        train_pairs, eval_rows = pairs, None
     else:
         eval_rows = eval_rows if eval_rows is not None else min(DEFAULT_EVAL_ROWS, max(1, len(pairs) // 10))
         train_pairs, eval_pairs = split_pairs(pairs, eval_rows, seed)
@@ -461,14 +584,25 @@ def finetune(
     if not tok_path.exists():
         raise MoorelmError(f"{base_run} has no {TOKENIZER_FILE}")
     model_cfg = ModelConfig.from_dict((saved_cfg or base_cfg)["model"])
+    # the base's chat settings (an imported model's template, special tokens and stop ids)
+    # travel with the fine-tuned run, so it chats as the base did
+    chat_settings = RunFolder(base_run).chat_settings(saved_cfg or base_cfg)
+    chat_template = ChatTemplate.from_config(saved_cfg or base_cfg)
     fingerprint = _fingerprint(data.read_bytes(), eval_data.read_bytes() if eval_data else b"",
-                               str(eval_rows), str(seed), template, tok_path.read_bytes())
+                               str(eval_rows), str(seed),
+                               chat_template.source if chat else (template or ""),
+                               tok_path.read_bytes())
     if saved_cfg is not None and fingerprint != saved_cfg["finetune"]["fingerprint"]:
         raise MoorelmError(f"the data, template or tokenizer differ from what {out} was "
                            "trained on; resume with the same files")
     sft = SFTData(train_pairs, eval_pairs, tok_path, template, data.resolve(), fingerprint, seed,
-                  pack=pack)
+                  pack=pack, chat_template=chat_template,
+                  stop_ids=frozenset(chat_settings.get("stop_ids") or ()))
     sft.check_fits(model_cfg.seq_len)
+    if sft.piecewise:
+        warnings.warn(f"{sft.piecewise} chat rows were tokenized turn by turn: tokenizing the "
+                      "whole conversation merged characters across a turn boundary",
+                      TruncationWarning, stacklevel=2)
 
     # ---- training config and budget
     n_rows = len(sft.rows("train", model_cfg.seq_len)[0])
@@ -504,9 +638,13 @@ def finetune(
             "data": str(data.resolve()), "eval_data": str(eval_data.resolve()) if eval_data else None,
             "eval_rows": eval_rows, "seed": seed, "packing": pack, "fingerprint": fingerprint,
             "rows": {"train": len(train_pairs), "eval": len(eval_pairs)},
+            "format": "chat" if chat else "pairs",
         },
-        "prompt_template": template,
     }
+    if template is not None:
+        run_meta["prompt_template"] = template
+    if chat_settings:
+        run_meta["chat"] = chat_settings
     if lora is not None:
         run_meta["lora"] = lora.to_dict()
     result = train(model_cfg, cfg, sft, out, resume=resume, run_meta=run_meta, init_weights=init,
@@ -522,7 +660,8 @@ def finetune(
                            meta={"config": loaded.config, "state": loaded.state})
         em = exact_match(lm, eval_pairs[:exact_match_rows])
     rows = {"train": len(train_pairs), "eval": len(eval_pairs)}
-    res = SFTResult(out, method, result, trainable, total, em, rows, time.perf_counter() - started)
+    res = SFTResult(out, method, result, trainable, total, em, rows, time.perf_counter() - started,
+                    chat)
     atomic_write_json(out / RESULT_FILE, result_dict(res))
     return res
 
@@ -542,7 +681,8 @@ def describe(r: SFTResult) -> str:
     t = r.train
     lines = [
         f"{r.method} fine-tuning: {t.step} steps in {t.elapsed:.1f}s; val loss "
-        f"{t.val_loss:.4f} (completion tokens); {r.trainable_params:,} trainable of "
+        f"{t.val_loss:.4f} ({'assistant' if r.chat else 'completion'} tokens); "
+        f"{r.trainable_params:,} trainable of "
         f"{r.total_params:,} parameters; {r.rows['train']} train / {r.rows['eval']} eval rows",
     ]
     if r.exact_match:
