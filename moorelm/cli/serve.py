@@ -22,11 +22,13 @@ from moorelm.errors import MoorelmError
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a run over an OpenAI-compatible HTTP API",
-        description="Serve a run folder's newest checkpoint: POST /v1/completions and "
-        "/v1/chat/completions (streaming or not), GET /v1/models, /health, and a web "
-        "playground at /. Requests are decoded together with continuous batching. "
-        "See docs/serving.md.")
-    p.add_argument("run", help="run folder")
+        description="Serve a model (a run folder's newest checkpoint, a GGUF file, an HF "
+        "folder or 'smollm2'): POST /v1/completions (echo with prompt log-probs too) and "
+        "/v1/chat/completions (streaming or not; response_format for JSON output), "
+        "/tokenize, /detokenize, /tokenizer_info, /v1/inspect, GET /v1/models, /health, "
+        "/metrics (Prometheus), and a web playground at / (completion and chat modes). "
+        "Requests are decoded together with continuous batching. See docs/serving.md.")
+    p.add_argument("run", help="run folder (or a GGUF file, an HF folder, 'smollm2')")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
