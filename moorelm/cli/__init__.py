@@ -22,6 +22,7 @@ from moorelm.errors import MoorelmError
 # module (under moorelm.cli) -> the verbs it registers, in the order --help lists them
 VERBS: dict[str, tuple[str, ...]] = {
     "core": ("corpus", "prepare", "train", "generate", "evaluate"),
+    "eval": ("eval",),
     "finetune": ("finetune", "finetune-eval", "finetune-demo-data"),
     "classify": ("finetune-classifier", "classify", "genre-data"),
     "interop": ("export", "import"),

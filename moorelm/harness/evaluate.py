@@ -115,9 +115,9 @@ def evaluate_run(run: str | Path, tasks: str | Sequence[str], *, limit: int | No
     with offline(), _quiet_logs():
         includes = check_include_paths(include_path)
         selection = select_tasks(names, includes)
-        import moorelm
         from lm_eval import simple_evaluate
 
+        import moorelm
         from moorelm.harness.lm import MoorelmLM
 
         lm = MoorelmLM(moorelm.load(run_path, device=device), batch_size=batch_size,
@@ -127,13 +127,14 @@ def evaluate_run(run: str | Path, tasks: str | Sequence[str], *, limit: int | No
             _mark_start(lm, method, progress)
         start = time.time()
         try:
-            results = simple_evaluate(
-                model=lm, tasks=selection.specs, task_manager=selection.manager,
-                num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                log_samples=log_samples, apply_chat_template=apply_chat_template,
-                fewshot_as_multiturn=apply_chat_template, bootstrap_iters=0,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                fewshot_random_seed=seed)
+            with _no_git_describe():
+                results = simple_evaluate(
+                    model=lm, tasks=selection.specs, task_manager=selection.manager,
+                    num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                    log_samples=log_samples, apply_chat_template=apply_chat_template,
+                    fewshot_as_multiturn=apply_chat_template, bootstrap_iters=0,
+                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                    fewshot_random_seed=seed)
         except MoorelmError:
             raise
         except Exception as e:
@@ -159,6 +160,21 @@ def _mark_start(lm: Any, method: str, progress: bool) -> None:
         return inner(requests, disable_tqdm=disable_tqdm or not progress)
 
     setattr(lm, method, call)
+
+
+@contextlib.contextmanager
+def _no_git_describe() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the working directory, and git prints "fatal: not
+    a git repository" outside one; the results say ``git_hash: null`` instead."""
+    import lm_eval.evaluator as evaluator
+
+    saved = getattr(evaluator, "get_git_commit_hash", None)
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            evaluator.get_git_commit_hash = saved
 
 
 @contextlib.contextmanager
