@@ -142,7 +142,7 @@ def select_tasks(names: Sequence[str], include_paths: Sequence[Path] = ()) -> Se
             missing.append(name)
     if not missing:
         return Selection(local, _unique(specs))
-    full = TaskManager(include_defaults=True, include_path=[str(p) for p in paths])
+    full = _catalogue(paths)
     public = []
     for name in missing:
         if not _matches(name, full.all_tasks):
@@ -153,6 +153,23 @@ def select_tasks(names: Sequence[str], include_paths: Sequence[Path] = ()) -> Se
         public.extend(_expand(name, full.all_tasks))
     specs = [s for n in specs for s in (_expand(n, full.all_tasks) if n in missing else [n])]
     return Selection(full, _unique(specs), _unique(public))
+
+
+_CATALOGUES: dict[tuple, Any] = {}  # the last index of lm-eval's own tasks + the local ones
+
+
+def _catalogue(paths: Sequence[Path]):
+    """A TaskManager over lm-eval's own tasks and ``paths``, kept while no YAML file under
+    ``paths`` changes (indexing lm-eval's catalogue takes tens of seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    key = tuple((str(p), tuple(sorted((str(f), f.stat().st_mtime_ns)
+                                      for f in p.rglob("*") if f.suffix in YAML_SUFFIXES)))
+                for p in paths)
+    if key not in _CATALOGUES:
+        _CATALOGUES.clear()
+        _CATALOGUES[key] = TaskManager(include_defaults=True, include_path=[str(p) for p in paths])
+    return _CATALOGUES[key]
 
 
 def _matches(name: str, known: Sequence[str]) -> bool:
