@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,13 +253,13 @@ def test_unknown_and_public_tasks_are_one_line(llama_run):
         evaluate_run(run, "hellaswag", limit=1)
 
 
-def _lm_eval_hf(hf_dir: Path, tasks: str, include: list[Path], out: Path, limit: int) -> dict:
+def _lm_eval_hf(hf_dir: Path, tasks: str, include: Path, out: Path, limit: int) -> dict:
     """``lm_eval --model hf`` in a subprocess, offline -> {task: [samples by doc_id]}."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={hf_dir},dtype=float32", "--tasks", tasks, "--include_path",
-           ":".join(str(p) for p in include), "--limit", str(limit), "--batch_size", "4",
+           str(include), "--limit", str(limit), "--batch_size", "4",
            "--device", "cpu", "--log_samples", "--output_path", str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=out.parent)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -281,10 +282,12 @@ def test_moorelm_eval_agrees_with_lm_eval_hf(llama_run, tmp_path, hf_cache):
 
     run, hf_dir = llama_run
     yaml = _mc_task(tmp_path / "tasks")
+    for f in TASKS_DIR.glob("*.yaml"):  # lm_eval takes one --include_path: the bundled YAML
+        shutil.copy(f, yaml.parent)  # files work from anywhere (their data is found by name)
     tasks = "tiny_mc,moorelm_genre,moorelm_shakespeare,moorelm_dates"
     ours = evaluate_run(run, tasks, include_path=[yaml.parent], limit=6, log_samples=True,
                         batch_size=4, progress=False)
-    theirs = _lm_eval_hf(hf_dir, tasks, [TASKS_DIR, yaml.parent], tmp_path / "hf-out", 6)
+    theirs = _lm_eval_hf(hf_dir, tasks, yaml.parent, tmp_path / "hf-out", 6)
     for task in ("tiny_mc", "moorelm_genre", "moorelm_shakespeare"):
         mine = sorted(ours["samples"][task], key=lambda s: s["doc_id"])
         other = theirs["samples"][task]
