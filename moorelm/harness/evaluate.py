@@ -49,7 +49,8 @@ def check_out(out: str | Path | None) -> Path | None:
     if path.is_dir():
         raise MoorelmError(f"--out {out} is a folder; give a file name such as {path / 'results.json'}")
     if not path.parent.is_dir():
-        raise MoorelmError(f"--out {out}: the folder {path.parent} does not exist")
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise MoorelmError(f"--out {out}: {path.parent} {what}")
     return path
 
 
