@@ -276,7 +276,8 @@ def _lm_eval_hf(hf_dir: Path, tasks: str, include: Path, out: Path, limit: int) 
 def test_moorelm_eval_agrees_with_lm_eval_hf(llama_run, tmp_path, hf_cache):
     """moorelm eval on the run and ``lm_eval --model hf`` on its export give the same
     per-sample log-likelihoods (within 1e-4) on a local multiple-choice task, a bundled one
-    and rolling perplexity, the same accuracy, and generate_until runs in both."""
+    and rolling perplexity, the same accuracy, and generate_until runs in both on the same
+    few-shot prompts."""
     from moorelm.harness.evaluate import evaluate_run
     from moorelm.harness.tasks import TASKS_DIR
 
@@ -298,7 +299,12 @@ def test_moorelm_eval_agrees_with_lm_eval_hf(llama_run, tmp_path, hf_cache):
             assert lls_a == pytest.approx(lls_b, abs=1e-4), (task, a["doc_id"])
     for task, metric in (("tiny_mc", "acc,none"), ("moorelm_genre", "acc,none")):
         assert ours["results"][task][metric] == theirs["results"][task][metric]
-    assert len(ours["samples"]["moorelm_dates"]) == len(theirs["samples"]["moorelm_dates"]) == 6
+    # generation: the same few-shot prompts (lm-eval's default seeds on both sides), and text
+    mine = sorted(ours["samples"]["moorelm_dates"], key=lambda s: s["doc_id"])
+    other = theirs["samples"]["moorelm_dates"]
+    assert len(mine) == len(other) == 6
+    assert [s["prompt_hash"] for s in mine] == [s["prompt_hash"] for s in other]
+    assert all(isinstance(s["filtered_resps"][0], str) for s in mine)
 
 
 def test_bundled_task_files_are_complete():

@@ -55,8 +55,9 @@ def add_parser(sub) -> None:
                    help="keep every request and response in the --out JSON (under 'samples')")
     p.add_argument("--apply-chat-template", action="store_true",
                    help="render prompts with the run's chat template, few-shot examples as turns")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of lm-eval's few-shot sampling and of sampled generations")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of lm-eval's draws (few-shot examples) and of sampled "
+                   "generations (default: lm-eval's own seeds, as the lm_eval command uses)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars for the model's requests")
     p.set_defaults(func=cmd_eval)

@@ -93,7 +93,8 @@ def evaluate_run(run: str | Path, tasks: str | Sequence[str], *, limit: int | No
                  num_fewshot: int | None = None, batch_size: int = 16,
                  include_path: Sequence[str | Path] = (), apply_chat_template: bool = False,
                  log_samples: bool = False, out: str | Path | None = None,
-                 device: str = "auto", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                 device: str = "auto", seed: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Run lm-eval ``tasks`` (names, patterns or YAML paths; a comma-separated string works)
     on the newest checkpoint of ``run`` -> lm-eval's results dictionary.
 
@@ -101,7 +102,9 @@ def evaluate_run(run: str | Path, tasks: str | Sequence[str], *, limit: int | No
     prompt (a task's own default otherwise); ``apply_chat_template``: render prompts with
     the run's chat template (few-shot examples as turns); ``log_samples``: keep every
     request and response under ``"samples"``; ``out``: also write the dictionary there as
-    JSON (atomically). ``progress``: show the progress bars.
+    JSON (atomically). ``seed``: of lm-eval's random draws (few-shot examples among them)
+    and of sampled generations; None keeps lm-eval's defaults, so the numbers are those of
+    the ``lm_eval`` command run without seed flags. ``progress``: show the progress bars.
     """
     _check_int("--limit", limit, 1)
     _check_int("--num-fewshot", num_fewshot, 0)
@@ -122,7 +125,9 @@ def evaluate_run(run: str | Path, tasks: str | Sequence[str], *, limit: int | No
         from moorelm.harness.lm import MoorelmLM
 
         lm = MoorelmLM(moorelm.load(run_path, device=device), batch_size=batch_size,
-                       seed=seed)
+                       **({} if seed is None else {"seed": seed}))
+        seeds = {} if seed is None else dict(random_seed=seed, numpy_random_seed=seed,
+                                             torch_random_seed=seed, fewshot_random_seed=seed)
         lm.started = False
         for method in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
             _mark_start(lm, method, progress)
@@ -133,9 +138,7 @@ def evaluate_run(run: str | Path, tasks: str | Sequence[str], *, limit: int | No
                     model=lm, tasks=selection.specs, task_manager=selection.manager,
                     num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                     log_samples=log_samples, apply_chat_template=apply_chat_template,
-                    fewshot_as_multiturn=apply_chat_template, bootstrap_iters=0,
-                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                    fewshot_random_seed=seed)
+                    fewshot_as_multiturn=apply_chat_template, **seeds)
         except MoorelmError:
             raise
         except Exception as e:
