@@ -27,7 +27,8 @@ from pathlib import Path
 
 dist = Path(sys.argv[1])
 need = ["moorelm/serve/static/index.html", "moorelm/scaling/landmarks.csv",
-        "moorelm/finetune/tasks.py", "moorelm/cli/config_files.py"]
+        "moorelm/finetune/tasks.py", "moorelm/cli/config_files.py",
+        "moorelm/tasks/moorelm_genre.yaml", "moorelm/tasks/genre_test.jsonl"]
 wheel = zipfile.ZipFile(next(dist.glob("*.whl"))).namelist()
 sdist = [n.split("/", 1)[1] for n in tarfile.open(next(dist.glob("*.tar.gz"))).getnames() if "/" in n]
 for name, files in (("wheel", wheel), ("sdist", sdist)):

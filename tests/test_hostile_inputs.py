@@ -809,6 +809,51 @@ CASES = [
     Case("finetune-eval-chat-unknown-role",
          lambda c: ["finetune-eval", c.run(), "--data", c.file("c.jsonl", _chat_rows(
              [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]))]),
+    # ------------------------------------------------------------------ eval (lm-eval tasks)
+    Case("eval-no-tasks", lambda c: ["eval", c.run()]),
+    Case("eval-tasks-blank", lambda c: ["eval", c.run(), "--tasks", " , "]),
+    Case("eval-limit-zero", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre", "--limit", "0"]),
+    Case("eval-limit-negative", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                           "--limit", "-5"]),
+    Case("eval-limit-text", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                       "--limit", "all"]),
+    Case("eval-num-fewshot-negative", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                                 "--num-fewshot", "-1"]),
+    Case("eval-batch-size-zero", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                            "--batch-size", "0"]),
+    Case("eval-task-file-broken", lambda c: ["eval", c.run(), "--tasks",
+                                             c.file("t.yaml", "task: x\n  y: [1,\n")]),
+    Case("eval-task-file-binary", lambda c: ["eval", c.run(), "--tasks", c.file("b.yaml", BINARY)]),
+    Case("eval-task-file-list", lambda c: ["eval", c.run(), "--tasks", c.file("l.yaml", "- 1\n")]),
+    Case("eval-task-file-deep", lambda c: ["eval", c.run(), "--tasks", c.file("d.yaml", DEEP)]),
+    Case("eval-task-file-nameless", lambda c: ["eval", c.run(), "--tasks", c.file(
+        "n.yaml", "output_type: multiple_choice\n")]),
+    Case("eval-task-file-missing", lambda c: ["eval", c.run(), "--tasks", str(c.inp / "no.yaml")]),
+    Case("eval-task-file-dir", lambda c: ((c.inp / "dir.yaml").mkdir(),
+                                          ["eval", c.run(), "--tasks", str(c.inp / "dir.yaml")])[-1]),
+    Case("eval-task-data-missing", lambda c: ["eval", c.run(), "--tasks", c.file("m.yaml", (
+        "task: gone\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {c.inp / 'gone.jsonl'}\noutput_type: loglikelihood_rolling\n"
+        "test_split: test\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"))]),
+    Case("eval-include-path-missing", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                                 "--include-path", str(c.inp / "nope")]),
+    Case("eval-include-path-file", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                              "--include-path", c.corpus()]),
+    Case("eval-include-path-broken-yaml", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                                     "--include-path", str(Path(c.file(
+                                                         "tasks/x.yaml", "a: [\n")).parent)]),
+    Case("eval-out-folder", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                       "--out", str(c.user)]),
+    Case("eval-out-under-user-file", lambda c: ["eval", c.run(), "--tasks", "moorelm_genre",
+                                                "--out", str(c.user / "thesis.txt" / "r.json")]),
+    Case("eval-missing-run", lambda c: ["eval", str(c.inp / "nope"), "--tasks", "moorelm_genre"]),
+    Case("eval-user-folder", lambda c: ["eval", str(c.user), "--tasks", "moorelm_genre"]),
+    Case("eval-config-deep", lambda c: ["eval", c.run(_raw("config.json", DEEP)),
+                                        "--tasks", "moorelm_genre"]),
+    # these two index lm-eval's own catalogue once (tens of seconds), shared by both
+    Case("eval-unknown-task", lambda c: ["eval", c.run(), "--tasks", "moorelm_genr"]),
+    Case("eval-public-task-offline", lambda c: ["eval", c.run(), "--tasks", "hellaswag",
+                                                "--limit", "1"]),
 ]
 
 # ------------------------------------------------------------------ the HTTP API (wt-server)

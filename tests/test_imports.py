@@ -30,7 +30,7 @@ LAYERS = [
     {"inference"},  # the engine's parts, below the HTTP server
     {"finetune", "interop", "scaling"},
     {""},
-    {"serve"},
+    {"serve", "harness"},  # harness: lm-evaluation-harness over moorelm.load, as serve
     {"cli", "__main__"},
 ]
 

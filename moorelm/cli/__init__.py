@@ -22,6 +22,7 @@ from moorelm.errors import MoorelmError
 # module (under moorelm.cli) -> the verbs it registers, in the order --help lists them
 VERBS: dict[str, tuple[str, ...]] = {
     "core": ("corpus", "prepare", "train", "generate", "evaluate"),
+    "eval": ("eval",),
     "finetune": ("finetune", "finetune-eval", "finetune-demo-data"),
     "classify": ("finetune-classifier", "classify", "genre-data"),
     "interop": ("export", "import"),
@@ -37,6 +38,8 @@ EXTRAS: dict[str, str] = {
     "fastapi": "serve", "uvicorn": "serve", "httptools": "serve", "uvloop": "serve",
     "starlette": "serve", "transformers": "hf", "accelerate": "hf",
     "tensorboard": "track", "wandb": "track", "trackio": "track", "yaml": "yaml",
+    "lm_eval": "eval", "prometheus_client": "serve", "xgrammar": "serve", "peft": "hf",
+    "gguf": "hf", "jinja2": "hf",
 }
 
 
