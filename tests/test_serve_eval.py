@@ -196,10 +196,12 @@ def test_tokenize_and_detokenize_in_vllms_shape(server):
 
 
 def test_tokenizer_routes_refuse_bad_input(server):
-    """A too-long prompt, ids outside the vocabulary, neither or both of prompt and messages,
-    and another model's name are 4xx in OpenAI's error shape."""
-    cases = [("/tokenize", {"prompt": "word " * 40}, 400, "context window"),
-             ("/tokenize", {}, 400, "prompt or messages"),
+    """Ids outside the vocabulary, neither or both of prompt and messages, and another
+    model's name are 4xx in OpenAI's error shape. A text longer than the context window is
+    tokenized (lm-eval cuts long documents itself), its count above max_model_len."""
+    long = httpx.post(server.url + "/tokenize", json={"prompt": "word " * 40}).json()
+    assert long["count"] == len(long["tokens"]) > long["max_model_len"]
+    cases = [("/tokenize", {}, 400, "prompt or messages"),
              ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]},
               400, "one of them"),
              ("/tokenize", {"model": "gpt-9", "prompt": "x"}, 404, "gpt-9"),

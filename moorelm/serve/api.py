@@ -794,18 +794,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             raise ApiError(400, "send a prompt or messages (one of them)", "prompt")
         if body.prompt is not None:
             ids = await service.encode(_text(body.prompt, "prompt"))
-            param = "prompt"
         else:
             if not body.add_generation_prompt and service.prompt_template is not None:
                 raise ApiError(400, "this model's prompt template always asks for a reply; "
                                "leave add_generation_prompt true", "add_generation_prompt")
             text = render_chat(body.messages, service.prompt_template, service.chat,
                                body.add_generation_prompt)
-            ids, param = await service.encode(text), "messages"
-        if len(ids) > engine.seq_len:
-            raise ApiError(400, f"the {param} is {len(ids)} tokens, more than the context "
-                           f"window of {engine.seq_len} tokens served here; shorten it", param,
-                           "context_length_exceeded")
+            ids = await service.encode(text)
+        # a text longer than the context window is tokenized too, as vLLM does: clients
+        # (lm-eval's rolling windows, truncation on the left) cut it themselves, comparing
+        # count with max_model_len; the body limit bounds its size
         strs = None
         if body.return_token_strs:
             strs = [service.tokenizer.hf.id_to_token(t) or "" for t in ids]
