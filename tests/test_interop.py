@@ -1,4 +1,5 @@
-"""Hugging Face interop: export to / import from transformers GPT-2 and Llama folders."""
+"""Hugging Face interop: export to / import from transformers GPT-2 and Llama folders (Qwen3:
+tests/test_export_hf.py)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def test_logits_match_transformers(variant):
 
 @pytest.mark.parametrize("variant, field", [
     (dict(pos="rope", norm="rmsnorm", mlp="relu2"), "mlp"),
-    (dict(LLAMA_STYLE, qk_norm=True), "qk_norm"),
+    (dict(LLAMA_STYLE, qk_norm=True), "norm_eps"),  # Qwen3's one eps for norms and QK-norm
+    (dict(GPT2_STYLE, qk_norm=True), "qk_norm"),
     (dict(pos="rope", norm="layernorm", mlp="swiglu"), "norm"),
     (dict(GPT2_STYLE, n_kv_head=1), "n_kv_head"),
     (dict(GPT2_STYLE, logit_softcap=30.0), "logit_softcap"),

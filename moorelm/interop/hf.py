@@ -1,9 +1,10 @@
-"""Hugging Face interop: moorelm runs <-> ``transformers`` GPT-2 and Llama folders.
+"""Hugging Face interop: moorelm runs <-> ``transformers`` model folders.
 
     moorelm export RUN --format hf OUT      # AutoModelForCausalLM / AutoTokenizer load OUT
     moorelm import HF_DIR RUN               # a GPT-2, Llama, Mistral, Qwen2 or Qwen3 folder
 
-Two architecture families map exactly onto moorelm's one ``GPT`` class:
+Export writes three architecture families, each computing exactly what moorelm's one ``GPT``
+class computes for the configs it accepts:
 
 - **GPT-2** (``GPT2LMHeadModel``): learned positions, LayerNorm, exact-GELU MLP, plain
   multi-head attention. GPT-2 stores its projections as ``Conv1D`` (weights transposed
@@ -12,9 +13,19 @@ Two architecture families map exactly onto moorelm's one ``GPT`` class:
 - **Llama** (``LlamaForCausalLM``): rotary positions, RMSNorm, SwiGLU, grouped-query
   attention. Llama's rotary convention (rotate the two halves of each head) is moorelm's, so
   q/k weights copy over without permuting; moorelm's fused ``c_attn`` splits into q, k, v.
+- **Qwen3** (``Qwen3ForCausalLM``): Llama's layout plus a per-head RMS norm of q and k before
+  the rotation, which is moorelm's QK-norm (the default recipe's). Its gains are moorelm's
+  learned ``q_gain``/``k_gain`` when the model has them, else ones; Qwen3 has one epsilon for
+  all its norms, so ``norm_eps`` must equal the QK-norm's 1e-6. ``attention_bias`` covers q, k,
+  v and o: q/k/v-only biases export with a zero o_proj bias.
 
-Any other combination (ReLU^2 MLP, QK-norm, logit soft-capping, LayerNorm with rotary, ...)
-has no exact counterpart in these two classes, and export refuses it naming the field.
+Any other combination (ReLU^2 MLP, logit soft-capping, LayerNorm with rotary, MLP biases with
+QK-norm, ...) has no exact counterpart, and export refuses it naming the field: export never
+approximates. The exported folder carries the run's chat template, special tokens and every
+end-of-sequence id, so ``apply_chat_template`` renders what moorelm renders; config.json's
+``moorelm`` section keeps the moorelm config and a fine-tuned run's prompt template for a
+later import. An existing folder is replaced only when it is an earlier export and
+``overwrite`` is set; a folder with any other file is never touched.
 
 Export needs no ``transformers`` (it writes safetensors + JSON); ``to_transformers`` builds
 the equivalent ``transformers`` model in memory (benchmarks and tests compare against it).
@@ -47,55 +58,88 @@ from moorelm.model import GPT
 from moorelm.run import RunFolder
 from moorelm.tokenizer import EOT, Tokenizer
 
-ARCHITECTURES = ("gpt2", "llama")
+ARCHITECTURES = ("gpt2", "llama")  # families import reads
+EXPORT_ARCHITECTURES = ("gpt2", "llama", "qwen3")  # families export writes
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+# model.Attention calls norm_rotate with its default eps: the QK-norm's epsilon. Qwen3 uses one
+# rms_norm_eps for its layer norms and its q/k norms, so a model exports only when they agree.
+QK_NORM_EPS = 1e-6
+# what export_hf writes; an existing folder holding anything else is never replaced
+EXPORT_FILES = ("config.json", "generation_config.json", HF_WEIGHTS, "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_FAMILY_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 
 # ----------------------------------------------------------------------------- which family
 
 
+def _refuse(field: str, value: Any, why: str) -> MoorelmError:
+    return MoorelmError(f"cannot export: {field}={value!r} {why}; export never approximates")
+
+
 def hf_architecture(cfg: ModelConfig) -> str:
-    """'gpt2' or 'llama': the transformers family that computes exactly what ``cfg`` does.
+    """'gpt2', 'llama' or 'qwen3': the transformers family that computes exactly what ``cfg``
+    does (learned positions -> GPT-2; rotary without QK-norm -> Llama; rotary with QK-norm ->
+    Qwen3, whose q/k norms take moorelm's gains, or ones when the QK-norm has none).
 
-    Raises MoorelmError naming the first field that rules out both families.
+    Raises MoorelmError naming the first field that rules out every family.
     """
-    if cfg.qk_norm:
-        raise MoorelmError("cannot export: qk_norm=True has no counterpart in transformers' "
-                           "GPT-2 or Llama; only models trained with qk_norm=False export exactly")
+    qkv_bias = bool(getattr(cfg, "qkv_bias", False))
+    qk_gain = bool(getattr(cfg, "qk_gain", False))
     if cfg.logit_softcap:
-        raise MoorelmError(f"cannot export: logit_softcap={cfg.logit_softcap} has no counterpart "
-                           "in transformers' GPT-2 or Llama; train without it to export")
+        raise _refuse("logit_softcap", cfg.logit_softcap,
+                      "has no counterpart in transformers' GPT-2, Llama or Qwen3; train without it")
     if cfg.pos == "learned":
-        wanted = {"norm": "layernorm", "mlp": "gelu"}
-        family = "gpt2"
-    else:
-        wanted = {"norm": "rmsnorm", "mlp": "swiglu"}
-        family = "llama"
-    for name, value in wanted.items():
+        for name, value in (("norm", "layernorm"), ("mlp", "gelu")):
+            if getattr(cfg, name) != value:
+                raise _refuse(name, getattr(cfg, name), f"with pos='learned' matches no family "
+                              f"(GPT-2 is learned, layernorm, gelu); train with {name}={value!r}")
+        if cfg.qk_norm or qk_gain:
+            raise _refuse("qk_norm", True, "with learned positions matches no family (GPT-2 has "
+                          "no QK-norm; Qwen3 has rotary positions)")
+        if cfg.kv_heads != cfg.n_head:
+            raise _refuse("n_kv_head", cfg.n_kv_head, "(grouped-query attention) does not exist "
+                          "in GPT-2; use pos=rope, norm=rmsnorm, mlp=swiglu for GQA")
+        if cfg.head_dim * cfg.n_head != cfg.n_embd:
+            raise _refuse("head_dim", cfg.head_dim, "x n_head != n_embd does not exist in GPT-2")
+        return "gpt2"
+    for name, value in (("norm", "rmsnorm"), ("mlp", "swiglu")):
         if getattr(cfg, name) != value:
-            raise MoorelmError(
-                f"cannot export: {name}={getattr(cfg, name)!r} with pos={cfg.pos!r} matches "
-                f"neither GPT-2 (learned, layernorm, gelu) nor Llama (rope, rmsnorm, swiglu); "
-                f"train with {name}={value!r} to export"
-            )
-    if family == "gpt2" and cfg.kv_heads != cfg.n_head:
-        raise MoorelmError(
-            f"cannot export: n_kv_head={cfg.n_kv_head} (grouped-query attention) does not exist "
-            "in GPT-2; use the Llama family (pos=rope, norm=rmsnorm, mlp=swiglu) for GQA"
-        )
-    return family
+            raise _refuse(name, getattr(cfg, name), f"with pos='rope' matches neither Llama nor "
+                          f"Qwen3 (rope, rmsnorm, swiglu); train with {name}={value!r}")
+    if not cfg.qk_norm:
+        if qk_gain:
+            raise _refuse("qk_gain", True, "without qk_norm matches no family")
+        return "llama"
+    if cfg.bias:
+        raise _refuse("bias", True, "with qk_norm needs MLP biases, which Qwen3 does not have "
+                      "(qkv_bias=True is what Qwen3's attention_bias expresses)")
+    if not math.isclose(cfg.norm_eps, QK_NORM_EPS, rel_tol=0, abs_tol=0):
+        raise _refuse("norm_eps", cfg.norm_eps, f"differs from the QK-norm's {QK_NORM_EPS}: "
+                      "Qwen3 has one rms_norm_eps for both; train with norm_eps=1e-6")
+    del qkv_bias  # any value maps: attention_bias (o_proj's bias written as zeros)
+    return "qwen3"
 
 
-def hf_config(cfg: ModelConfig, eot_id: int = 0) -> dict[str, Any]:
-    """The transformers ``config.json`` for a moorelm model config."""
+def _attention_bias(cfg: ModelConfig) -> bool:
+    return bool(cfg.bias or getattr(cfg, "qkv_bias", False))
+
+
+def hf_config(cfg: ModelConfig, eot_id: int = 0, eos_ids: list[int] | None = None,
+              pad_id: int | None = None) -> dict[str, Any]:
+    """The transformers ``config.json`` for a moorelm model config (``eos_ids``: every id that
+    ends generation, default ``[eot_id]``)."""
     family = hf_architecture(cfg)
-    common = {"vocab_size": cfg.vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id,
+    eos = list(eos_ids or [eot_id])
+    common = {"vocab_size": cfg.vocab_size, "bos_token_id": eot_id,
+              "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": pad_id,
               "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
               "torch_dtype": "float32", "use_cache": True}
     if family == "gpt2":
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "architectures": [_FAMILY_CLASS[family]], "model_type": "gpt2",
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
             "n_positions": cfg.seq_len, "n_ctx": cfg.seq_len, "n_inner": cfg.hidden_dim,
             "activation_function": "gelu",  # exact erf GELU, as moorelm computes it
@@ -104,8 +148,8 @@ def hf_config(cfg: ModelConfig, eot_id: int = 0) -> dict[str, Any]:
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False, **common,
         }
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    conf = {
+        "architectures": [_FAMILY_CLASS[family]], "model_type": family,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.n_embd,
         "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
@@ -113,9 +157,15 @@ def hf_config(cfg: ModelConfig, eot_id: int = 0) -> dict[str, Any]:
         # transformers 5 reads rope_parameters; 4.x reads rope_theta
         "rope_theta": cfg.rope_base,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
-        "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
+        "attention_bias": _attention_bias(cfg), "attention_dropout": cfg.dropout,
         **common,
     }
+    if family == "llama":
+        conf["mlp_bias"] = cfg.bias
+    else:  # every layer full attention: Qwen3's sliding window stays off
+        conf.update(use_sliding_window=False, sliding_window=None,
+                    max_window_layers=cfg.n_layer, layer_types=["full_attention"] * cfg.n_layer)
+    return conf
 
 
 # ----------------------------------------------------------------------------- weights out
@@ -124,16 +174,19 @@ def hf_config(cfg: ModelConfig, eot_id: int = 0) -> dict[str, Any]:
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """moorelm weights renamed (and reshaped) into transformers' names for the family.
 
-    Tied heads are omitted (transformers ties ``lm_head`` to the embedding on load).
+    Tied heads are omitted (transformers ties ``lm_head`` to the embedding on load). Biases a
+    family has but the model does not (GPT-2's, o_proj's under attention_bias) are zeros; a
+    QK-norm without learned gains gets gains of ones.
     """
     cfg = model.config
     family = hf_architecture(cfg)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
+    dtype = sd["wte.weight"].dtype
     out: dict[str, torch.Tensor] = {}
     C = cfg.n_embd
     if family == "gpt2":
         def with_bias(prefix: str, src: str, n: int) -> None:
-            out[prefix + ".bias"] = sd.get(src + ".bias", torch.zeros(n, dtype=sd["wte.weight"].dtype))
+            out[prefix + ".bias"] = sd.get(src + ".bias", torch.zeros(n, dtype=dtype))
 
         out["transformer.wte.weight"] = sd["wte.weight"]
         out["transformer.wpe.weight"] = sd["wpe.weight"]
@@ -170,6 +223,14 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
                 for kind in ("weight", "bias"):
                     if f"{m}.{src}.{kind}" in sd:
                         out[f"{h}.{dst}.{kind}"] = sd[f"{m}.{src}.{kind}"]
+            if _attention_bias(cfg):  # attention_bias covers o_proj too; q/k/v-only bias: zeros
+                for p, n in (("q", H * D), ("k", K * D), ("v", K * D), ("o", C)):
+                    out.setdefault(f"{h}.self_attn.{p}_proj.bias", torch.zeros(n, dtype=dtype))
+            if family == "qwen3":
+                for p in ("q", "k"):
+                    gain = sd.get(f"{m}.attn.{p}_gain")
+                    out[f"{h}.self_attn.{p}_norm.weight"] = (
+                        gain.reshape(D) if gain is not None else torch.ones(D, dtype=dtype))
         out["model.norm.weight"] = sd["ln_f.weight"]
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -177,8 +238,9 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def to_transformers(model: GPT) -> Any:
-    """The equivalent ``transformers`` model (GPT2LMHeadModel or LlamaForCausalLM), in eval
-    mode, on the same device and dtype as ``model``; weights are copied."""
+    """The equivalent ``transformers`` model (GPT2LMHeadModel, LlamaForCausalLM or
+    Qwen3ForCausalLM), in eval mode, on the same device and dtype as ``model``; weights are
+    copied."""
     try:
         import transformers
     except ImportError:
@@ -188,9 +250,12 @@ def to_transformers(model: GPT) -> Any:
     conf = {k: v for k, v in conf.items() if k not in ("architectures", "model_type", "torch_dtype")}
     if family == "gpt2":
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**conf))
-    else:
+    elif family == "llama":
         conf.pop("rope_theta")
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**conf))
+    else:
+        conf.pop("rope_theta")
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**conf))
     p = model.wte.weight
     hf.to(dtype=p.dtype)
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
@@ -205,9 +270,39 @@ def to_transformers(model: GPT) -> Any:
 # ----------------------------------------------------------------------------- export
 
 
-def _tokenizer_files(tokenizer: Tokenizer, seq_len: int) -> dict[str, str]:
-    """tokenizer.json as moorelm keeps it, plus the configs AutoTokenizer reads."""
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": None}
+def _chat_export(config: dict, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What the exported folder says about chatting: the run's chat template (an import's own,
+    else moorelm's default), the special tokens' text as the run has them, and every id that
+    ends a reply (an import's stop ids, then end-of-text)."""
+    from moorelm.chat import DEFAULT_TEMPLATE
+
+    chat = config.get("chat") if isinstance(config.get("chat"), dict) else {}
+    template = chat.get("template") if isinstance(chat.get("template"), str) else None
+    special = {"bos_token": EOT, "eos_token": EOT, "pad_token": None, "unk_token": None}
+    if chat:  # an import keeps its own special tokens (None where the model had none)
+        special = {k: chat.get(k) if isinstance(chat.get(k), str) else None for k in special}
+        special = {k: v if v is None or tokenizer.hf.token_to_id(v) is not None else None
+                   for k, v in special.items()}
+    ids = [i for i in chat.get("stop_ids") or () if isinstance(i, int) and
+           not isinstance(i, bool) and 0 <= i < tokenizer.vocab_size]
+    if tokenizer.eot_id not in ids:
+        ids.append(tokenizer.eot_id)
+    return {"template": template or DEFAULT_TEMPLATE, "default": template is None,
+            "special": special, "eos_ids": ids}
+
+
+def _tokenizer_files(tokenizer: Tokenizer, seq_len: int,
+                     chat: dict[str, Any] | None = None) -> dict[str, str]:
+    """tokenizer.json as moorelm keeps it, plus what AutoTokenizer reads: tokenizer_config.json
+    (special tokens, chat template), special_tokens_map.json and chat_template.jinja.
+
+    ``chat``: ``_chat_export``'s dict (default: a run trained here)."""
+    from moorelm.chat import DEFAULT_TEMPLATE
+
+    chat = chat or {"template": DEFAULT_TEMPLATE,
+                    "special": {"bos_token": EOT, "eos_token": EOT, "pad_token": None,
+                                "unk_token": None}}
+    special = dict(chat["special"])
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
@@ -215,41 +310,110 @@ def _tokenizer_files(tokenizer: Tokenizer, seq_len: int) -> dict[str, str]:
         "clean_up_tokenization_spaces": False,
         "add_bos_token": False,
         "add_eos_token": False,
+        "chat_template": chat["template"],
     }
     return {
         "tokenizer.json": tokenizer.to_json(),
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
-        "special_tokens_map.json": json.dumps({"bos_token": EOT, "eos_token": EOT}, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps(
+            {k: v for k, v in special.items() if v is not None}, indent=2) + "\n",
+        "chat_template.jinja": chat["template"],
     }
+
+
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    """An export writes into a new or empty folder; with ``overwrite`` it may replace a folder
+    that an earlier export wrote (config.json with a ``moorelm`` section, nothing but the files
+    an export writes). Anything else is refused even with ``overwrite``: never delete what is
+    not ours."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise MoorelmError(f"{out} exists and is not a folder; export writes a folder, choose "
+                           "another path")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    if not overwrite:
+        raise MoorelmError(f"{out} already exists and is not empty; choose another folder or "
+                           "pass --force to replace an earlier export")
+    foreign = [n for n in names if n not in EXPORT_FILES]
+    ours = False
+    if not foreign and (out / "config.json").is_file():
+        try:
+            ours = isinstance(read_json(out / "config.json").get("moorelm"), dict)
+        except (MoorelmError, AttributeError):
+            ours = False
+    if foreign or not ours:
+        what = f"holds {foreign[0]!r}, which" if foreign else "has no config.json of ours, so it"
+        raise MoorelmError(f"{out} {what} an export does not write; not replacing a folder that "
+                           "is not a moorelm export, even with --force")
 
 
 def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the newest checkpoint of ``run`` as a transformers model folder at ``out``.
 
-    The folder holds config.json, generation_config.json, model.safetensors and the tokenizer
-    (tokenizer.json, tokenizer_config.json); ``AutoModelForCausalLM.from_pretrained(out)`` and
-    ``AutoTokenizer.from_pretrained(out)`` load it. A LoRA run exports the adapted model (its
-    adapters merged in). Written to a temporary folder and renamed into place, so a killed
-    export leaves nothing that looks complete.
+    The folder holds config.json, generation_config.json (every end-of-sequence id),
+    model.safetensors and the tokenizer (tokenizer.json, tokenizer_config.json with the
+    special tokens and the chat template, special_tokens_map.json, chat_template.jinja);
+    ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer.from_pretrained(out)``
+    load it and ``apply_chat_template`` renders what moorelm renders. config.json's ``moorelm``
+    section keeps what transformers cannot say (the moorelm model config, a fine-tuned run's
+    prompt template), which ``import_hf`` reads back. A LoRA run exports the adapted model (its
+    adapters merged in).
+
+    ``out`` must be new or empty; ``overwrite`` replaces an earlier export (nothing else: a
+    folder holding other files is refused). Written to a temporary folder and renamed into
+    place, so a killed export leaves nothing that looks complete.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MoorelmError(f"{out} already exists and is not empty; choose another folder or pass --force")
+    _check_export_target(out, overwrite)
     loaded = RunFolder(run).load(device="cpu")
-    model, tokenizer, state = loaded.model, loaded.tokenizer, loaded.state
-    conf = hf_config(model.config, tokenizer.eot_id)  # raises for configs outside both families
+    model, tokenizer, state, config = loaded.model, loaded.tokenizer, loaded.state, loaded.config
+    chat = _chat_export(config, tokenizer)
+    pad = chat["special"]["pad_token"]
+    pad_id = tokenizer.hf.token_to_id(pad) if pad is not None else None
+    # raises for configs outside every family
+    conf = hf_config(model.config, tokenizer.eot_id, chat["eos_ids"], pad_id)
     tensors = hf_state_dict(model)
+    # what transformers' config cannot say (initialisation choices, the prompt template) rides
+    # along, so an import of this folder restores the run's config exactly
+    conf["moorelm"] = {"step": state.get("step"), "source": str(Path(run).resolve()),
+                       "model": model.config.to_dict(),
+                       "prompt_template": config.get("prompt_template"),
+                       "chat_template": "default" if chat["default"] else "model"}
+    gen = {"bos_token_id": tokenizer.eot_id,
+           "eos_token_id": chat["eos_ids"][0] if len(chat["eos_ids"]) == 1 else chat["eos_ids"]}
+    if pad_id is not None:
+        gen["pad_token_id"] = pad_id
     with replace_dir(out) as tmp:
-        # what transformers' config cannot say (initialisation choices) rides along, so an
-        # import of this folder restores the run's config exactly
-        conf["moorelm"] = {"step": state.get("step"), "source": str(Path(run).resolve()),
-                           "model": model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
-        gen = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
-        for name, text in _tokenizer_files(tokenizer, model.config.seq_len).items():
+        for name, text in _tokenizer_files(tokenizer, model.config.seq_len, chat).items():
             (tmp / name).write_text(text, encoding="utf-8")
+    return out
+
+
+def exported_settings(conf: dict, chat: dict[str, Any]) -> dict[str, Any]:
+    """Entries for the imported run's config.json from what an ``export_hf`` folder's
+    config.json carries (its ``moorelm`` section): the fine-tuned run's ``prompt_template``, and
+    ``chat`` (the folder's chat settings, with no template when the export wrote moorelm's
+    default one, so the run chats through the default as before, its blank-line stop included).
+    Other folders: just ``chat``."""
+    section = conf.get("moorelm")
+    if not isinstance(section, dict):
+        return {"chat": chat}
+    out: dict[str, Any] = {}
+    if section.get("chat_template") == "default":
+        chat = {**chat, "template": None}
+    out["chat"] = chat
+    template = section.get("prompt_template")
+    if template is not None:
+        from moorelm.run import check_prompt_template
+
+        out["prompt_template"] = check_prompt_template(
+            template, f"{_where(conf)}: moorelm.prompt_template")
     return out
 
 
@@ -795,6 +959,7 @@ class ImportedModel:
     name: str
     chat: dict[str, Any]
     imported_from: dict[str, Any]  # format, architecture, path (and name for GGUF)
+    prompt_template: str | None = None  # a fine-tuned run's, carried by moorelm's export
 
     def build(self) -> GPT:
         """The GPT holding the weights (checks every name and shape against the config)."""
@@ -802,9 +967,12 @@ class ImportedModel:
 
     def run_config(self, model: GPT) -> dict[str, Any]:
         """config.json of the run folder (``moorelm.load`` keeps it in memory the same)."""
-        return {"model": self.config.to_dict(), "params": model.param_counts(),
-                "imported_from": dict(self.imported_from), "name": self.name,
-                "chat": dict(self.chat)}
+        out = {"model": self.config.to_dict(), "params": model.param_counts(),
+               "imported_from": dict(self.imported_from), "name": self.name,
+               "chat": dict(self.chat)}
+        if self.prompt_template is not None:
+            out["prompt_template"] = self.prompt_template
+        return out
 
 
 def read_hf(source: str | Path | HFSource, *, seq_len: int | None = None) -> ImportedModel:
@@ -861,8 +1029,9 @@ def read_hf(source: str | Path | HFSource, *, seq_len: int | None = None) -> Imp
         raise MoorelmError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{cfg.vocab_size} embeddings")
     origin = {"format": "hf", "architecture": family, "path": str(hf_dir.resolve())}
-    return ImportedModel(cfg, sd, tokenizer, _model_name(src, conf),
-                         _chat_settings(src, conf, tokenizer), origin)
+    settings = exported_settings(conf, _chat_settings(src, conf, tokenizer))
+    return ImportedModel(cfg, sd, tokenizer, _model_name(src, conf), settings["chat"], origin,
+                         settings.get("prompt_template"))
 
 
 def _check_target(run: Path, overwrite: bool) -> RunFolder:
