@@ -43,6 +43,7 @@ PREFIX = "base_model.model."
 _LLAMA = {"attn.c_proj": "self_attn.o_proj", "mlp.c_gate": "mlp.gate_proj",
           "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
 _QKV = ("q_proj", "k_proj", "v_proj")
+_GPT2 = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 OWN_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 
 
@@ -94,8 +95,8 @@ def peft_tensors(cfg, adapters: dict[str, torch.Tensor]) -> tuple[dict[str, torc
         else:
             targets = [(f"model.layers.{i}.{_LLAMA[name]}", b)]
         for module, bb in targets:
-            out[f"{PREFIX}{module}.lora_A.weight"] = a.detach().float().contiguous()
-            out[f"{PREFIX}{module}.lora_B.weight"] = bb.detach().float().contiguous()
+            out[f"{PREFIX}{module}.lora_A.weight"] = a.detach().float().clone()
+            out[f"{PREFIX}{module}.lora_B.weight"] = bb.detach().float().clone()
             modules.append(module)
     return out, modules
 
@@ -123,7 +124,7 @@ def _hf_modules(cfg) -> list[str]:
     out = []
     for i in range(cfg.n_layer):
         if family == "gpt2":
-            out += [f"transformer.h.{i}.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+            out += [f"transformer.h.{i}.{n}" for n in _GPT2]
         else:
             out += [f"model.layers.{i}.self_attn.{p}" for p in _QKV]
             out += [f"model.layers.{i}.{n}" for n in _LLAMA.values() if n != "mlp.gate_proj"
@@ -243,7 +244,7 @@ def _moorelm_layer(module: str, family: str) -> tuple[str, str | None] | None:
         return None
     i, rest = m.group(1), m.group(2)
     if family == "gpt2":
-        return (f"blocks.{i}.{rest}", None) if rest in _LLAMA else None
+        return (f"blocks.{i}.{rest}", None) if rest in _GPT2 else None
     if rest.startswith("self_attn.") and rest.split(".", 1)[1] in _QKV:
         return f"blocks.{i}.attn.c_attn", rest.split(".", 1)[1][0]
     return (f"blocks.{i}.{_FROM_LLAMA[rest]}", None) if rest in _FROM_LLAMA else None
