@@ -161,12 +161,11 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> Pat
         "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
-        "moorelm": {"run": str(run.resolve()), "architecture": family,
-                    "model": cfg.to_dict()},
     }
     with replace_dir(out) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={
+            "format": "pt", "moorelm_run": str(run.resolve()), "moorelm_architecture": family})
     return out
 
 
