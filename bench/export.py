@@ -39,6 +39,7 @@ import torch
 
 PROMPTS = ["ROMEO:\nBut, soft! what light", "The capital of France is",
            "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"]
+TEXTS = ["12345 ünïcödé 北京 🙂", "def f(x):\n    return x * 2\n", "  two  spaces\t\ttabs\n\n"]
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 # the default recipe's model as wt-export makes it (Qwen3's shape); given explicitly so the
 # bench measures that shape whichever recipe this checkout's default still is
@@ -48,8 +49,9 @@ LLAMA_CHILD = r"""
 import json, sys, time
 from llama_cpp import Llama
 path, threads, n_new, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+texts = json.loads(sys.argv[5])
 llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512,
-            verbose=False, seed=0)
+            verbose=False, seed=0, logits_all=True)
 out = []
 for ids in prompts:
     llm.reset()
@@ -61,7 +63,8 @@ for ids in prompts:
         new.append(tok)
         llm.eval([tok])
     out.append({"last": last, "new": new, "seconds": time.perf_counter() - start})
-print(json.dumps(out))
+tokens = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
+print(json.dumps({"runs": out, "tokens": tokens}))
 """
 
 
@@ -93,10 +96,14 @@ def ensure_llama(venv: Path, wheels: Path) -> tuple[Path | None, str]:
     return py, "installed"
 
 
-def run_llama(py: Path, path: Path, threads: int, n_new: int, prompts: list[list[int]]) -> list[dict]:
+def run_llama(py: Path, path: Path, threads: int, n_new: int, prompts: list[list[int]],
+              texts: list[str] = ()) -> dict:
+    """llama.cpp on ``path``: per prompt its last logits, greedy tokens and decode seconds
+    ("runs"), and its own token ids for ``texts`` ("tokens")."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([str(py), "-c", LLAMA_CHILD, str(path), str(threads), str(n_new),
-                        json.dumps(prompts)], capture_output=True, text=True, env=env)
+                        json.dumps(prompts), json.dumps(list(texts))], capture_output=True,
+                       text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(r.stderr.strip()[-1500:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -181,7 +188,10 @@ def measure(name: str, run: Path, work: Path, args, llama_py: Path | None) -> di
         del ref
         if llama_py is not None:
             try:
-                got = run_llama(llama_py, path, args.threads, args.new_tokens, prompts)
+                texts = PROMPTS + TEXTS
+                out = run_llama(llama_py, path, args.threads, args.new_tokens, prompts, texts)
+                got = out["runs"]
+                row["llama_same_ids"] = sum(a == tok.encode(t) for a, t in zip(out["tokens"], texts))
                 row["llama_tok_s"] = args.new_tokens * len(got) / sum(g["seconds"] for g in got)
                 row["max_diff_llama_last"] = max(
                     (torch.tensor(g["last"][: ref.shape[0]]) - ref).abs().max().item()
@@ -240,7 +250,7 @@ def smollm2_round_trip(run: Path, work: Path) -> dict:
 
     back = import_gguf(work / "smollm2-f32.gguf", work / "smol-back", force=True)
     a, b = RunFolder(run).load(), RunFolder(back).load()
-    texts = PROMPTS + ["12345 ünïcödé 北京 🙂", "def f(x):\n    return x * 2\n"]
+    texts = PROMPTS + TEXTS
     same_ids = sum(a.tokenizer.encode(t) == b.tokenizer.encode(t) for t in texts)
     with torch.no_grad():
         diff = max((a.model(torch.tensor([ids]))[0] - b.model(torch.tensor([ids]))[0]).abs().max().item()

@@ -121,7 +121,7 @@ def test_import_of_the_export_is_the_same_model(tmp_path):
     assert json.loads(meta.files["tokenizer_config.json"])["chat_template"] == DEFAULT_TEMPLATE
     reader = gguf.GGUFReader(path)
     field = lambda k: reader.fields[k].contents()  # noqa: E731
-    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt2"
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     assert field("llama.context_length") == 32 and field("llama.rope.freq_base") == 10000.0
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
 

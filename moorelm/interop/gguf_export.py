@@ -191,12 +191,12 @@ def _types(pre: Any) -> list[str]:
 
 
 def _pre_name(pre: dict) -> str | None:
-    """llama.cpp's name for a byte-level pre-tokenizer: 'gpt2' for ByteLevel's own regex, the
+    """llama.cpp's name for a byte-level pre-tokenizer: 'gpt-2' for ByteLevel's own regex, the
     name of a known regex for Split + ByteLevel, else None (not expressible)."""
     from moorelm.interop.gguf import PRE_SPLITS
 
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     parts = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else []
     if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
             and not parts[1].get("use_regex", True)):
