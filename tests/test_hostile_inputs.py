@@ -854,6 +854,48 @@ CASES = [
     Case("eval-unknown-task", lambda c: ["eval", c.run(), "--tasks", "moorelm_genr"]),
     Case("eval-public-task-offline", lambda c: ["eval", c.run(), "--tasks", "hellaswag",
                                                 "--limit", "1"]),
+    # ------------------------------------------------------------------ export gguf / peft,
+    # import peft (wt-gguf): unknown dtypes, no checkpoint, outputs that are the user's files
+    # (never replaced, not even with --force), adapters whose base does not match
+    Case("export-dtype-unknown", lambda c: ["export", c.run(), str(c.out / "m.gguf"), "--format",
+                                            "gguf", "--dtype", "q4_k"]),
+    Case("export-dtype-with-hf", lambda c: ["export", c.run(), str(c.out / "hf"), "--dtype", "f16"]),
+    Case("export-no-checkpoint", lambda c: ["export", c.run(_raw("checkpoints")), str(c.out / "hf")]),
+    Case("export-gguf-learned-positions", lambda c: ["export", c.run(), str(c.out / "m.gguf"),
+                                                     "--format", "gguf"]),
+    Case("export-gguf-char-tokenizer",
+         lambda c: ["export", c.run(_config(lambda d: d["model"].update(
+             pos="rope", norm="rmsnorm", mlp="swiglu"))), str(c.out / "m.gguf"), "--format", "gguf"]),
+    Case("export-gguf-over-user-file", lambda c: ["export", c.run(), str(c.user / "thesis.txt"),
+                                                  "--format", "gguf", "--force"]),
+    Case("export-gguf-into-user-folder", lambda c: ["export", c.run(), str(c.user), "--format",
+                                                    "gguf"]),
+    Case("export-hf-force-over-user-folder", lambda c: ["export", c.run(), str(c.user), "--force"]),
+    Case("export-peft-not-lora", lambda c: ["export", c.run(), str(c.out / "ad"), "--format",
+                                            "peft"]),
+    Case("export-peft-force-over-user-folder", lambda c: ["export", c.run(), str(c.user),
+                                                          "--format", "peft", "--force"]),
+    Case("import-peft-no-base", lambda c: ["import", _adapter(c.inp / "ad"), str(c.out / "r")]),
+    Case("import-peft-module-not-in-base",
+         lambda c: ["import", _adapter(c.inp / "ad"), str(c.out / "r"), "--base", c.run()]),
+    Case("import-peft-other-base-name",
+         lambda c: ["import", _adapter(c.inp / "ad", name="HuggingFaceTB/SmolLM2-135M"),
+                    str(c.out / "r"), "--base", c.run()]),
+    Case("import-peft-shapes",
+         lambda c: ["import", _adapter(c.inp / "ad", module="transformer.h.0.attn.c_attn"),
+                    str(c.out / "r"), "--base", c.run()]),
+    Case("import-peft-config-deep",
+         lambda c: ["import", _adapter(c.inp / "ad", config_text=DEEP), str(c.out / "r"), "--base",
+                    c.run()]),
+    Case("import-peft-not-lora",
+         lambda c: ["import", _adapter(c.inp / "ad", config_text='{"peft_type": "IA3"}'),
+                    str(c.out / "r"), "--base", c.run()]),
+    Case("import-peft-pickled", lambda c: ["import", _adapter(c.inp / "ad", pickled=True),
+                                           str(c.out / "r"), "--base", c.run()]),
+    Case("import-base-without-adapter", lambda c: ["import", c.hf(lambda p: None), str(c.out / "r"),
+                                                   "--base", c.run()]),
+    Case("import-peft-into-user-folder", lambda c: ["import", _adapter(c.inp / "ad"), str(c.user),
+                                                    "--base", c.run()]),
 ]
 
 # ------------------------------------------------------------------ the HTTP API (wt-server)
@@ -903,6 +945,13 @@ API_CASES = [
 def _chat_rows(messages: list[dict], rows: int = 20) -> str:
     """JSON Lines of ``rows`` chat rows, each holding ``messages`` (the finetune-chat cases)."""
     return "".join(json.dumps({"messages": messages}) + "\n" for _ in range(rows))
+
+
+def _adapter(folder: Path, **kw) -> str:
+    """A PEFT adapter folder (tests/test_peft.py's ``hostile_adapter``)."""
+    from .test_peft import hostile_adapter
+
+    return hostile_adapter(folder, **kw)
 
 
 def _snapshot(folder: Path) -> dict[str, object]:
