@@ -137,9 +137,7 @@ def test_transformers_gguf_tokenizer_encodes_like_moorelm(tmp_path):
 
 
 def test_qwen3_import_of_the_export(tmp_path):
-    """A QK-norm (qwen3) export imports back to the same logits, once the importer reads qwen3."""
-    if "qwen3" not in gguf_import.ARCHITECTURES:
-        pytest.skip("moorelm.interop.gguf does not import qwen3 files yet")
+    """A QK-norm (qwen3) export imports back to the same logits."""
     run = _make_run(tmp_path / "run", **VARIANTS["qwen3"])
     back = import_gguf(export_gguf(run, tmp_path / "m.gguf")["path"], tmp_path / "back")
     idx = _ids(300)

@@ -27,7 +27,9 @@ What llama.cpp stores differently from transformers, undone here:
   the same numbers.
 
 Families: ``llama`` (Llama 1-3 without scaled rotary positions, SmolLM, Mistral-style models,
-which llama.cpp files as llama) and ``qwen2`` (a Llama with q/k/v biases). Vocabularies:
+which llama.cpp files as llama), ``qwen2`` (a Llama with q/k/v biases) and ``qwen3`` (per-head
+QK-norm with gains, no q/k permutation; what ``export --format gguf`` writes for moorelm's
+default recipe). Vocabularies:
 GPT-2-style byte-level BPE (``tokenizer.ggml.model == "gpt2"``) and SentencePiece-style BPE
 (``"llama"``), each rebuilt the way transformers rebuilds it from the same metadata.
 """
@@ -47,8 +49,9 @@ import torch
 from moorelm.errors import MoorelmError
 from moorelm.tokenizer import byte_level_alphabet
 
-ARCHITECTURES = ("llama", "qwen2")
-ARCHITECTURE_HELP = "llama (Llama 1-3, SmolLM, Mistral-style models), qwen2"
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURE_HELP = ("llama (Llama 1-3, SmolLM, Mistral-style models), qwen2, qwen3 (also "
+                     "moorelm's default recipe exported with --format gguf)")
 # quantisation types read exactly by gguf.quants.dequantize (names as llama.cpp spells them)
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -183,8 +186,10 @@ def _hf_config(meta: dict, arch: str, tensor_names: set[str], path: Path) -> dic
     bias = "blk.0.attn_q.bias" in tensor_names
     ids = _special_ids(meta)
     eos = _eos_ids(ids)
+    family = "qwen3" if arch == "qwen3" else "llama"  # qwen3: per-head QK-norm with gains
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"],
+        "model_type": family,
         "_name_or_path": meta.get("general.name") or path.stem,
         "hidden_size": C, "intermediate_size": int(a("feed_forward_length")),
         "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": K,
@@ -235,6 +240,8 @@ def _expected_shapes(conf: dict) -> dict[str, tuple[int, ...]]:
         if conf["attention_bias"]:
             out.update({p + "self_attn.q_proj.bias": (H * D,), p + "self_attn.k_proj.bias": (K * D,),
                         p + "self_attn.v_proj.bias": (K * D,)})
+        if conf["model_type"] == "qwen3":
+            out.update({p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)})
     return out
 
 
@@ -243,7 +250,8 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
 _BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _BLOCK = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 
 
