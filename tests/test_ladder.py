@@ -185,7 +185,7 @@ def test_tiny_ladder_end_to_end_resumes_and_rebuilds(capsys, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(SMALL_TEXT, encoding="utf-8")
     out = tmp_path / "ladder"
-    code, log, err = run_cli(capsys, "scale", "--out", str(out), "--budget-flops", "5e8",
+    code, log, err = run_cli(capsys, "scale", "--out", str(out), "--budget-flops", "8e8",
                              "--corpus", str(corpus), *TINY_FLAGS)
     assert code == 0, err
     doc = json.loads((out / "ladder.json").read_text())
