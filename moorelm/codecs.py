@@ -183,7 +183,8 @@ def build_gpt(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: Path |
         model = GPT(cfg)
     model = model.to_empty(device="cpu")
     if cfg.pos == "rope":  # non-persistent buffers are rebuilt, not loaded
-        model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+        model.rope_cos, model.rope_sin = rope_tables(
+            cfg.head_dim, cfg.seq_len, cfg.rope_base, cfg.rope_scaling)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     load_gpt_weights(model, tensors, source)

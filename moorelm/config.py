@@ -63,6 +63,9 @@ class ModelConfig:
     # Read back it is always the size; to_dict writes None when derived, so build a changed
     # config from to_dict() rather than dataclasses.replace(n_embd=...), which would keep it
     rope_base: float = 10000.0
+    # Llama 3.1+ rotary scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}; None: plain rotary positions
+    rope_scaling: dict | None = field(default=None, hash=False)
     norm_eps: float = 1e-5
     zero_init_proj: bool = False  # output projections start at zero (block = identity at init)
     logit_softcap: float | None = None  # tanh soft cap on the output logits
@@ -97,6 +100,10 @@ class ModelConfig:
         for name in ("rope_base", "norm_eps"):
             if not getattr(self, name) > 0:
                 raise MoorelmError(f"model {name} must be > 0, got {getattr(self, name)}")
+        if self.rope_scaling is not None:
+            if self.pos != "rope":
+                raise MoorelmError("rope_scaling needs pos='rope' (it rescales rotary positions)")
+            object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise MoorelmError(f"logit_softcap must be > 0 (or null), got {self.logit_softcap}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
@@ -287,15 +294,51 @@ SFT_TRAIN: dict[str, Any] = dict(
 LORA_LR = 2e-3  # adapters start at zero and are small: a higher rate than full fine-tuning
 
 
+ROPE_SCALINGS = ("llama3",)
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _check_rope_scaling(d: dict) -> dict[str, Any]:
+    """A valid llama3 ``rope_scaling`` as a fresh dict in a fixed key order (floats as floats),
+    else one line naming what is wrong."""
+    if not isinstance(d, dict):
+        raise MoorelmError(f"rope_scaling must be an object or null, got {type(d).__name__}")
+    kind = d.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise MoorelmError(f"rope_scaling rope_type {kind!r} is not supported; moorelm "
+                           f"implements: {', '.join(ROPE_SCALINGS)}")
+    unknown = sorted(map(str, set(d) - {"rope_type", *_LLAMA3_KEYS}))
+    missing = [k for k in _LLAMA3_KEYS if k not in d]
+    if unknown or missing:
+        what = f"unknown key(s) {', '.join(unknown)}" if unknown else f"no {', '.join(missing)}"
+        raise MoorelmError(f"rope_scaling (llama3) has {what}; it takes exactly: "
+                           f"rope_type, {', '.join(_LLAMA3_KEYS)}")
+    out: dict[str, Any] = {"rope_type": kind}
+    for key in _LLAMA3_KEYS:
+        base = "int" if key == "original_max_position_embeddings" else "float"
+        value = d[key]
+        if not _value_fits(base, value) or not value > 0:
+            raise MoorelmError(f"rope_scaling {key} must be a positive "
+                               f"{'integer' if base == 'int' else 'number'}, got {value!r}")
+        out[key] = float(value) if base == "float" else value
+    if not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise MoorelmError(f"rope_scaling high_freq_factor ({out['high_freq_factor']}) must be "
+                           f"greater than low_freq_factor ({out['low_freq_factor']})")
+    return out
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise MoorelmError(f"{name} {value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
-_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+             "dict": "an object"}
 
 
 def _value_fits(base: str, value: Any) -> bool:
+    if base == "dict":
+        return isinstance(value, dict)
     if base == "bool":
         return isinstance(value, bool)
     if isinstance(value, bool):  # bool is an int subclass: true is not a width

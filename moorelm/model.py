@@ -25,6 +25,7 @@ length, so a serving engine can decode requests that started at different times 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -119,11 +120,32 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's rescaled rotary frequencies, as transformers computes them.
+
+    With L = original_max_position_embeddings, a frequency whose wavelength 2 pi / f is
+    shorter than L / high_freq_factor is kept, one longer than L / low_freq_factor is divided
+    by ``factor``, and those in between are blended: (1 - s) f / factor + s f with
+    s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    factor, low = scaling["factor"], scaling["low_freq_factor"]
+    high, old_len = scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float,
+                scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables (S, D) in the form ``_rotate`` uses: [cos, cos] and [-sin, sin].
 
-    Pairs are (i, i + D/2), the first and second halves of a head (Llama's layout)."""
+    Pairs are (i, i + D/2), the first and second halves of a head (Llama's layout).
+    ``scaling``: a ModelConfig ``rope_scaling`` (llama3), rescaling the frequencies per band."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (S, D/2)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
@@ -328,7 +350,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+            cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_base, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)  # (S, D)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()

@@ -46,7 +46,7 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 def _random_model(seed: int = 0, vocab_size: int = 64, **kw) -> GPT:
     """A tiny GPT with every parameter perturbed, so a dropped or swapped tensor shows."""
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=vocab_size, **SMALL, **kw)).eval()
+    model = GPT(ModelConfig(vocab_size=vocab_size, **{**SMALL, **kw})).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -133,6 +133,50 @@ def test_trained_default_run_exports_with_same_logits_and_greedy_tokens(tmp_path
     ours = lm.complete("ROMEO:\nBut, soft! what light", max_new_tokens=10, temperature=0,
                        stop_at_eot=False)
     assert lm.tokenizer.decode(theirs) == ours
+
+
+# head size 16, base 1e4, original context 32: wavelengths 6.3 (kept), 20 (blended) and 63 and
+# more (divided by 4) over 128 positions
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("style, family", [(LLAMA_STYLE, "LlamaForCausalLM"),
+                                           (QWEN3_STYLE, "Qwen3ForCausalLM")],
+                         ids=["llama", "qwen3"])
+def test_llama3_rope_scaling_exports_and_round_trips(tmp_path, style, family):
+    """A run with llama3 rope scaling exports it under both of transformers' names; the
+    folder loads with AutoModelForCausalLM as the same scaled rotary model (logits within
+    1e-4 over 128 positions, as does to_transformers) and imports back with the scaling."""
+    run = _make_run(tmp_path / "run", seed=2, **style, seq_len=128, rope_scaling=LLAMA3)
+    out = export_hf(run, tmp_path / "hf")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["rope_scaling"] == LLAMA3
+    assert conf["rope_parameters"] == {**LLAMA3, "rope_theta": 10000.0}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == family and hf.config.rope_parameters["rope_type"] == "llama3"
+    model = RunFolder(run).load(device="cpu").model
+    idx = torch.randint(0, model.config.vocab_size, (2, 128),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx)[0]
+        assert (ours - hf(idx).logits).abs().max().item() < 1e-4
+        assert (ours - to_transformers(model)(idx).logits).abs().max().item() < 1e-4
+    back = RunFolder(import_hf(out, tmp_path / "back")).read_config()["model"]
+    assert back["rope_scaling"] == LLAMA3
+    # Qwen3's q/k norms always import with learned gains (here ones): the one other change
+    assert ModelConfig.from_dict({**back, "qk_gain": model.config.qk_gain}) == model.config
+
+
+def test_gguf_export_refuses_llama3_rope_scaling():
+    """GGUF export of a llama3-scaled model is refused in one line naming rope_scaling
+    (llama.cpp's rope_freqs tensor is not written), not exported with plain frequencies."""
+    from moorelm.interop.gguf_export import gguf_architecture
+
+    cfg = ModelConfig(**{**SMALL, **LLAMA_STYLE, "seq_len": 128, "rope_scaling": LLAMA3})
+    with pytest.raises(MoorelmError, match="cannot export to GGUF: rope_scaling 'llama3'") as e:
+        gguf_architecture(cfg)
+    assert "\n" not in str(e.value)
 
 
 def test_trained_run_chat_template_travels(tmp_path):

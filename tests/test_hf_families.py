@@ -1,7 +1,8 @@
-"""Hugging Face families beyond GPT-2: Llama, Mistral, Qwen2 (q/k/v biases) and Qwen3 (per-head
-QK-norm with gains, head size other than width / heads), imported from tiny random folders
-written by transformers itself and compared with it; the model fields they need (qk_gain,
-qkv_bias, head_dim) and the hand-written backward of the QK gains; loading on the fly."""
+"""Hugging Face families beyond GPT-2: Llama (with Llama 3.1's llama3 rope scaling), Mistral,
+Qwen2 (q/k/v biases) and Qwen3 (per-head QK-norm with gains, head size other than width /
+heads), imported from tiny random folders written by transformers itself and compared with
+it; the model fields they need (qk_gain, qkv_bias, head_dim, rope_scaling) and the
+hand-written backward of the QK gains; loading on the fly."""
 
 from __future__ import annotations
 
@@ -120,6 +121,82 @@ def test_mistral_sliding_window_caps_the_context(tmp_path):
         assert read_hf(tmp_path / "hf", seq_len=8).config.seq_len == 8
 
 
+# head size 8, base 1e4: frequencies 1, 0.1, 0.01, 0.001 (wavelengths 6.3, 63, 628, 6283). With
+# an original context of 64 and factors 1 / 4 the first is kept (< 16), the second blended
+# (16..64) and the last two divided by 4 (> 64); 256 positions reach well past 64.
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def llama3_folder(path, seed: int = 0):
+    return hf_folder(path, "llama", seed, max_position_embeddings=256,
+                     rope_parameters={**LLAMA3, "rope_theta": 10000.0})
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    """A Llama 3.1-style folder (llama3 rope scaling) imports with that scaling: the rotary
+    frequencies are transformers' (every band: kept, blended, divided), logits over 200
+    positions are within 1e-4 of transformers' (and far from unscaled rotary positions), and
+    greedy tokens decoded through moorelm's cache past the original context equal
+    transformers'."""
+    hf = llama3_folder(tmp_path / "hf")
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    model = RunFolder(run).load(device="cpu").model
+    assert model.config.rope_scaling == LLAMA3 and model.config.seq_len == 256
+    theirs_freq = hf.model.rotary_emb.inv_freq.double()
+    plain = 1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    assert theirs_freq[0] == plain[0] and (theirs_freq[2:] / plain[2:] - 0.25).abs().max() < 1e-6
+    assert 0.25 < theirs_freq[1] / plain[1] < 0.9  # the blended band
+    cos, _ = rope_tables(8, 256, 10000.0, LLAMA3)
+    ours_freq = cos[1, :4].double().acos()  # angle at position 1 is the frequency
+    assert (ours_freq - theirs_freq).abs().max() < 1e-4
+    assert torch.equal(model.rope_cos, cos)
+    idx = torch.randint(0, V, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+        unscaled = GPT(ModelConfig.from_dict({**model.config.to_dict(), "rope_scaling": None}))
+        unscaled.load_state_dict(model.state_dict())
+        wrong, _ = unscaled.eval()(idx)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (wrong - theirs).abs().max().item() > 1e-2
+    prompt = idx[:1, :60]
+    with torch.no_grad():
+        assert moorelm_greedy(model, prompt, 24) == hf_greedy(hf, prompt, 24)
+
+
+def test_llama3_rope_scaling_reads_either_field_name(tmp_path):
+    """transformers 4's ``rope_scaling`` (with a top-level rope_theta) and transformers 5's
+    ``rope_parameters`` give the same imported config; a missing original context falls back
+    to max_position_embeddings, as transformers does."""
+    llama3_folder(tmp_path / "hf")
+    new = read_hf(tmp_path / "hf").config
+    _edit_config(tmp_path / "hf", rope_parameters=None, rope_theta=10000.0, rope_scaling=LLAMA3)
+    assert read_hf(tmp_path / "hf").config == new
+    short = {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}
+    _edit_config(tmp_path / "hf", rope_scaling=short)
+    assert read_hf(tmp_path / "hf").config.rope_scaling == {
+        **LLAMA3, "original_max_position_embeddings": 256}
+    _edit_config(tmp_path / "hf", rope_scaling={**LLAMA3, "high_freq_factor": 1.0})
+    with pytest.raises(MoorelmError, match="high_freq_factor .* must be greater"):
+        read_hf(tmp_path / "hf")
+
+
+def test_llama3_load_on_the_fly_equals_import(tmp_path):
+    """moorelm.load(HF_DIR) of a llama3-scaled folder builds the same rotary tables and logits
+    as importing it (the in-memory build path rebuilds the scaled tables)."""
+    import moorelm
+
+    llama3_folder(tmp_path / "hf")
+    direct = moorelm.load(tmp_path / "hf", device="cpu")
+    run = moorelm.load(import_hf(tmp_path / "hf", tmp_path / "run"), device="cpu")
+    assert direct.model.config.rope_scaling == LLAMA3
+    assert torch.equal(direct.model.rope_cos, run.model.rope_cos)
+    idx = torch.randint(0, V, (1, 120), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(direct.model(idx)[0], run.model(idx)[0])
+
+
 def _edit_config(folder, **changes):
     path = folder / "config.json"
     conf = json.loads(path.read_text(encoding="utf-8"))
@@ -130,16 +207,19 @@ def _edit_config(folder, **changes):
 @pytest.mark.parametrize("changes, needle", [
     ({"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, r"auto_map.*never runs remote code"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None},
-     r"rope_scaling has rope_type 'llama3'"),
+     r"rope_scaling has no low_freq_factor"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
      r"rope_parameters has rope_type 'yarn'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, r"rope_scaling has rope_type 'linear'"),
     ({"model_type": "gemma3"}, r"'gemma3' cannot be imported; moorelm imports gpt2, llama, "
                                r"mistral, qwen2, qwen3"),
     ({"head_dim": 12}, r"does not match config.json"),
-], ids=["remote-code", "llama3-rope", "yarn-rope", "architecture", "shape"])
+], ids=["remote-code", "llama3-incomplete", "yarn-rope", "linear-rope", "architecture",
+        "shape"])
 def test_unsupported_folders_are_one_line(tmp_path, changes, needle):
-    """Remote code, scaled rotary positions (naming the field), another architecture and
-    weights whose shapes disagree with config.json are each refused in one line."""
+    """Remote code, scaled rotary positions other than llama3 (naming the field and the type),
+    an incomplete llama3 scaling, another architecture and weights whose shapes disagree with
+    config.json are each refused in one line."""
     hf_folder(tmp_path / "hf", "qwen3")
     _edit_config(tmp_path / "hf", **changes)
     with pytest.raises(MoorelmError, match=needle) as e:
@@ -168,6 +248,32 @@ def test_default_config_is_unchanged_by_the_new_fields():
     assert sd["blocks.0.attn.q_gain"].shape == (16,) and "blocks.0.attn.c_proj.bias" not in sd
     with pytest.raises(MoorelmError, match="qk_gain=True needs qk_norm=True"):
         ModelConfig(qk_gain=True)
+
+
+def test_rope_scaling_field_round_trips_and_is_checked():
+    """ModelConfig.rope_scaling round-trips through to_dict/from_dict (ints become floats
+    where they are factors), an old config without the field reads as None, and a wrong
+    scaling is one line: another rope type, a missing key, learned positions, a bad number."""
+    cfg = ModelConfig(pos="rope", rope_scaling={**LLAMA3, "factor": 4})
+    assert cfg.rope_scaling == LLAMA3 and isinstance(cfg.rope_scaling["factor"], float)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert json.loads(json.dumps(cfg.to_dict()))["rope_scaling"] == LLAMA3
+    old = ModelConfig(pos="rope").to_dict()
+    del old["rope_scaling"]
+    assert ModelConfig.from_dict(old).rope_scaling is None
+    hash(cfg)  # still usable as a key
+    for bad, needle in [
+        ({"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported"),
+        ({k: v for k, v in LLAMA3.items() if k != "factor"}, "has no factor"),
+        ({**LLAMA3, "beta_fast": 32}, "unknown key"),
+        ({**LLAMA3, "factor": -1.0}, "factor must be a positive number"),
+        ({**LLAMA3, "original_max_position_embeddings": 64.5}, "must be a positive integer"),
+        ("llama3", "must be an object or null"),
+    ]:
+        with pytest.raises(MoorelmError, match=needle):
+            ModelConfig.from_dict({"pos": "rope", "rope_scaling": bad})
+    with pytest.raises(MoorelmError, match="rope_scaling needs pos='rope'"):
+        ModelConfig(rope_scaling=LLAMA3)
 
 
 def test_qk_gain_backward_passes_gradcheck():

@@ -750,9 +750,9 @@ CASES = [
     Case("import-shape-disagrees",
          lambda c: ["import", c.hf(_hf_config(lambda d: d.update(n_embd=48, n_head=2))),
                     str(c.out / "r")]),
-    Case("import-rope-llama3",
+    Case("import-rope-yarn",  # llama3 scaling imports; yarn (and the others) do not
          lambda c: ["import", c.hf(_hf_config(lambda d: d.update(
-             model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}))),
+             model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 8.0}))),
                     str(c.out / "r")]),
     Case("import-family-weights-disagree",  # config says Qwen3, the weights are GPT-2's
          lambda c: ["import", c.hf(_hf_config(lambda d: d.update(model_type="qwen3"))),

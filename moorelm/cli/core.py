@@ -29,7 +29,7 @@ CHOICES = {"pos": POSITIONS, "norm": NORMS, "mlp": MLPS, "optimizer": OPTIMIZERS
            "schedule": SCHEDULES, "dtype": DTYPES}
 # fields whose flags are spelled by hand below, or that make no sense as flags
 SKIP_TRAIN = {"device"}
-SKIP_MODEL = {"vocab_size"}
+SKIP_MODEL = {"vocab_size", "rope_scaling"}  # rope_scaling: an object, set by import
 HELP = {
     "max_time": "seconds of training (evaluation and checkpoints excluded)",
     "batch_size": "sequences per micro-batch, per process",

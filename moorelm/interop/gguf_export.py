@@ -90,6 +90,10 @@ def gguf_architecture(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = 
     if cfg.logit_softcap:
         raise MoorelmError(f"cannot export to GGUF: logit_softcap={cfg.logit_softcap} has no "
                            "counterpart in llama.cpp's llama/qwen2/qwen3")
+    if getattr(cfg, "rope_scaling", None):
+        raise MoorelmError(f"cannot export to GGUF: rope_scaling "
+                           f"{cfg.rope_scaling.get('rope_type')!r} (Llama 3.1's scaled rotary "
+                           "positions) is not written to GGUF yet; use --format hf")
     sd = state or {}
     qkv_bias = bool(getattr(cfg, "qkv_bias", False)) or any(
         _nonzero(v) for k, v in sd.items() if k.endswith("attn.c_attn.bias"))

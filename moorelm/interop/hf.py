@@ -160,6 +160,10 @@ def hf_config(cfg: ModelConfig, eot_id: int = 0, eos_ids: list[int] | None = Non
         "attention_bias": _attention_bias(cfg), "attention_dropout": cfg.dropout,
         **common,
     }
+    scaling = getattr(cfg, "rope_scaling", None)
+    if scaling is not None:  # Llama 3.1's llama3 rotary scaling, under both names
+        conf["rope_scaling"] = dict(scaling)
+        conf["rope_parameters"] = {**scaling, "rope_theta": cfg.rope_base}
     if family == "llama":
         conf["mlp_bias"] = cfg.bias
     else:  # every layer full attention: Qwen3's sliding window stays off
@@ -248,13 +252,14 @@ def to_transformers(model: GPT) -> Any:
     conf = hf_config(model.config)
     family = conf["model_type"]
     conf = {k: v for k, v in conf.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    if family != "gpt2":  # transformers 5 takes rope_parameters (rope_scaling would win)
+        conf.pop("rope_theta")
+        conf.pop("rope_scaling", None)
     if family == "gpt2":
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**conf))
     elif family == "llama":
-        conf.pop("rope_theta")
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**conf))
     else:
-        conf.pop("rope_theta")
         hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**conf))
     p = model.wte.weight
     hf.to(dtype=p.dtype)
@@ -704,21 +709,41 @@ def _gpt2_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor]
 
 
 
-def _rope_base(conf: dict) -> float:
-    """The rotary base; scaled or partial rotary positions are refused naming the field."""
-    field_name = "rope_parameters" if conf.get("rope_parameters") is not None else "rope_scaling"
+def _rope(conf: dict) -> tuple[float, dict[str, Any] | None]:
+    """The rotary base and the llama3 scaling (None for plain rotary positions); any other
+    scaled or partial rotary positions are refused naming the field.
+
+    As transformers 5 reads them: ``rope_scaling`` (transformers 4's name) when set, else
+    ``rope_parameters``; ``rope_theta`` from that object, else the top level; a top-level
+    ``original_max_position_embeddings`` over the object's, else max_position_embeddings."""
+    field_name = "rope_scaling" if conf.get("rope_scaling") else "rope_parameters"
     rope = conf.get(field_name) or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
+    if kind not in ("default", "llama3"):
         raise MoorelmError(f"{_where(conf)}: {field_name} has rope_type {kind!r} (scaled rotary "
-                           "positions, e.g. Llama 3.1+), which moorelm cannot import; it "
-                           "implements plain rotary positions")
+                           "positions), which moorelm cannot import; it implements plain "
+                           "rotary positions and Llama 3.1's 'llama3' scaling")
     partial = rope.get("partial_rotary_factor", conf.get("partial_rotary_factor", 1.0))
     if partial not in (1, 1.0, None):
         raise MoorelmError(f"{_where(conf)}: partial_rotary_factor={_show(partial)} (rotary "
                            "positions on part of each head) cannot be imported; moorelm rotates "
                            "whole heads")
-    return _float_field({**conf, **rope}, "rope_theta", default=10000.0)
+    base = _float_field({**conf, **rope}, "rope_theta", default=10000.0)
+    if kind == "default":
+        return base, None
+    sub = {**rope, "_path": f"{_where(conf)}: {field_name}", "model_type": conf["model_type"]}
+    if conf.get("original_max_position_embeddings") is not None:
+        sub["original_max_position_embeddings"] = conf["original_max_position_embeddings"]
+    scaling: dict[str, Any] = {"rope_type": "llama3"}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        scaling[key] = _float_field(sub, key)
+    scaling["original_max_position_embeddings"] = _int_field(
+        sub, "original_max_position_embeddings",
+        default=_int_field(conf, "max_position_embeddings", default=2048))
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise MoorelmError(f"{sub['_path']}: high_freq_factor ({scaling['high_freq_factor']}) "
+                           f"must be greater than low_freq_factor ({scaling['low_freq_factor']})")
+    return base, scaling
 
 
 def _sliding_window(conf: dict) -> int | None:
@@ -742,7 +767,7 @@ def _llama_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor
     if conf.get("hidden_act", "silu") != "silu":
         raise MoorelmError(f"{name} hidden_act {conf['hidden_act']!r} cannot be imported; "
                            "moorelm's SwiGLU uses SiLU")
-    base = _rope_base(conf)
+    base, rope_scaling = _rope(conf)
     n_layer = _int_field(conf, "num_hidden_layers", "n_layer")
     C = _int_field(conf, "hidden_size", "n_embd")
     H = _int_field(conf, "num_attention_heads", "n_head")
@@ -791,8 +816,8 @@ def _llama_import(conf: dict, w: _Weights) -> tuple[dict, dict[str, torch.Tensor
         vocab_size=sd["wte.weight"].shape[0], seq_len=seq_len,
         n_layer=n_layer, n_head=H, n_kv_head=None if K == H else K, n_embd=C, pos="rope",
         norm="rmsnorm", mlp="swiglu", mlp_hidden=hidden, bias=bias, rope_base=base,
-        norm_eps=norm_eps, tie_embeddings=tie, qkv_bias=qkv_bias, qk_norm=qk_gain,
-        qk_gain=qk_gain, head_dim=D,
+        rope_scaling=rope_scaling, norm_eps=norm_eps, tie_embeddings=tie, qkv_bias=qkv_bias,
+        qk_norm=qk_gain, qk_gain=qk_gain, head_dim=D,
     )
     return model, sd
 
