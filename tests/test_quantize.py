@@ -1,4 +1,4 @@
-"""Weight formats for inference (moorelm.quantize): int8 per-channel and bf16."""
+"""Weight formats for inference (moorelm.quantize): int8 per-channel, int4 group-wise, bf16."""
 
 import copy
 import subprocess
@@ -12,7 +12,7 @@ from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.generate import generate_tokens
 from moorelm.model import GPT
-from moorelm.quantize import Int8Linear, quantize, weight_bytes, weight_format
+from moorelm.quantize import Int4Linear, Int8Linear, quantize, weight_bytes, weight_format
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,30 @@ def test_int8_linear_is_the_dequantised_product():
     assert torch.allclose(got, want, atol=2e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("weights, tol", [("int8", 0.1), ("bf16", 0.1)])
+def test_int4_linear_is_the_dequantised_product():
+    """Int4Linear's values reconstruct the weight to within half a group step (plus bf16
+    rounding), and its product is x @ dequantised.T + bias; a shape the kernel refuses (an
+    output width not a multiple of 16) stays int8 under quantize."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    q = Int4Linear.from_linear(lin, group=32)
+    w = lin.weight.detach()
+    groups = w.view(48, 2, 32)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(32, dim=1)
+    err = (q.dequantized() - w).abs()
+    assert (err <= step / 2 + w.abs() / 128 + 1e-3).all()
+    x = torch.randn(2, 3, 64)
+    want = x.bfloat16().float() @ q.dequantized().T + lin.bias
+    got = q(x)
+    assert got.shape == (2, 3, 48) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=3e-2, rtol=1e-2)
+    assert torch.allclose(q.decode_product()(x[0]), got[0], atol=1e-5)
+    odd = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Linear(40, 64))
+    quantize(odd, "int4")
+    assert type(odd[0]) is Int8Linear and type(odd[1]) is Int8Linear  # 40 outputs; 40 inputs
+
+
+@pytest.mark.parametrize("weights, tol", [("int8", 0.1), ("bf16", 0.1), ("int4", 0.5)])
 def test_quantised_model_stays_close_and_decodes_like_its_forward(model, weights, tol):
     """A quantised model's logits stay near fp32's, and its cached decode path computes what
     its own full forward pass computes (the decode plan calls the quantised projections)."""
@@ -75,8 +98,8 @@ def test_int8_holds_a_quarter_of_the_bytes(model):
 
 def test_bad_formats_and_requantising_are_refused(model):
     """An unknown format, and converting an already converted model, get one clear line."""
-    with pytest.raises(MoorelmError, match="unknown weight format 'int4'"):
-        quantize(copy.deepcopy(model), "int4")
+    with pytest.raises(MoorelmError, match="unknown weight format 'int3'"):
+        quantize(copy.deepcopy(model), "int3")
     q = quantize(copy.deepcopy(model), "bf16")
     with pytest.raises(MoorelmError, match="already bf16"):
         quantize(q, "int8")
