@@ -120,3 +120,18 @@ def test_load_and_generate_with_int8_weights(tiny_run):
     assert out.returncode == 0, out.stderr
     want = "".join(lm.generate("RO", max_new_tokens=8, temperature=0.0))
     assert out.stdout == "RO" + want + "\n"
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_decode_plan_binds_quantised_products(model, weights):
+    """The decode plan holds each quantised projection as a bound product (not the module,
+    whose reshapes and checks cost a step ~150 calls), and that product is the module's."""
+    from moorelm.decode_plan import DecodePlan
+
+    q = quantize(copy.deepcopy(model), weights)
+    plan = DecodePlan(q)
+    x = torch.randn(3, 64)
+    for mod, fn in plan.linear.items():
+        assert fn is not mod
+        if mod.in_features == 64:
+            assert torch.allclose(fn(x), mod(x), atol=1e-5)
