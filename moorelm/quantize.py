@@ -1,4 +1,4 @@
-"""Weight formats for inference: fp32 (as trained), bf16, or int8 weights with fp32 activations.
+"""Weight formats for inference: fp32 (as trained), bf16, int8 or int4 weights (weight-only).
 
 A batch-1 decoding step of a 135M-parameter model reads every weight once, so on a CPU memory
 bandwidth, not arithmetic, sets its pace; storing weights in fewer bytes is the lever.
@@ -11,6 +11,11 @@ bandwidth, not arithmetic, sets its pace; storing weights in fewer bytes is the 
   (``torch._weight_int8pack_mm``) on bf16 copies of the activations and returns fp32.
   Embeddings, norms and the KV cache stay fp32. A tied LM head gets its own int8 copy: the
   embedding table is still read row by row in fp32.
+- ``int4``: every projection as group-wise int4 (``Int4Linear``: 32 input channels per bf16
+  scale and zero point, PyTorch's CPU int4 kernel ``torch._weight_int4pack_mm_for_cpu``);
+  the LM head stays int8 (an int4 head flipped SmolLM2's greedy choices within ~6 tokens,
+  an int8 one within ~25, like int8 throughout), and so does any layer whose shape the
+  kernel refuses.
 
 ``quantize(model, "int8")`` converts a model in place and returns it; ``moorelm.load(run,
 weights=...)`` and the ``--weights`` flag of ``generate``, ``chat`` and ``serve`` call it.
@@ -152,11 +157,11 @@ def check_weights(weights: str) -> str:
 
 def weight_format(model: nn.Module) -> str:
     """Which of WEIGHT_FORMATS a model's weights are in."""
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            return "int8"
-        if isinstance(m, Int4Linear):
-            return "int4"
+    kinds = {type(m) for m in model.modules()}
+    if Int4Linear in kinds:  # int4 keeps some layers int8
+        return "int4"
+    if Int8Linear in kinds:
+        return "int8"
     return "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
 
 
@@ -177,10 +182,11 @@ def quantize(model: nn.Module, weights: str) -> nn.Module:
     if device.type != "cpu":
         raise MoorelmError(f"{weights} weights run on the CPU here; the model is on {device} "
                            "(use --weights bf16 on a GPU)")
+    head = getattr(model, "lm_head", None)  # int8 under int4 too: see the module docstring
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                int4 = weights == "int4" and Int4Linear.fits(child)
+                int4 = weights == "int4" and child is not head and Int4Linear.fits(child)
                 setattr(parent, name, (Int4Linear if int4 else Int8Linear).from_linear(child))
     for p in model.parameters():
         p.requires_grad_(False)

@@ -135,3 +135,14 @@ def test_decode_plan_binds_quantised_products(model, weights):
         assert fn is not mod
         if mod.in_features == 64:
             assert torch.allclose(fn(x), mod(x), atol=1e-5)
+
+
+def test_int4_keeps_the_lm_head_int8():
+    """Under int4 the projections become Int4Linear but the LM head stays int8 (its int4
+    error flips greedy choices), even when the kernel would take the head's shape."""
+    cfg = ModelConfig(vocab_size=128, seq_len=32, n_layer=1, n_head=2, n_embd=64,
+                      pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=True)
+    torch.manual_seed(0)
+    q = quantize(GPT(cfg).eval(), "int4")
+    assert type(q.lm_head) is Int8Linear and weight_format(q) == "int4"
+    assert type(q.blocks[0].attn.c_attn) is Int4Linear
