@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from moorelm.generate import generate_tokens
+from moorelm.generate import generate_batch
 from moorelm.quantize import WEIGHT_FORMATS, quantize, weight_bytes
 from moorelm.scoring import score_sequences
 
@@ -84,10 +84,17 @@ def decode_rate(model, prompt: torch.Tensor, new: int, clock=time.perf_counter) 
 
 
 @torch.no_grad()
-def greedy(model, ids: list[int], n: int, stop: set[int]) -> list[int]:
+def agreement(model, prompts: list[list[int]], ref: torch.Tensor) -> list[int]:
+    """Per prompt, how many of fp32's greedy tokens ``ref`` (N, n) this model's own greedy
+    continuation shares before the first difference. Exact and cheap: greedy decoding
+    reproduces ``ref`` up to step k iff the model's argmax on ``prompt + ref[:k]`` is ``ref[k]``
+    at every earlier step, so one teacher-forced pass per prompt tells the first mismatch."""
     out = []
-    for tok in generate_tokens(model, torch.tensor([ids]), n, temperature=0):
-        out.append(int(tok[0]))
+    for p, r in zip(prompts, ref):
+        seq = torch.tensor([list(p) + r.tolist()[:-1]])
+        logits, _ = model(seq)
+        wrong = (logits[0, len(p) - 1:].float().argmax(-1) != r).nonzero()
+        out.append(int(wrong[0]) if len(wrong) else len(r))
     return out
 
 
@@ -130,7 +137,6 @@ def quality(args, lm, models) -> None:
     """Greedy agreement and mean |delta log-prob| of each format against fp32 (no timing)."""
     tok = lm.tokenizer
     ref = models.get("fp32") or quantize(copy.deepcopy(lm.model), "fp32")
-    stop = set(lm.stop_ids or ())
     if args.held_out:
         text = Path(args.held_out).read_text(encoding="utf-8")
     else:
@@ -142,17 +148,16 @@ def quality(args, lm, models) -> None:
     windows = [ids[i:i + T] for i in range(0, len(ids) - 1, T)]
     ref_scores = score_sequences(ref, windows)
     prompts = [lm.encode_prompt(p) for p in PROMPTS[: args.prompts]]
-    ref_out = [greedy(ref, p, args.agree_tokens, stop) for p in prompts]
+    # fp32's continuations in one batch (rows as alone up to the last bits of batched products)
+    ref_out = torch.stack(list(generate_batch(ref, prompts, args.agree_tokens, temperature=0)), 1)
     for w, m in models.items():
         if w == "fp32":
             continue
         scores = score_sequences(m, windows)
         deltas = [abs(a - b) for s, r in zip(scores, ref_scores)
                   for a, b in zip(s.logprobs[1:], r.logprobs[1:])]
-        outs = [greedy(m, p, args.agree_tokens, stop) for p in prompts]
-        same = sum(o == r for o, r in zip(outs, ref_out))
-        prefix = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(o))
-                  for o, r in zip(outs, ref_out)]
+        prefix = agreement(m, prompts, ref_out)
+        same = sum(k == args.agree_tokens for k in prefix)
         print(f"{w:5s} vs fp32: greedy identical {same}/{len(prompts)} "
               f"({args.agree_tokens} tokens; mean common prefix {sum(prefix) / len(prefix):.1f}), "
               f"mean |delta log-prob| {sum(deltas) / len(deltas):.4f} over {len(deltas)} tokens")
