@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from moorelm.generate import generate_tokens
+from moorelm.generate import generate_batch
 from moorelm.quantize import WEIGHT_FORMATS, quantize, weight_bytes
 from moorelm.scoring import score_sequences
 
@@ -68,22 +68,33 @@ def load(args):
 
 
 @torch.no_grad()
-def decode_rate(model, prompt: torch.Tensor, new: int) -> float:
-    t0 = time.perf_counter()
-    for _ in generate_tokens(model, prompt, 1, temperature=0):
-        pass
-    t1 = time.perf_counter()
-    for _ in generate_tokens(model, prompt, new, temperature=0):
-        pass
-    t2 = time.perf_counter()
-    return prompt.shape[0] * (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+def decode_rate(model, prompt: torch.Tensor, new: int, clock=time.perf_counter) -> float:
+    """Greedy decode tokens/s after a prefill, timing the steps only. The KV cache holds
+    prompt + new positions (``generate_tokens`` reserves the whole context window per row:
+    12 GB at batch 32 on SmolLM2's 8k window)."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new + 1)
+    logits, _ = model(prompt, kv_cache=cache, last_only=True)
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    logits, _ = model(tok, kv_cache=cache)  # warm: binds the decode plan
+    t0 = clock()
+    for _ in range(new - 1):
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        logits, _ = model(tok, kv_cache=cache)
+    return prompt.shape[0] * (new - 1) / max(clock() - t0, 1e-9)
 
 
 @torch.no_grad()
-def greedy(model, ids: list[int], n: int, stop: set[int]) -> list[int]:
+def agreement(model, prompts: list[list[int]], ref: torch.Tensor) -> list[int]:
+    """Per prompt, how many of fp32's greedy tokens ``ref`` (N, n) this model's own greedy
+    continuation shares before the first difference. Exact and cheap: greedy decoding
+    reproduces ``ref`` up to step k iff the model's argmax on ``prompt + ref[:k]`` is ``ref[k]``
+    at every earlier step, so one teacher-forced pass per prompt tells the first mismatch."""
     out = []
-    for tok in generate_tokens(model, torch.tensor([ids]), n, temperature=0):
-        out.append(int(tok[0]))
+    for p, r in zip(prompts, ref):
+        seq = torch.tensor([list(p) + r.tolist()[:-1]])
+        logits, _ = model(seq)
+        wrong = (logits[0, len(p) - 1:].float().argmax(-1) != r).nonzero()
+        out.append(int(wrong[0]) if len(wrong) else len(r))
     return out
 
 
@@ -102,20 +113,30 @@ def main() -> None:
     ap.add_argument("--held-out", default=None, help="text file scored for |delta log-prob| "
                     "(default: the bundled Shakespeare's last play)")
     ap.add_argument("--score-tokens", type=int, default=4096)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or this process's CPU time (steadier on a shared machine "
+                    "with --threads 1)")
+    ap.add_argument("--skip-quality", action="store_true", help="speed only")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     lm = load(args)
     formats = args.formats.split(",")
     models = {w: quantize(copy.deepcopy(lm.model), w) for w in formats}
     print(f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
-          f"load {os.getloadavg()[0]:.1f}")
+          f"load {os.getloadavg()[0]:.1f}, clock {args.clock}")
     for w, m in models.items():
         print(f"{w:5s} weights {weight_bytes(m) / 2**20:8.1f} MiB")
 
-    # quality first (no timing): greedy agreement and |delta log-prob| against fp32
+    if not args.skip_quality:
+        quality(args, lm, models)
+    speed(args, lm, models, clock)
+
+
+def quality(args, lm, models) -> None:
+    """Greedy agreement and mean |delta log-prob| of each format against fp32 (no timing)."""
     tok = lm.tokenizer
     ref = models.get("fp32") or quantize(copy.deepcopy(lm.model), "fp32")
-    stop = set(lm.stop_ids or ())
     if args.held_out:
         text = Path(args.held_out).read_text(encoding="utf-8")
     else:
@@ -127,33 +148,35 @@ def main() -> None:
     windows = [ids[i:i + T] for i in range(0, len(ids) - 1, T)]
     ref_scores = score_sequences(ref, windows)
     prompts = [lm.encode_prompt(p) for p in PROMPTS[: args.prompts]]
-    ref_out = [greedy(ref, p, args.agree_tokens, stop) for p in prompts]
+    # fp32's continuations in one batch (rows as alone up to the last bits of batched products)
+    ref_out = torch.stack(list(generate_batch(ref, prompts, args.agree_tokens, temperature=0)), 1)
     for w, m in models.items():
         if w == "fp32":
             continue
         scores = score_sequences(m, windows)
         deltas = [abs(a - b) for s, r in zip(scores, ref_scores)
                   for a, b in zip(s.logprobs[1:], r.logprobs[1:])]
-        outs = [greedy(m, p, args.agree_tokens, stop) for p in prompts]
-        same = sum(o == r for o, r in zip(outs, ref_out))
-        prefix = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(o))
-                  for o, r in zip(outs, ref_out)]
+        prefix = agreement(m, prompts, ref_out)
+        same = sum(k == args.agree_tokens for k in prefix)
         print(f"{w:5s} vs fp32: greedy identical {same}/{len(prompts)} "
               f"({args.agree_tokens} tokens; mean common prefix {sum(prefix) / len(prefix):.1f}), "
               f"mean |delta log-prob| {sum(deltas) / len(deltas):.4f} over {len(deltas)} tokens")
 
-    # speed: formats take turns within each repeat
+
+
+def speed(args, lm, models, clock) -> None:
+    """Decode tokens/s per format and batch size; formats take turns within each repeat."""
     g = torch.Generator().manual_seed(0)
     for b in (int(x) for x in args.batch.split(",")):
         prompt = torch.randint(0, lm.config.vocab_size, (b, args.prompt_len), generator=g)
         best = {w: 0.0 for w in models}
         for _ in range(args.repeats):
             for w, m in models.items():
-                best[w] = max(best[w], decode_rate(m, prompt, args.new_tokens))
+                best[w] = max(best[w], decode_rate(m, prompt, args.new_tokens, clock))
         base = best.get("fp32")
         line = "  ".join(f"{w} {r:7.1f} tok/s" + (f" ({r / base:.2f}x)" if base else "")
                          for w, r in best.items())
-        print(f"batch {b:3d} decode: {line}")
+        print(f"batch {b:3d} decode: {line}  (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ class DecodePlan:
 
 def _bind_linear(mod: nn.Linear):
     if type(mod) is not nn.Linear:
-        return mod
+        fast = getattr(mod, "decode_product", None)  # quantised linears: a bound product
+        return fast() if fast is not None else mod
     if _PackedLinear.usable(mod.weight):
         return _PackedLinear(mod.weight, mod.bias)
     return _plain_product(mod.weight, mod.bias)

@@ -1,4 +1,4 @@
-"""Weight formats for inference: fp32 (as trained), bf16, or int8 weights with fp32 activations.
+"""Weight formats for inference: fp32 (as trained), bf16, int8 or int4 weights (weight-only).
 
 A batch-1 decoding step of a 135M-parameter model reads every weight once, so on a CPU memory
 bandwidth, not arithmetic, sets its pace; storing weights in fewer bytes is the lever.
@@ -11,6 +11,11 @@ bandwidth, not arithmetic, sets its pace; storing weights in fewer bytes is the 
   (``torch._weight_int8pack_mm``) on bf16 copies of the activations and returns fp32.
   Embeddings, norms and the KV cache stay fp32. A tied LM head gets its own int8 copy: the
   embedding table is still read row by row in fp32.
+- ``int4``: every projection as group-wise int4 (``Int4Linear``: 32 input channels per bf16
+  scale and zero point, PyTorch's CPU int4 kernel ``torch._weight_int4pack_mm_for_cpu``);
+  the LM head stays int8 (an int4 head flipped SmolLM2's greedy choices within ~6 tokens,
+  an int8 one within ~25, like int8 throughout), and so does any layer whose shape the
+  kernel refuses.
 
 ``quantize(model, "int8")`` converts a model in place and returns it; ``moorelm.load(run,
 weights=...)`` and the ``--weights`` flag of ``generate``, ``chat`` and ``serve`` call it.
@@ -24,7 +29,8 @@ import torch.nn as nn
 
 from moorelm.errors import MoorelmError
 
-WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
+INT4_GROUP = 32  # input channels per int4 scale and zero point
 
 
 class Int8Linear(nn.Linear):
@@ -63,8 +69,83 @@ class Int8Linear(nn.Linear):
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
 
+    def decode_product(self):
+        """``x (B, in) fp32 -> (B, out) fp32`` for the decode path: the same product as
+        ``forward`` without its reshapes and checks (a step makes ~150 of these calls)."""
+        w, s, b, bf16 = self.weight, self.scales_bf16, self.bias, torch.bfloat16
+        if b is None:
+            return lambda x: torch._weight_int8pack_mm(x.to(bf16), w, s).float()
+        return lambda x: torch._weight_int8pack_mm(x.to(bf16), w, s).float().add_(b)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Linear):
+    """``nn.Linear`` with group-wise asymmetric int4 weights (weight-only int4).
+
+    Each run of ``group`` input channels of an output row has its own scale and zero point
+    (min/max over the group, 16 levels): ``W ~= (q - 8) * scale + zero``. The values are kept
+    in the layout of PyTorch's CPU int4 kernel (``torch._convert_weight_to_int4pack_for_cpu``,
+    two values a byte) and each product runs ``torch._weight_int4pack_mm_for_cpu`` on bf16
+    activations, output fp32. ``in_features`` must be a multiple of ``group``.
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+                 in_features: int, bias: torch.Tensor | None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features, self.group = packed.shape[0], in_features, group
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("scales_zeros", scales_zeros)  # (in / group, out, 2) bf16
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(),
+                                                           requires_grad=False)
+
+    @staticmethod
+    def fits(linear: nn.Linear, group: int = INT4_GROUP) -> bool:
+        """Whether the kernel takes this shape: inputs a multiple of ``group``, outputs of 16."""
+        return linear.in_features % group == 0 and linear.out_features % 16 == 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int = INT4_GROUP) -> Int4Linear:
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        if not cls.fits(linear, group):
+            raise MoorelmError(f"int4 weights need input widths that are multiples of {group} "
+                               f"and output widths of 16; a layer is {k} -> {n}")
+        wg = w.view(n, k // group, group)
+        low, high = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = (high - low).clamp(min=1e-8) / 15
+        q = ((wg - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
+        zero = low + 8 * scale
+        sz = torch.stack([scale[..., 0], zero[..., 0]], -1).transpose(0, 1).contiguous()
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+        return cls(packed, sz.to(torch.bfloat16), group, k, linear.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The matrix these int4 values stand for (the product with the identity, so bf16)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group,
+                                                 self.scales_zeros).float().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group,
+                                              self.scales_zeros).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def decode_product(self):
+        """As ``Int8Linear.decode_product``."""
+        w, g, sz, b, bf16 = self.weight, self.group, self.scales_zeros, self.bias, torch.bfloat16
+        if b is None:
+            return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(bf16), w, g, sz).float()
+        return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(bf16), w, g, sz).float().add_(b)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 groups of {self.group}")
 
 
 def check_weights(weights: str) -> str:
@@ -76,7 +157,10 @@ def check_weights(weights: str) -> str:
 
 def weight_format(model: nn.Module) -> str:
     """Which of WEIGHT_FORMATS a model's weights are in."""
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
+    kinds = {type(m) for m in model.modules()}
+    if Int4Linear in kinds:  # int4 keeps some layers int8
+        return "int4"
+    if Int8Linear in kinds:
         return "int8"
     return "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
 
@@ -96,12 +180,14 @@ def quantize(model: nn.Module, weights: str) -> nn.Module:
         return model.to(torch.bfloat16)
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise MoorelmError(f"int8 weights run on the CPU here; the model is on {device} "
+        raise MoorelmError(f"{weights} weights run on the CPU here; the model is on {device} "
                            "(use --weights bf16 on a GPU)")
+    head = getattr(model, "lm_head", None)  # int8 under int4 too: see the module docstring
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear.from_linear(child))
+                int4 = weights == "int4" and child is not head and Int4Linear.fits(child)
+                setattr(parent, name, (Int4Linear if int4 else Int8Linear).from_linear(child))
     for p in model.parameters():
         p.requires_grad_(False)
     return model

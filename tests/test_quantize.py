@@ -1,4 +1,4 @@
-"""Weight formats for inference (moorelm.quantize): int8 per-channel and bf16."""
+"""Weight formats for inference (moorelm.quantize): int8 per-channel, int4 group-wise, bf16."""
 
 import copy
 import subprocess
@@ -12,7 +12,7 @@ from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.generate import generate_tokens
 from moorelm.model import GPT
-from moorelm.quantize import Int8Linear, quantize, weight_bytes, weight_format
+from moorelm.quantize import Int4Linear, Int8Linear, quantize, weight_bytes, weight_format
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,30 @@ def test_int8_linear_is_the_dequantised_product():
     assert torch.allclose(got, want, atol=2e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("weights, tol", [("int8", 0.1), ("bf16", 0.1)])
+def test_int4_linear_is_the_dequantised_product():
+    """Int4Linear's values reconstruct the weight to within half a group step (plus bf16
+    rounding), and its product is x @ dequantised.T + bias; a shape the kernel refuses (an
+    output width not a multiple of 16) stays int8 under quantize."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    q = Int4Linear.from_linear(lin, group=32)
+    w = lin.weight.detach()
+    groups = w.view(48, 2, 32)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(32, dim=1)
+    err = (q.dequantized() - w).abs()
+    assert (err <= step / 2 + w.abs() / 128 + 1e-3).all()
+    x = torch.randn(2, 3, 64)
+    want = x.bfloat16().float() @ q.dequantized().T + lin.bias
+    got = q(x)
+    assert got.shape == (2, 3, 48) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=3e-2, rtol=1e-2)
+    assert torch.allclose(q.decode_product()(x[0]), got[0], atol=1e-5)
+    odd = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Linear(40, 64))
+    quantize(odd, "int4")
+    assert type(odd[0]) is Int8Linear and type(odd[1]) is Int8Linear  # 40 outputs; 40 inputs
+
+
+@pytest.mark.parametrize("weights, tol", [("int8", 0.1), ("bf16", 0.1), ("int4", 0.5)])
 def test_quantised_model_stays_close_and_decodes_like_its_forward(model, weights, tol):
     """A quantised model's logits stay near fp32's, and its cached decode path computes what
     its own full forward pass computes (the decode plan calls the quantised projections)."""
@@ -75,8 +98,8 @@ def test_int8_holds_a_quarter_of_the_bytes(model):
 
 def test_bad_formats_and_requantising_are_refused(model):
     """An unknown format, and converting an already converted model, get one clear line."""
-    with pytest.raises(MoorelmError, match="unknown weight format 'int4'"):
-        quantize(copy.deepcopy(model), "int4")
+    with pytest.raises(MoorelmError, match="unknown weight format 'int3'"):
+        quantize(copy.deepcopy(model), "int3")
     q = quantize(copy.deepcopy(model), "bf16")
     with pytest.raises(MoorelmError, match="already bf16"):
         quantize(q, "int8")
@@ -97,3 +120,29 @@ def test_load_and_generate_with_int8_weights(tiny_run):
     assert out.returncode == 0, out.stderr
     want = "".join(lm.generate("RO", max_new_tokens=8, temperature=0.0))
     assert out.stdout == "RO" + want + "\n"
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_decode_plan_binds_quantised_products(model, weights):
+    """The decode plan holds each quantised projection as a bound product (not the module,
+    whose reshapes and checks cost a step ~150 calls), and that product is the module's."""
+    from moorelm.decode_plan import DecodePlan
+
+    q = quantize(copy.deepcopy(model), weights)
+    plan = DecodePlan(q)
+    x = torch.randn(3, 64)
+    for mod, fn in plan.linear.items():
+        assert fn is not mod
+        if mod.in_features == 64:
+            assert torch.allclose(fn(x), mod(x), atol=1e-5)
+
+
+def test_int4_keeps_the_lm_head_int8():
+    """Under int4 the projections become Int4Linear but the LM head stays int8 (its int4
+    error flips greedy choices), even when the kernel would take the head's shape."""
+    cfg = ModelConfig(vocab_size=128, seq_len=32, n_layer=1, n_head=2, n_embd=64,
+                      pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=True)
+    torch.manual_seed(0)
+    q = quantize(GPT(cfg).eval(), "int4")
+    assert type(q.lm_head) is Int8Linear and weight_format(q) == "int4"
+    assert type(q.blocks[0].attn.c_attn) is Int4Linear
