@@ -231,7 +231,9 @@ def generate_tokens(
         idx = idx[:, -seq_len:]
     gen = generator or make_generator(seed, device)
     recent = [idx[:, -(seq_len // 2):]]  # enough history to rebuild the cache from
-    cache = model.new_cache(idx.shape[0])
+    # the cache holds what this call can reach (prompt + new tokens, at most the window): an
+    # 8k-context model asked for a short reply does not reserve and zero 8k positions a row
+    cache = model.new_cache(idx.shape[0], min(seq_len, idx.shape[1] + max(max_new_tokens, 1)))
     logits, _ = model(idx, kv_cache=cache, last_only=True)
     cached = idx.shape[1]  # every row has the same length here: no need to read the cache's
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)

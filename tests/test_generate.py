@@ -184,3 +184,24 @@ def test_api_generate_returns_text_and_streams(tiny_run):
     b = lm.generate("JULIET:", max_new_tokens=15, seed=3, temperature=1.0)
     assert isinstance(b, str) and a == b and len(a) > 0
     assert lm.complete("JULIET:", max_new_tokens=15, seed=3, temperature=1.0) == b
+
+
+def test_generate_tokens_sizes_its_cache_to_the_request(monkeypatch):
+    """generate_tokens reserves prompt + new tokens of KV cache, not the whole context window
+    (an 8k model asked for a short reply), and still slides past the window when asked for
+    more than it holds, giving the same tokens as before."""
+    from moorelm.config import ModelConfig
+    from moorelm.generate import generate_tokens
+    from moorelm.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, seq_len=32, n_layer=1, n_head=2, n_embd=16,
+                            pos="rope")).eval()
+    sizes = []
+    real = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b, n=None: sizes.append(n) or real(b, n))
+    idx = torch.randint(0, 40, (2, 5))
+    short = torch.stack(list(generate_tokens(model, idx, 4, temperature=0)), 1)
+    assert sizes == [9]
+    long = torch.stack(list(generate_tokens(model, idx, 60, temperature=0)), 1)  # slides
+    assert sizes[-1] == 32 and torch.equal(long[:, :4], short)
