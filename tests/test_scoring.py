@@ -23,7 +23,8 @@ def model():
 
 def reference(model, ids):
     """Log-probs of ids[1:] from one plain forward pass of the whole sequence."""
-    logits, _ = model(torch.tensor([ids[:-1]]))
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
     logp = torch.log_softmax(logits[0].float(), -1)
     return [float(logp[i, t]) for i, t in enumerate(ids[1:])]
 
