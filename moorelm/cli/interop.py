@@ -86,7 +86,9 @@ def add_parser(sub) -> None:
         "export", help="write a run as a transformers folder, a GGUF file or a PEFT adapter",
         description="Export the newest checkpoint of a run. --format hf: a folder that "
         "transformers' AutoModelForCausalLM and AutoTokenizer load (GPT-2 architecture for "
-        "learned positions, LayerNorm, GELU; Llama for rotary, RMSNorm, SwiGLU). --format gguf: "
+        "learned positions, LayerNorm, GELU; Llama for rotary, RMSNorm, SwiGLU; Qwen3 for those "
+        "with QK-norm, as the default recipe trains; with the chat template, special tokens and "
+        "every EOS id). --format gguf: "
         "one file for llama.cpp and Ollama (llama, qwen2 or qwen3 architecture; byte-level BPE "
         "or SentencePiece vocabularies; weights as --dtype). --format peft: the LoRA adapters of "
         "a fine-tuned run as adapter_config.json + adapter_model.safetensors, for "
@@ -107,13 +109,14 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "import", help="turn a transformers folder, a GGUF file or a PEFT adapter into a run",
-        description="Read a local transformers GPT-2 or Llama folder (safetensors weights only; "
-        "pickled .bin files are refused), a Llama-family GGUF file, or a PEFT LoRA adapter "
+        description="Read a local transformers GPT-2, Llama (2, 3, 3.1+), Mistral, Qwen2 or Qwen3 "
+        "folder (safetensors weights only; pickled .bin files and remote code are refused), a "
+        "llama, qwen2 or qwen3 GGUF file, or a PEFT LoRA adapter "
         "folder on top of a base run (--base), and write a moorelm run folder that generate, "
         "evaluate and fine-tuning can use.",
     )
     p.add_argument("hf_dir", metavar="SOURCE", help="Hugging Face model folder (local), a "
-                   "Llama-family FILE.gguf, 'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), "
+                   "FILE.gguf, 'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), "
                    "or a PEFT adapter folder (with --base)")
     p.add_argument("run", metavar="RUN", help="run folder to write")
     p.add_argument("--base", default=None, metavar="RUN",
