@@ -20,15 +20,8 @@ from moorelm.errors import MoorelmError
 
 FORMATS = ("hf", "gguf", "peft")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-# what ``export --format hf`` may find in a folder it replaces with --force
-HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-            "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "README.md"}
-
 
 def cmd_export(args) -> int:
-    from moorelm.interop.peft import check_out_folder
-
     fmt, out = args.format, Path(args.out)
     if fmt not in FORMATS:
         raise MoorelmError(f"--format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
@@ -51,7 +44,6 @@ def cmd_export(args) -> int:
     else:
         from moorelm.interop.hf import export_hf
 
-        check_out_folder(out, args.force, HF_FILES, "Hugging Face model")
         out = export_hf(args.run, out, overwrite=args.force)
         print(f"exported {args.run} -> {out} (load it with transformers' AutoModelForCausalLM "
               "and AutoTokenizer)")
