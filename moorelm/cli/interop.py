@@ -21,6 +21,7 @@ from moorelm.errors import MoorelmError
 FORMATS = ("hf", "gguf", "peft")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
+
 def cmd_export(args) -> int:
     fmt, out = args.format, Path(args.out)
     if fmt not in FORMATS:
