@@ -1,9 +1,8 @@
 """The one-token decode path's view of a model, bound once per KV cache.
 
 ``DecodePlan`` turns every projection and norm of a GPT into a ready callable (a matrix
-product with its transposed weight, MKL's packed GEMM for batches of 8-64 rows, a norm with
-its arguments), and ``_ONEDNN_OFF`` switches oneDNN off around a CPU fp32 step. The model's
-``_decode_step`` is their only user; why each exists is in docs/ARCHITECTURE.md.
+product with its transposed weight, a norm with its arguments), and ``_ONEDNN_OFF``
+switches oneDNN off around a CPU fp32 step. The model's ``_decode_step`` is their only user; why each exists is in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import threading
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class _OneDnnOff:
@@ -47,10 +45,8 @@ class DecodePlan:
     callable, taken once per KV cache (``KVCache.plan``) rather than once per call.
 
     A plain ``nn.Linear`` becomes a matrix product with its transposed weight bound (a view:
-    in-place weight updates show through), on a CPU with MKL a ``_PackedLinear`` (the same
-    product for a row or a few, MKL's packed GEMM for 8-64 rows); any subclass (LoRA's) stays
-    its own module. A norm
-    becomes ``torch.layer_norm``/``torch.rms_norm`` with its arguments bound. ``layers``
+    in-place weight updates show through); any subclass (LoRA's) stays its own module, and a
+    quantised linear binds its own ``decode_product``. A norm becomes ``torch.layer_norm``/``torch.rms_norm`` with its arguments bound. ``layers``
     holds each block's pieces in the order a step uses them. At batch 1 on a CPU a step is
     a few dozen small kernels, and the module lookups, transposes and type checks this
     saves measured about a fifth of it. The plan assumes the weights are not replaced
@@ -78,8 +74,6 @@ def _bind_linear(mod: nn.Linear):
     if type(mod) is not nn.Linear:
         fast = getattr(mod, "decode_product", None)  # quantised linears: a bound product
         return fast() if fast is not None else mod
-    if _PackedLinear.usable(mod.weight):
-        return _PackedLinear(mod.weight, mod.bias)
     return _plain_product(mod.weight, mod.bias)
 
 
@@ -87,68 +81,42 @@ def _plain_product(weight: torch.Tensor, bias: torch.Tensor | None):
     # x @ W.t() rather than F.linear: for a single row on CPU it measured ~20% faster
     wt = weight.t()
     if bias is None:
-        return lambda x: torch.mm(x, wt)
-    return lambda x: torch.addmm(bias, x, wt)
+        plain = lambda x: torch.mm(x, wt)  # noqa: E731
+    else:
+        plain = lambda x: torch.addmm(bias, x, wt)  # noqa: E731
+    if not _onednn_usable(weight):
+        return plain
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # oneDNN's op has no backward
+            return plain(x)
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return product
 
 
-class _PackedLinear:
-    """``x @ W.t() + b`` for a batch of rows, through MKL's packed GEMM on a CPU.
-
-    A plain matrix product re-packs the whole weight into MKL's internal layout on every
-    call: at 32 rows that copy is about as costly as the arithmetic (a measured 1.4-2x on the
-    projections of a 384-wide model). MKL can keep the packed weight, but PyTorch's op for it
-    only takes the row count it was packed for, so rows are padded up to a power of two (8,
-    16, 32, ...) and each such size gets its pack, made when first needed; at most ``KEEP``
-    sizes stay, the least recently used goes. Below 8 rows a product reads the weight once
-    anyway and the plain one is used; so it is above 64 rows, where the re-packing is a small
-    share and padding could double the work, and when autograd records (the op has no
-    backward). A pack remembers its weight's version counter, so an in-place update of the
-    weight (``load_state_dict``, an optimizer step) re-packs it; weights made in inference
-    mode have no such counter and keep the plain product.
-    """
-
-    MIN_ROWS, MAX_ROWS = 8, 64
-    KEEP = 2
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight, bias
-        self.plain = _plain_product(weight, bias)
-        self.packs: dict[int, tuple[int, torch.Tensor]] = {}  # rows -> (weight version, pack)
-
-    @staticmethod
-    def usable(weight: torch.Tensor) -> bool:
-        return (_MKL_OPS is not None and weight.device.type == "cpu"
-                and weight.dtype == torch.float32 and weight.is_contiguous()
-                and not weight.is_inference())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.shape[0]
-        if not self.MIN_ROWS <= m <= self.MAX_ROWS or torch.is_grad_enabled():
-            return self.plain(x)
-        rows = 1 << (m - 1).bit_length()
-        entry = self.packs.pop(rows, None)  # popped and put back: the dict's order is LRU
-        version = self.weight._version
-        if entry is None or entry[0] != version:
-            entry = (version, _MKL_OPS[0](self.weight, rows))
-            while len(self.packs) >= self.KEEP:
-                self.packs.pop(next(iter(self.packs)))
-        self.packs[rows] = entry
-        if rows != m:
-            x = F.pad(x, (0, 0, 0, rows - m))
-        return _MKL_OPS[1](x, entry[1], self.weight, self.bias, rows)[:m]
-
-
-def _mkl_pack_ops():
-    """(pack, packed linear) ops of builds with MKL (x86 CPU wheels), else None."""
+def _onednn_linear():
+    """PyTorch's oneDNN linear op (x86 and ARM builds with oneDNN), else None."""
     try:
-        if torch.backends.mkl.is_available():
-            return torch.ops.mkl._mkl_reorder_linear_weight, torch.ops.mkl._mkl_linear
+        if torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise
     except (AttributeError, RuntimeError):
         pass
     return None
 
 
-_MKL_OPS = _mkl_pack_ops()
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def _onednn_usable(weight: torch.Tensor) -> bool:
+    """Whether a decode product with this weight goes through oneDNN: fp32 on a CPU.
+
+    Measured on a 2-core AMD EPYC (docs/performance.md): MKL's product, which ``torch.mm``
+    takes, reads a (1536, 576) weight at 8 GB/s for one row and does not gain from a
+    second thread, where oneDNN's reads it at 15 GB/s; at 8 and 32 rows oneDNN is 1.3-1.5x
+    faster, on the 49,152-wide head 2x. oneDNN picks its kernels by instruction set, not
+    by vendor."""
+    return (_ONEDNN_LINEAR is not None and weight.device.type == "cpu"
+            and weight.dtype == torch.float32 and weight.is_contiguous())
 
 
 def _bind_norm(mod: nn.Module):

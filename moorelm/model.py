@@ -20,11 +20,14 @@ D head size, V vocabulary, S cached length. Attention always goes through
 
 The KV cache is an explicit object passed to ``forward``: every row of the batch has its own
 length, so a serving engine can decode requests that started at different times together.
+On a CPU a large cache takes memory only as positions are written (``lazy_zeros``), and a
+freed row gives its memory back (``KVCache.release``).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Any
 
 import torch
@@ -34,16 +37,55 @@ import torch.nn.functional as F
 from moorelm.config import ModelConfig
 from moorelm.decode_plan import _ONEDNN_OFF, DecodePlan
 
+LAZY_BYTES = 1 << 20  # CPU tensors from this size up are allocated by ``lazy_zeros``
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
+    """A CPU tensor of zeros whose memory becomes resident only where it is written: an
+    anonymous private mapping, which the OS hands out zero-filled page by page on first
+    write (reading an untouched page costs no memory). -> (tensor, its mapping), for
+    ``release_rows``."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=dtype).view(shape), buf
+
+
+def release_rows(buf: mmap.mmap, row_bytes: int, rows: list[int]) -> None:
+    """Give back to the OS the whole pages inside these rows (of ``row_bytes`` each) of a
+    ``lazy_zeros`` mapping: they read as zeros again and hold no memory until written."""
+    page = mmap.PAGESIZE
+    for r in rows:
+        start = -(-(r * row_bytes) // page) * page
+        end = ((r + 1) * row_bytes // page) * page
+        if end > start:
+            buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+
 
 class KVCache:
-    """Keys and values of past positions, per layer, with a length per batch row."""
+    """Keys and values of past positions, per layer, with a length per batch row.
+
+    On a CPU a cache of ``LAZY_BYTES`` or more lives in ``lazy_zeros`` memory: ``max_len``
+    positions per row are reserved as addresses, but only positions written take memory, so
+    a serving engine can give every slot the model's whole window and its resident size
+    follows the tokens actually held. ``release`` empties rows and returns their memory."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.max_len = max_len or cfg.seq_len
         shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)  # (B, K, S, D)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        self._maps: list[mmap.mmap] = []  # the lazy_zeros mappings of k and v, if any
+        self._first = 0  # this cache's row 0 in the mappings (``rows`` views)
+        if torch.device(device).type == "cpu" and nbytes >= LAZY_BYTES:
+            tensors = []
+            for _ in range(2 * cfg.n_layer):
+                t, buf = lazy_zeros(shape, dtype)
+                tensors.append(t)
+                self._maps.append(buf)
+            self.k, self.v = tensors[: cfg.n_layer], tensors[cfg.n_layer :]
+        else:
+            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._plan: list[DecodePlan | None] = [None]  # shared with ``rows`` views
 
@@ -67,6 +109,26 @@ class KVCache:
         else:
             self.lengths[rows] = 0
 
+    def release(self, rows: list[int] | None = None) -> None:
+        """Forget rows (all when None) and, for a lazily allocated cache, give their memory
+        back: what a serving engine does when a sequence leaves its slot. Positions a row
+        held read as zeros afterwards or keep old values (the part of a page shared with
+        the next row); either way they are past the row's length, which attention masks."""
+        self.reset(rows)
+        if not self._maps:
+            return
+        rows = list(range(self.batch_size)) if rows is None else rows
+        row_bytes = self.k[0][0].numel() * self.k[0].element_size()
+        for buf in self._maps:
+            release_rows(buf, row_bytes, [self._first + r for r in rows])
+
+    def resident_bytes(self) -> int:
+        """Bytes of keys and values the rows' lengths cover (what the memory holds, to
+        within a page per row and head, for a lazily allocated cache)."""
+        per_position = 2 * len(self.k) * self.k[0].shape[1] * self.k[0].shape[3] \
+            * self.k[0].element_size()
+        return int(self.lengths.sum()) * per_position
+
     def insert(self, row: int, other: KVCache, other_row: int = 0) -> None:
         """Copy one sequence (e.g. a freshly prefilled request) into slot ``row``."""
         n = int(other.lengths[other_row])
@@ -83,15 +145,9 @@ class KVCache:
         view.k = [k[start:stop] for k in self.k]
         view.v = [v[start:stop] for v in self.v]
         view.lengths = self.lengths[start:stop]
+        view._maps, view._first = self._maps, self._first + start
         view._plan = self._plan
         return view
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows, in this order (compacts the batch)."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
-        self.k = [k.index_select(0, idx) for k in self.k]
-        self.v = [v.index_select(0, idx) for v in self.v]
-        self.lengths = self.lengths.index_select(0, idx)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                uniform_start: int | None) -> tuple[torch.Tensor, torch.Tensor]:

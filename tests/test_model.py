@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moorelm import decode_plan
 from moorelm.config import ModelConfig
 from moorelm.model import GPT
 from tests.conftest import DEVICES
@@ -128,41 +127,9 @@ def test_decode_plan_follows_the_model_using_the_cache():
     assert torch.allclose(out[:, -1], full[:, -1], atol=1e-4)
 
 
-@pytest.mark.skipif(decode_plan._MKL_OPS is None, reason="this torch build has no MKL")
-def test_packed_projection_matches_the_plain_product():
-    """The decode path's packed GEMM (rows padded to a power of two) gives x @ W.t() + b for
-    every row count, follows in-place weight updates, keeps at most two packs, and leaves
-    products that autograd records to the plain op."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(24, 40)
-    packed = decode_plan._PackedLinear(lin.weight, lin.bias)
-    no_bias = decode_plan._PackedLinear(lin.weight, None)
-    with torch.no_grad():
-        for m in (1, 7, 8, 11, 16, 17, 32, 40, 64, 65, 100):
-            x = torch.randn(m, 24)
-            want = x @ lin.weight.t()
-            assert torch.allclose(packed(x), want + lin.bias, atol=1e-5), m
-            assert torch.allclose(no_bias(x), want, atol=1e-5), m
-            assert packed(x).shape == (m, 40)
-        assert len(packed.packs) <= 2 and set(packed.packs) <= {8, 16, 32, 64}
-        x = torch.randn(12, 24)
-        before = packed(x)
-        lin.weight.mul_(2.0)  # in place, as load_state_dict does
-        after = packed(x)
-        assert torch.allclose(after, x @ lin.weight.t() + lin.bias, atol=1e-5)
-        assert not torch.allclose(after, before)
-    x = torch.randn(12, 24, requires_grad=True)
-    packed(x).sum().backward()
-    assert x.grad is not None
-    with torch.inference_mode():
-        frozen = torch.nn.Linear(24, 40)
-    assert not decode_plan._PackedLinear.usable(frozen.weight)
-
-
 @pytest.mark.parametrize("variant", ["gpt2", "bias-learned-rmsnorm"])
 def test_wide_batch_decode_at_different_lengths(variant):
-    """Twelve rows at twelve lengths (the packed projections, padded to 16 rows) decode as
-    each row would alone."""
+    """Twelve rows at twelve lengths decode as each row would alone."""
     model = make(variant)
     seqs = [torch.randint(0, 50, (1, 2 + i)) for i in range(12)]
     batch = model.new_cache(12)

@@ -35,14 +35,20 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("MOORELM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                    "(default: $MOORELM_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="requests decoded together (KV cache slots; default 16)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoded together (KV cache slots; default 64 on a CPU, where "
+                   "the cache takes memory only for the tokens held, 16 on a GPU)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context window per request (default: the model's, or what the KV-cache "
-                   "budget holds for every slot)")
+                   "budget holds)")
     p.add_argument("--kv-memory", default=None, metavar="SIZE",
-                   help="memory for the whole KV cache, e.g. 512MiB or 4GiB (default 2GiB); "
-                   "each slot's context is cut to fit it")
+                   help="memory for the whole KV cache, e.g. 512MiB or 4GiB (default 2GiB): on "
+                   "a CPU the tokens all requests hold together (a request waits until its "
+                   "prompt + max_tokens fit), on a GPU reserved and divided among the slots")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory for the weights and the KV cache together, e.g. 1.5GiB: the KV "
+                   "cache gets what the weights (in --weights' format) leave; instead of "
+                   "--kv-memory")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-body", type=int, default=1 << 20,
@@ -137,14 +143,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise MoorelmError(f"--port must be in 0..65535, got {args.port}")
     for flag, value in (("--max-batch", args.max_batch), ("--max-body", args.max_body)):
-        if value < 1:
+        if value is not None and value < 1:
             raise MoorelmError(f"{flag} must be at least 1, got {value}")
     if args.max_queue < 0:
         raise MoorelmError(f"--max-queue must be at least 0, got {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise MoorelmError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.kv_memory and args.max_memory:
+        raise MoorelmError("give --max-memory (weights + KV cache) or --kv-memory (KV cache "
+                           "alone), not both")
     if args.kv_memory:
         parse_size(args.kv_memory, "--kv-memory")  # before loading the model
+    if args.max_memory:
+        parse_size(args.max_memory, "--max-memory")
     limits = server_limits(args)
     if args.threads is not None:
         if args.threads < 1:
@@ -158,5 +169,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
           device=args.device, model_name=args.model_name, log_level=args.log_level,
           limits=limits, policy=policy, max_seq_len=args.max_seq_len,
           kv_memory=parse_size(args.kv_memory, "--kv-memory") if args.kv_memory else None,
+          max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
           weights=args.weights)
     return 0

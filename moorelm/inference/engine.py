@@ -33,7 +33,7 @@ import torch
 from moorelm.errors import MoorelmError
 from moorelm.generate import BanList
 from moorelm.grammar import Grammar, grammars_for
-from moorelm.inference.limits import ModelLimits, context_for_budget, kv_bytes_per_token
+from moorelm.inference.limits import ModelLimits, kv_bytes_per_token, plan_kv
 from moorelm.inference.output import ChoiceText, token_logprobs
 from moorelm.inference.runner import Runner
 from moorelm.inference.sampler import sample_all
@@ -59,12 +59,14 @@ BAN_CACHE = 32  # compiled banned-phrase lists kept
 class Engine:
     """A model served with continuous batching by one background thread.
 
-    ``max_batch``: sequences decoded together (KV cache slots); ``max_queue``: requests
-    allowed to wait while every slot is busy, beyond which ``submit`` raises ``QueueFull``.
-    ``max_seq_len`` and ``kv_memory`` (bytes for the whole KV cache, default
-    ``limits.KV_MEMORY``) bound each slot's context (``limits.context_for_budget``): the cache
-    is allocated once, so an 8k-context model does not reserve 8k positions per slot unless
-    the budget holds them; longer requests get a RequestError naming the window.
+    ``max_batch``: sequences decoded together (KV cache slots; default from the budget,
+    ``limits.plan_kv``); ``max_queue``: requests allowed to wait while every slot is busy,
+    beyond which ``submit`` raises ``QueueFull``. ``kv_memory``: bytes for the whole KV cache
+    (default ``limits.KV_MEMORY``). On a CPU the cache takes memory only for the positions
+    held, every slot may use the model's whole window (or ``max_seq_len``), and a request
+    waits until its prompt + max tokens fit what the budget has left; on a GPU the budget
+    is reserved up front and divided among the slots. Longer requests than a slot holds
+    get a RequestError naming the window.
 
     ``stop_ids``: the tokens that end a choice with finish reason "stop" besides end of text
     (an imported model's EOS / end-of-turn ids, ``LanguageModel.stop_ids``); never emitted.
@@ -75,12 +77,10 @@ class Engine:
     otherwise not reach them.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int | None = None,
                  max_queue: int = 64, threads: int | None = None,
                  max_seq_len: int | None = None, kv_memory: int | None = None,
                  stop_ids: frozenset[int] | None = None):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise MoorelmError(f"max batch must be an integer >= 1, got {max_batch}")
         if not isinstance(max_queue, int) or max_queue < 0:
             raise MoorelmError(f"max queue must be an integer >= 0, got {max_queue}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -88,18 +88,20 @@ class Engine:
         self.tokenizer = tokenizer
         # tokens that end a choice with finish_reason "stop" (the model's EOS / end-of-turn ids)
         self.stop_ids = frozenset(stop_ids or ()) | {tokenizer.eot_id}
-        self.max_batch, self.max_queue = max_batch, max_queue
         self.threads = threads or torch.get_num_threads()
         self.device = model.wte.weight.device
         self.vocab_size = model.config.vocab_size
-        # each slot's context: the model's, unless --max-seq-len or the KV-cache budget says less
+        # slots and each slot's context from the KV-cache budget (and --max-seq-len)
         value_bytes = model.wte.weight.element_size()
-        context = context_for_budget(model.config, max_batch, kv_memory, max_seq_len, value_bytes)
-        self.kv_cache_bytes = context * max_batch * kv_bytes_per_token(model.config, value_bytes)
+        self.kv = plan_kv(model.config, self.device.type, max_batch, kv_memory, max_seq_len,
+                          value_bytes)
+        self.max_batch, self.max_queue = self.kv.slots, max_queue
+        self.kv_cache_bytes = self.kv.token_budget * kv_bytes_per_token(model.config, value_bytes)
         # ids the model has but the tokenizer does not (vocab padding) are never sampled
-        self.limits = ModelLimits(context, min(tokenizer.vocab_size, self.vocab_size))
-        self.scheduler = Scheduler(max_batch, max_queue)
-        self.runner = Runner(model, max_batch, self.limits.token_vocab, max_len=context)
+        self.limits = ModelLimits(self.kv.context, min(tokenizer.vocab_size, self.vocab_size))
+        self.scheduler = Scheduler(self.max_batch, max_queue, self.kv.token_budget)
+        self.runner = Runner(model, self.max_batch, self.limits.token_vocab,
+                             max_len=self.kv.context)
         self._thread: threading.Thread | None = None
         self._bans: dict[tuple[str, ...], BanList] = {}
         self._ban_lock = threading.Lock()
@@ -152,7 +154,9 @@ class Engine:
 
     def stats(self) -> dict:
         return {"active": len(self.scheduler.active), "waiting": self.scheduler.waiting_count(),
-                "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counters}
+                "max_batch": self.max_batch, "max_queue": self.max_queue,
+                "kv_tokens": self.scheduler.reserved_tokens(),
+                "kv_token_budget": self.kv.token_budget, **self.counters}
 
     # -- requests
 

@@ -20,6 +20,8 @@ from moorelm.inference.sequence import Request
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_BIAS = 100.0  # |logit_bias value|, as OpenAI
 KV_MEMORY = 2 << 30  # default KV-cache budget in bytes, all slots together
+MAX_SLOTS = 64  # default slots of a CPU cache (memory taken as used)
+RESERVED_SLOTS = 16  # default slots of a cache reserved up front (GPU)
 
 
 def kv_bytes_per_token(cfg, bytes_per_value: int = 4) -> int:
@@ -28,28 +30,51 @@ def kv_bytes_per_token(cfg, bytes_per_value: int = 4) -> int:
     return 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * bytes_per_value
 
 
-def context_for_budget(cfg, max_batch: int, kv_memory: int | None = None,
-                       max_seq_len: int | None = None, bytes_per_value: int = 4) -> int:
-    """The context window each of ``max_batch`` slots gets: the model's own, or less where
-    ``max_seq_len`` asks for less or the KV cache of every slot would not fit ``kv_memory``
-    bytes (default ``KV_MEMORY``). An 8k-context model is not given 8k positions per slot
-    up front unless the budget holds them. A budget that cannot hold one short request is
-    a MoorelmError."""
+@dataclass(frozen=True)
+class KVPlan:
+    """How the KV cache serves: ``slots`` sequences decoded together, up to ``context``
+    positions each, and at most ``token_budget`` positions held by all slots together
+    (the scheduler admits a choice only when its prompt + max tokens fit what is left)."""
+
+    slots: int
+    context: int
+    token_budget: int
+    lazy: bool  # memory taken as positions are written (CPU), not reserved up front
+
+
+def plan_kv(cfg, device_type: str = "cpu", max_batch: int | None = None,
+            kv_memory: int | None = None, max_seq_len: int | None = None,
+            bytes_per_value: int = 4) -> KVPlan:
+    """The KV cache for ``kv_memory`` bytes (default ``KV_MEMORY``) and ``max_batch`` slots.
+
+    On a CPU the cache's memory is taken only as positions are written (``KVCache``), so
+    every slot gets the model's whole window (or ``max_seq_len``, or the budget, whichever
+    is less), slots default to ``MAX_SLOTS``, and the budget bounds the positions held at
+    once: 32 chats of 500 tokens fit where 16 reserved 8k windows would not. Elsewhere (a
+    GPU) the cache is reserved up front, so the budget is divided among the slots (default
+    ``RESERVED_SLOTS``) and each slot's context cut to its share. A budget that cannot hold
+    one short request is a MoorelmError."""
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise MoorelmError(f"max batch must be an integer >= 1, got {max_batch}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise MoorelmError(f"max sequence length must be an integer >= 2, got {max_seq_len}")
     budget = KV_MEMORY if kv_memory is None else kv_memory
     if not isinstance(budget, int) or budget < 1:
         raise MoorelmError(f"the KV-cache memory budget must be a positive number of bytes, "
                            f"got {budget}")
-    ctx = min(cfg.seq_len, max_seq_len or cfg.seq_len)
-    per_token = kv_bytes_per_token(cfg, bytes_per_value) * max_batch
-    fits = budget // per_token
-    if fits < 2:
+    window = min(cfg.seq_len, max_seq_len or cfg.seq_len)
+    per_token = kv_bytes_per_token(cfg, bytes_per_value)
+    lazy = device_type == "cpu"
+    slots = max_batch or (MAX_SLOTS if lazy else RESERVED_SLOTS)
+    tokens = budget // per_token if lazy else budget // (per_token * slots)
+    if tokens < 2:
+        held = "" if lazy else f" for {slots} slots"
         raise MoorelmError(
-            f"a KV-cache budget of {budget / 2**20:.1f} MiB cannot hold one request for "
-            f"{max_batch} slots ({per_token / 2**10:.1f} KiB per position); raise the budget "
-            "(--kv-memory) or lower --max-batch")
-    return min(ctx, fits)
+            f"a KV-cache budget of {budget / 2**20:.1f} MiB cannot hold one request{held} "
+            f"({per_token * (1 if lazy else slots) / 2**10:.1f} KiB per position); raise the "
+            "budget (--kv-memory)" + ("" if lazy else " or lower --max-batch"))
+    context = min(window, tokens)
+    return KVPlan(slots, context, tokens if lazy else slots * context, lazy)
 
 
 class RequestError(MoorelmError):

@@ -3,7 +3,8 @@
 ``Runner`` owns one ``KVCache`` of ``max_batch`` slots. ``prefill`` runs prompts of equal
 length in one forward pass straight into consecutive slots; ``decode`` runs one new token
 for each of the first B slots (the active ones, which always fill the front); ``copy`` and
-``free`` move and clear slots for the scheduler's compaction. Both passes return float32
+``free`` move and clear slots for the scheduler's compaction (a freed slot's memory goes
+back to the OS: on a CPU the cache takes memory only for the positions it holds). Both passes return float32
 logits (rows, V) with the ids the tokenizer lacks (vocabulary padding) at -inf, so they are
 never sampled. The decode plan and packed projections of ``moorelm.model`` do the work.
 """
@@ -31,8 +32,8 @@ class Runner:
         self.cache = self.model.new_cache(self.max_batch, self.max_len)
 
     def reset(self) -> None:
-        """Empty every slot."""
-        self.cache.reset()
+        """Empty every slot (and give the cache's memory back)."""
+        self.cache.release()
 
     def prefill(self, first: int, prompts: list[tuple[int, ...]]) -> torch.Tensor:
         """Prompts of one length into slots first, first + 1, ... -> logits (k, V) of what
@@ -50,11 +51,14 @@ class Runner:
         return self._clean(logits[:, -1, :])
 
     def copy(self, dst: int, src: int) -> None:
-        """Slot dst gets a copy of slot src's keys and values."""
+        """Slot dst gets a copy of slot src's keys and values (dst's old ones given back
+        first, so that a slot holds memory only for its own sequence)."""
+        self.cache.release([dst])
         self.cache.insert(dst, self.cache, src)
 
     def free(self, slot: int) -> None:
-        self.cache.reset([slot])
+        """Empty a slot and give its memory back."""
+        self.cache.release([slot])
 
     def _clean(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()

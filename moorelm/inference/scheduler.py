@@ -4,7 +4,8 @@ Sequence i of ``active`` lives in KV cache slot i, and active sequences always f
 front of the cache. Each step the scheduler
 
     drops   the sequences whose client cancelled, and cancelled requests still waiting
-    admits  waiting requests' choices into the free slots, in arrival order, and plans
+    admits  waiting requests' choices into the free slots, in arrival order, while their
+            prompt + max tokens fit the KV cache's token budget, and plans
             their prefill: prompts of equal length together (at most ``PREFILL_TOKENS``
             tokens a pass), each prompt once however many choices (n) it has
     leaves  finished sequences: the last active sequence moves into each hole
@@ -41,10 +42,13 @@ class Prefill:
 
 class Scheduler:
     """``max_batch`` slots and a queue of at most ``max_queue`` waiting requests (requests
-    that free slots will take at the next step do not count as waiting)."""
+    that free slots will take at the next step do not count as waiting). A choice holds
+    ``Sequence.reserved`` positions of the KV cache (its prompt + max tokens) while it is
+    active; all active ones together hold at most ``token_budget`` (None: no bound but the
+    slots). A request waits, first in line, until what it needs is free."""
 
-    def __init__(self, max_batch: int, max_queue: int):
-        self.max_batch, self.max_queue = max_batch, max_queue
+    def __init__(self, max_batch: int, max_queue: int, token_budget: int | None = None):
+        self.max_batch, self.max_queue, self.token_budget = max_batch, max_queue, token_budget
         self.cond = threading.Condition()
         self.waiting: deque[RequestHandle] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache slot i
@@ -98,14 +102,24 @@ class Scheduler:
     def admit(self) -> list[list[Prefill]]:
         """Waiting choices take the free slots -> the prefill passes to run, in slot order."""
         prefills: list[Prefill] = []
+        budget = self.token_budget
+        held = self.reserved_tokens()
         with self.cond:
             free = self.max_batch - len(self.active)
             while free > 0 and self.waiting and not self.paused:
                 handle = self.waiting[0]
-                take = [handle.pending.popleft() for _ in range(min(free, len(handle.pending)))]
+                take = []
+                while handle.pending and len(take) < free:
+                    need = handle.request.reserve_of(handle.pending[0])
+                    if budget is not None and held + need > budget:
+                        break
+                    take.append(handle.pending.popleft())
+                    held += need
                 free -= len(take)
                 if not handle.pending:
                     self.waiting.popleft()
+                if not take:
+                    break  # first in line until the budget frees what it needs
                 n = handle.request.n
                 for c in take:
                     last = prefills[-1] if prefills else None
@@ -121,6 +135,10 @@ class Scheduler:
             per_pass = max(1, PREFILL_TOKENS // T)
             passes += [same[i : i + per_pass] for i in range(0, len(same), per_pass)]
         return passes
+
+    def reserved_tokens(self) -> int:
+        """KV-cache positions the active sequences hold (their prompts + max tokens)."""
+        return sum(seq.reserved for seq in self.active)
 
     def join(self, seq: Sequence) -> int:
         """A sequence takes the next slot -> its slot."""

@@ -54,6 +54,10 @@ class Request:
     def prompt_of(self, choice: int) -> tuple[int, ...]:
         return self.prompts[choice // self.n]
 
+    def reserve_of(self, choice: int) -> int:
+        """KV-cache positions a choice may hold: its prompt and every token it may add."""
+        return len(self.prompt_of(choice)) + self.params.max_new_tokens
+
 
 @dataclass
 class TokenEvent:
@@ -173,6 +177,7 @@ class Sequence:
                        if p.presence_penalty or p.frequency_penalty else None)  # (V,)
         self.bias = _bias_vector(req.logit_bias, vocab_size, device)  # (V,) or None
         prompt = req.prompt_of(index)
+        self.reserved = req.reserve_of(index)  # KV-cache positions held while active
         self.seen = None  # (1, V) bool: tokens of the prompt and output, for repetition_penalty
         if p.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)

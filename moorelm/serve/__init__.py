@@ -78,19 +78,23 @@ class ServerLimits:
         return max(8, min(1024, soft // 2 if soft > 0 else 1024))
 
 
-def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
+def build_app(run: str | Path, max_batch: int | None = None, max_queue: int = 64,
               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
               device: str = "auto", model_name: str | None = None,
               hosts: tuple[str, ...] | None = None, body_timeout: float | None = BODY_TIMEOUT_S,
               policy: ServePolicy | None = None, max_seq_len: int | None = None,
-              kv_memory: int | None = None, weights: str = "fp32"):
+              kv_memory: int | None = None, weights: str = "fp32",
+              max_memory: int | None = None):
     """Load a run folder's newest checkpoint and return the FastAPI app that serves it
     (bounded by ``policy``: see ``moorelm.serve.policy``; each request's context by
-    ``max_seq_len`` and the KV-cache budget ``kv_memory``: see ``moorelm.inference.engine``)."""
+    ``max_seq_len`` and the KV-cache budget ``kv_memory``: see ``moorelm.inference.engine``;
+    ``max_memory`` instead: weights and KV cache together, the cache getting the rest)."""
     import moorelm
 
     check_api_key(api_key)  # before loading the model
     lm = moorelm.load(run, device=device, weights=weights)
+    if max_memory is not None:
+        kv_memory = kv_budget_after_weights(lm.model, max_memory, weights)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue,
                     max_seq_len=max_seq_len, kv_memory=kv_memory, stop_ids=lm.stop_ids)
     name = model_name or lm.name
@@ -99,13 +103,31 @@ def build_app(run: str | Path, max_batch: int = 16, max_queue: int = 64,
                       policy=policy, chat_template=lm.template())
 
 
+def kv_budget_after_weights(model, max_memory: int, weights: str = "fp32") -> int:
+    """What ``max_memory`` bytes leave for the KV cache after the model's weights (each
+    tensor counted once, tied ones too); a MoorelmError when they leave nothing."""
+    seen, used = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            used += key[1]
+    left = max_memory - used
+    if left < 2**20:
+        raise MoorelmError(
+            f"--max-memory {max_memory / 2**20:.0f} MiB: the weights ({weights}) take "
+            f"{used / 2**20:.0f} MiB, which leaves no room for a KV cache; raise it"
+            + (" or use --weights int8" if weights in ("fp32", "bf16") else ""))
+    return left
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
+          api_key: str | None = None, max_batch: int | None = None, max_queue: int = 64,
           max_body_bytes: int = MAX_BODY_BYTES, device: str = "auto",
           model_name: str | None = None, log_level: str = "info",
           limits: ServerLimits | None = None, policy: ServePolicy | None = None,
           max_seq_len: int | None = None, kv_memory: int | None = None,
-          weights: str = "fp32") -> None:
+          weights: str = "fp32", max_memory: int | None = None) -> None:
     """Serve a run folder until interrupted (Ctrl-C, SIGTERM: running requests get
     ``limits.drain_s`` to finish).
 
@@ -120,14 +142,16 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     sock = bind(host, port)  # before loading the model: a taken port fails fast
     hosts = allowed_hosts(host, api_key)
     app = build_app(run, max_batch, max_queue, api_key, max_body_bytes, device, model_name,
-                    hosts, limits.body_timeout_s, policy, max_seq_len, kv_memory, weights)
+                    hosts, limits.body_timeout_s, policy, max_seq_len, kv_memory, weights,
+                    max_memory)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     engine = app.state.service.engine
     print(f"moorelm: serving {app.state.service.model_name} at http://{shown}:{actual} "
           f"(playground: http://{shown}:{actual}/, OpenAI base_url: http://{shown}:{actual}/v1); "
-          f"{engine.max_batch} slots of {engine.seq_len} tokens, KV cache "
-          f"{engine.kv_cache_bytes / 2**20:.0f} MiB", flush=True)
+          f"{engine.max_batch} slots of up to {engine.seq_len} tokens, KV cache "
+          f"{engine.kv_cache_bytes / 2**20:.0f} MiB"
+          + (" (taken as tokens are held)" if engine.kv.lazy else ""), flush=True)
     server = DrainingServer(app, limits, log_level)
     try:
         server.run(sockets=[sock])
