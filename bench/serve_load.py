@@ -36,6 +36,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,14 +135,17 @@ def make_random_run(run: str, preset: str) -> None:
     folder.save(0, LMCodec().checkpoint_files(model), {"tokens": 0})
 
 
-def start_server(run: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "moorelm", "serve", run, "--port", "0", "--max-batch",
-           str(max_batch), "--max-queue", "1024", "--log-level", "warning",
-           "--model-name", "bench"]
+def start_server(run: str, max_batch: int | None, threads: int | None,
+                 extra: list[str]) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "moorelm", "serve", run, "--port", "0", "--max-queue", "1024",
+           "--log-level", "warning", "--model-name", "bench", *extra]
+    if max_batch:
+        cmd += ["--max-batch", str(max_batch)]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
     line = proc.stdout.readline()
+    print(line.strip().replace("moorelm: ", "server: "), flush=True)
     m = re.search(r"at (http://\S+?) ", line)
     if not m:
         proc.kill()
@@ -168,6 +172,36 @@ def server_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident set now (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class RssSampler:
+    """The server's resident set, sampled every 50 ms while a level runs: its peak."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, resident_bytes(self.pid) or 0)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", help="run folder to serve")
@@ -181,7 +215,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="sweeps over the levels; the summary takes medians (default 3)")
     ap.add_argument("--prompt", default="ROMEO:\n")
-    ap.add_argument("--max-batch", type=int, default=64, help="server --max-batch (default 64)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="server --max-batch (default: the server's own)")
+    ap.add_argument("--server-args", default="",
+                    help="more server flags, e.g. '--weights int8 --kv-memory 1GiB'")
     ap.add_argument("--threads", type=int, default=None,
                     help="server --threads (default: the server's own, torch's one per core; "
                     "--threads 1 leaves the second core to the HTTP side and the clients)")
@@ -196,30 +233,36 @@ def main() -> None:
     if args.init and not Path(args.run).exists():
         make_random_run(args.run, args.init)
 
-    proc, url = start_server(args.run, args.max_batch, args.threads)
+    proc, url = start_server(args.run, args.max_batch, args.threads, args.server_args.split())
     base_level = levels[0]
     tok_s: dict[int, list[float]] = {n: [] for n in levels}
     ratios: dict[int, list[float]] = {n: [] for n in levels}
+    peak_rss: dict[int, int] = {}
     try:
         # warm up at every level (one short request per client): first-time costs (thread
         # pools, allocations, packed weights for a batch size) stay out of the figures
         for n in levels:
             asyncio.run(run_level(url, "bench", n, 1, min(args.max_tokens, 32), args.prompt))
         print(f"server {url}  run {args.run}  {args.requests} requests/client x "
-              f"{args.max_tokens} tokens  max-batch {args.max_batch}  "
+              f"{args.max_tokens} tokens  max-batch {args.max_batch or 'default'}  "
               f"threads {args.threads or 'default'}  {args.rounds} rounds")
         print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPU cores)")
+        idle = resident_bytes(proc.pid)
+        if idle:
+            print(f"server resident after warm-up: {idle / 2**20:.0f} MiB")
         header = (f"{'round':>5} {'clients':>7} {'req/s':>7} {'tok/s':>8} {f'vs {base_level}':>6} "
                   f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6} "
-                  f"{'cpu':>5} {'load':>5}")
+                  f"{'cpu':>5} {'load':>5} {'RSS MiB':>8}")
         print(header)
         for rnd in range(1, args.rounds + 1):
             base = None
             for n in levels:
                 cpu0 = server_cpu_seconds(proc.pid)
-                r = asyncio.run(run_level(url, "bench", n, args.requests, args.max_tokens,
-                                          args.prompt))
+                with RssSampler(proc.pid) as rss:
+                    r = asyncio.run(run_level(url, "bench", n, args.requests, args.max_tokens,
+                                              args.prompt))
                 cpu1 = server_cpu_seconds(proc.pid)
+                peak_rss[n] = max(peak_rss.get(n, 0), rss.peak)
                 cores = f"{(cpu1 - cpu0) / r['wall']:>5.2f}" if None not in (cpu0, cpu1) else "    -"
                 if n == base_level:
                     base = r["tok_s"]
@@ -229,13 +272,15 @@ def main() -> None:
                 print(f"{rnd:>5} {n:>7} {r['req_s']:>7.2f} {r['tok_s']:>8.1f} {ratio:>5.1f}x "
                       f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
                       f"{r['itl_p50'] * 1e3:>6.1f}ms {r['itl_p99'] * 1e3:>6.1f}ms "
-                      f"{r['failed']:>6} {cores} {os.getloadavg()[0]:>5.1f}", flush=True)
+                      f"{r['failed']:>6} {cores} {os.getloadavg()[0]:>5.1f} "
+                      f"{rss.peak / 2**20:>8.0f}", flush=True)
         print(f"\nsummary over {args.rounds} rounds: median output tokens/s, and the ratio to "
               f"{base_level} client(s) within each round (median, min-max)")
         for n in levels:
             rs = ratios[n]
             print(f"{n:>7} clients {statistics.median(tok_s[n]):>8.1f} tok/s   "
-                  f"{statistics.median(rs):>5.1f}x  ({min(rs):.1f}-{max(rs):.1f}x)")
+                  f"{statistics.median(rs):>5.1f}x  ({min(rs):.1f}-{max(rs):.1f}x)   "
+                  f"server peak RSS {peak_rss.get(n, 0) / 2**20:.0f} MiB")
     finally:
         proc.terminate()
         try:

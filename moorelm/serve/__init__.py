@@ -84,11 +84,12 @@ def build_app(run: str | Path, max_batch: int | None = None, max_queue: int = 64
               hosts: tuple[str, ...] | None = None, body_timeout: float | None = BODY_TIMEOUT_S,
               policy: ServePolicy | None = None, max_seq_len: int | None = None,
               kv_memory: int | None = None, weights: str = "fp32",
-              max_memory: int | None = None):
+              max_memory: int | None = None, threads: int | None = None):
     """Load a run folder's newest checkpoint and return the FastAPI app that serves it
     (bounded by ``policy``: see ``moorelm.serve.policy``; each request's context by
     ``max_seq_len`` and the KV-cache budget ``kv_memory``: see ``moorelm.inference.engine``;
-    ``max_memory`` instead: weights and KV cache together, the cache getting the rest)."""
+    ``max_memory`` instead: weights and KV cache together, the cache getting the rest;
+    ``threads``: the engine's torch threads, default torch's count here)."""
     import moorelm
 
     check_api_key(api_key)  # before loading the model
@@ -96,7 +97,8 @@ def build_app(run: str | Path, max_batch: int | None = None, max_queue: int = 64
     if max_memory is not None:
         kv_memory = kv_budget_after_weights(lm.model, max_memory, weights)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    max_seq_len=max_seq_len, kv_memory=kv_memory, stop_ids=lm.stop_ids)
+                    max_seq_len=max_seq_len, kv_memory=kv_memory, stop_ids=lm.stop_ids,
+                    threads=threads)
     name = model_name or lm.name
     return create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes,
                       prompt_template=lm.prompt_template, hosts=hosts, body_timeout=body_timeout,
@@ -127,7 +129,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           model_name: str | None = None, log_level: str = "info",
           limits: ServerLimits | None = None, policy: ServePolicy | None = None,
           max_seq_len: int | None = None, kv_memory: int | None = None,
-          weights: str = "fp32", max_memory: int | None = None) -> None:
+          weights: str = "fp32", max_memory: int | None = None,
+          threads: int | None = None) -> None:
     """Serve a run folder until interrupted (Ctrl-C, SIGTERM: running requests get
     ``limits.drain_s`` to finish).
 
@@ -143,7 +146,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     hosts = allowed_hosts(host, api_key)
     app = build_app(run, max_batch, max_queue, api_key, max_body_bytes, device, model_name,
                     hosts, limits.body_timeout_s, policy, max_seq_len, kv_memory, weights,
-                    max_memory)
+                    max_memory, threads)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     engine = app.state.service.engine
