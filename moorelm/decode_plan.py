@@ -94,6 +94,18 @@ def _plain_product(weight: torch.Tensor, bias: torch.Tensor | None):
     return product
 
 
+def inference_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` for a projection in ``GPT.forward``: in inference (no autograd) on a CPU in
+    fp32, a plain Linear without hooks goes through oneDNN's op as the decode path's does
+    (prefill and scoring: 1.1-1.25x MKL's product at 64-512 rows on the AMD EPYC); anything
+    else is the module's own call."""
+    if (type(mod) is nn.Linear and not torch.is_grad_enabled() and x.dtype == torch.float32
+            and not (mod._forward_hooks or mod._forward_pre_hooks)
+            and _onednn_usable(mod.weight)):
+        return _ONEDNN_LINEAR(x, mod.weight, mod.bias, "none", [], "")
+    return mod(x)
+
+
 def _onednn_linear():
     """PyTorch's oneDNN linear op (x86 and ARM builds with oneDNN), else None."""
     try:

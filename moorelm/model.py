@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moorelm.config import ModelConfig
-from moorelm.decode_plan import _ONEDNN_OFF, DecodePlan
+from moorelm.decode_plan import _ONEDNN_OFF, DecodePlan, inference_linear
 
 LAZY_BYTES = 1 << 20  # CPU tensors from this size up are allocated by ``lazy_zeros``
 
@@ -279,8 +279,7 @@ def norm_rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
     return _norm_rotate_values(x, gain, cos, sin, norm, eps)[0]  # no graph: skip Function.apply
 
 
-def _call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return mod(x)
+_call = inference_linear  # how forward applies a projection (decode_plan.inference_linear)
 
 
 class Attention(nn.Module):
@@ -310,7 +309,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         H, K, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         # split, not slicing: a slice's backward pads its gradient with zeros, split's concatenates
-        qk, v = self.c_attn(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
+        qk, v = _call(self.c_attn, x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
         q, k = norm_rotate(qk, rope, self.cfg.qk_norm, self.qk_eps,
                            self.qk_gains()).split([H, K], dim=2)  # one pass for both
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
@@ -335,7 +334,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)
-        return self.c_proj(y)
+        return _call(self.c_proj, y)
 
 
 class MLP(nn.Module):
@@ -550,7 +549,7 @@ class GPT(nn.Module):
                              f"{self.config.seq_len}")
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._softcap(self.lm_head(x))
+        return self._softcap(_call(self.lm_head, x))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head (and soft cap) on ``hidden_states``' output: (..., C) -> (..., V)."""
