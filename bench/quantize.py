@@ -84,18 +84,22 @@ def decode_rate(model, prompt: torch.Tensor, new: int, clock=time.perf_counter) 
 
 
 @torch.no_grad()
-def agreement(model, prompts: list[list[int]], ref: torch.Tensor) -> list[int]:
+def agreement(model, prompts: list[list[int]], ref: torch.Tensor) -> tuple[list[int], float]:
     """Per prompt, how many of fp32's greedy tokens ``ref`` (N, n) this model's own greedy
-    continuation shares before the first difference. Exact and cheap: greedy decoding
-    reproduces ``ref`` up to step k iff the model's argmax on ``prompt + ref[:k]`` is ``ref[k]``
-    at every earlier step, so one teacher-forced pass per prompt tells the first mismatch."""
-    out = []
+    continuation shares before the first difference, and over all positions the share where
+    this model's next-token choice on fp32's text is fp32's (top-1 agreement, teacher
+    forced). Exact and cheap: greedy decoding reproduces ``ref`` up to step k iff the model's
+    argmax on ``prompt + ref[:k]`` is ``ref[k]`` at every earlier step, so one teacher-forced
+    pass per prompt tells the first mismatch."""
+    out, same, total = [], 0, 0
     for p, r in zip(prompts, ref):
         seq = torch.tensor([list(p) + r.tolist()[:-1]])
         logits, _ = model(seq)
-        wrong = (logits[0, len(p) - 1:].float().argmax(-1) != r).nonzero()
+        hit = logits[0, len(p) - 1:].float().argmax(-1) == r
+        wrong = (~hit).nonzero()
         out.append(int(wrong[0]) if len(wrong) else len(r))
-    return out
+        same, total = same + int(hit.sum()), total + len(r)
+    return out, same / total
 
 
 def main() -> None:
@@ -156,10 +160,11 @@ def quality(args, lm, models) -> None:
         scores = score_sequences(m, windows)
         deltas = [abs(a - b) for s, r in zip(scores, ref_scores)
                   for a, b in zip(s.logprobs[1:], r.logprobs[1:])]
-        prefix = agreement(m, prompts, ref_out)
+        prefix, top1 = agreement(m, prompts, ref_out)
         same = sum(k == args.agree_tokens for k in prefix)
         print(f"{w:5s} vs fp32: greedy identical {same}/{len(prompts)} "
-              f"({args.agree_tokens} tokens; mean common prefix {sum(prefix) / len(prefix):.1f}), "
+              f"({args.agree_tokens} tokens; mean common prefix {sum(prefix) / len(prefix):.1f}; "
+              f"next token = fp32's on fp32's text at {top1:.1%} of positions), "
               f"mean |delta log-prob| {sum(deltas) / len(deltas):.4f} over {len(deltas)} tokens")
 
 

@@ -159,21 +159,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = server_limits(args)
     if args.threads is not None and args.threads < 1:
         raise MoorelmError(f"--threads must be at least 1, got {args.threads}")
-    threads = args.threads or torch.get_num_threads()
+    before = torch.get_num_threads()
+    threads = args.threads or before
     # The engine's thread does the model's work. OpenMP keeps a pool of worker threads per
     # thread that runs parallel regions, and with a second pool (the main thread's) beside
     # the engine's, more threads than cores wait for work and libgomp stops them spinning:
     # every parallel op in the engine then paid ~50 us to wake its workers (SmolLM2 decode
     # 13 instead of 20 tok/s). So this thread, which only speaks HTTP, runs torch serially.
     torch.set_num_threads(1)
-    name = args.model_name or Path(args.run).resolve().name
-    policy = load_policy(args.policy, name) if args.policy else ServePolicy()
-    policy = policy.with_bans(args.ban) if args.ban else policy
-    serve(args.run, host=args.host, port=args.port, api_key=args.api_key or None,
-          max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body,
-          device=args.device, model_name=args.model_name, log_level=args.log_level,
-          limits=limits, policy=policy, max_seq_len=args.max_seq_len,
-          kv_memory=parse_size(args.kv_memory, "--kv-memory") if args.kv_memory else None,
-          max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
-          weights=args.weights, threads=threads)
+    try:
+        name = args.model_name or Path(args.run).resolve().name
+        policy = load_policy(args.policy, name) if args.policy else ServePolicy()
+        policy = policy.with_bans(args.ban) if args.ban else policy
+        serve(args.run, host=args.host, port=args.port, api_key=args.api_key or None,
+              max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body,
+              device=args.device, model_name=args.model_name, log_level=args.log_level,
+              limits=limits, policy=policy, max_seq_len=args.max_seq_len,
+              kv_memory=parse_size(args.kv_memory, "--kv-memory") if args.kv_memory else None,
+              max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
+              weights=args.weights, threads=threads)
+    finally:
+        torch.set_num_threads(before)  # as it was, for an in-process caller
     return 0
