@@ -38,6 +38,7 @@ from moorelm.config import ModelConfig
 from moorelm.decode_plan import _ONEDNN_OFF, DecodePlan, inference_linear
 
 LAZY_BYTES = 1 << 20  # CPU tensors from this size up are allocated by ``lazy_zeros``
+_LAZY_OK = hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MADV_DONTNEED")  # POSIX (not Windows)
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
@@ -76,7 +77,7 @@ class KVCache:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         self._maps: list[mmap.mmap] = []  # the lazy_zeros mappings of k and v, if any
         self._first = 0  # this cache's row 0 in the mappings (``rows`` views)
-        if torch.device(device).type == "cpu" and nbytes >= LAZY_BYTES:
+        if torch.device(device).type == "cpu" and nbytes >= LAZY_BYTES and _LAZY_OK:
             tensors = []
             for _ in range(2 * cfg.n_layer):
                 t, buf = lazy_zeros(shape, dtype)
