@@ -1,8 +1,10 @@
 """The one-token decode path's view of a model, bound once per KV cache.
 
 ``DecodePlan`` turns every projection and norm of a GPT into a ready callable (a matrix
-product with its transposed weight, a norm with its arguments), and ``_ONEDNN_OFF``
-switches oneDNN off around a CPU fp32 step. The model's ``_decode_step`` is their only user; why each exists is in docs/ARCHITECTURE.md.
+product with its transposed weight or oneDNN's linear op, a norm with its arguments), and
+``_ONEDNN_OFF`` switches oneDNN off around a CPU fp32 step. The model's ``_decode_step`` is
+their only user (``inference_linear`` is ``GPT.forward``'s); why each exists is in
+docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ class DecodePlan:
     callable, taken once per KV cache (``KVCache.plan``) rather than once per call.
 
     A plain ``nn.Linear`` becomes a matrix product with its transposed weight bound (a view:
-    in-place weight updates show through); any subclass (LoRA's) stays its own module, and a
-    quantised linear binds its own ``decode_product``. A norm becomes ``torch.layer_norm``/``torch.rms_norm`` with its arguments bound. ``layers``
-    holds each block's pieces in the order a step uses them. At batch 1 on a CPU a step is
+    in-place weight updates show through), through oneDNN's op on a CPU in fp32 (and bf16
+    where the CPU has it); any subclass (LoRA's) stays its own module, and a quantised linear
+    binds its own ``decode_product``. A norm becomes ``torch.layer_norm``/``torch.rms_norm``
+    with its arguments bound. ``layers`` holds each block's pieces in the order a step uses them. At batch 1 on a CPU a step is
     a few dozen small kernels, and the module lookups, transposes and type checks this
     saves measured about a fifth of it. The plan assumes the weights are not replaced
     (``model.to(...)``, a swapped module) while a cache built before is still decoding.

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 from typing import Any
 
 import torch
@@ -36,9 +37,18 @@ import torch.nn.functional as F
 
 from moorelm.config import ModelConfig
 from moorelm.decode_plan import _ONEDNN_OFF, DecodePlan, inference_linear
+from moorelm.errors import MoorelmError
 
 LAZY_BYTES = 1 << 20  # CPU tensors from this size up are allocated by ``lazy_zeros``
 _LAZY_OK = hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MADV_DONTNEED")  # POSIX (not Windows)
+# addresses only: no swap reserved for pages never written (Linux's flag; Python 3.11 lacks it)
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+
+
+def lazy_kv(device_type: str) -> bool:
+    """Whether a KV cache on this device takes memory only where written (``lazy_zeros``):
+    a CPU on a POSIX system. ``inference.limits.plan_kv`` sizes the serving cache by it."""
+    return device_type == "cpu" and _LAZY_OK
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
@@ -47,7 +57,11 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor
     write (reading an untouched page costs no memory). -> (tensor, its mapping), for
     ``release_rows``."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+    except OSError as e:
+        raise MoorelmError(f"could not reserve {nbytes / 2**20:.0f} MiB of addresses for the KV "
+                           f"cache ({e.strerror}); lower --max-batch or --max-seq-len") from None
     return torch.frombuffer(buf, dtype=dtype).view(shape), buf
 
 
@@ -77,7 +91,7 @@ class KVCache:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         self._maps: list[mmap.mmap] = []  # the lazy_zeros mappings of k and v, if any
         self._first = 0  # this cache's row 0 in the mappings (``rows`` views)
-        if torch.device(device).type == "cpu" and nbytes >= LAZY_BYTES and _LAZY_OK:
+        if lazy_kv(torch.device(device).type) and nbytes >= LAZY_BYTES:
             tensors = []
             for _ in range(2 * cfg.n_layer):
                 t, buf = lazy_zeros(shape, dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from moorelm.errors import MoorelmError
 from moorelm.generate import check_phrases
 from moorelm.inference.sequence import Request
+from moorelm.model import lazy_kv
 
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_BIAS = 100.0  # |logit_bias value|, as OpenAI
@@ -47,7 +48,7 @@ def plan_kv(cfg, device_type: str = "cpu", max_batch: int | None = None,
             bytes_per_value: int = 4) -> KVPlan:
     """The KV cache for ``kv_memory`` bytes (default ``KV_MEMORY``) and ``max_batch`` slots.
 
-    On a CPU the cache's memory is taken only as positions are written (``KVCache``), so
+    On a CPU (POSIX) the cache's memory is taken only as positions are written, so
     every slot gets the model's whole window (or ``max_seq_len``, or the budget, whichever
     is less), slots default to ``MAX_SLOTS``, and the budget bounds the positions held at
     once: 32 chats of 500 tokens fit where 16 reserved 8k windows would not. Elsewhere (a
@@ -64,7 +65,7 @@ def plan_kv(cfg, device_type: str = "cpu", max_batch: int | None = None,
                            f"got {budget}")
     window = min(cfg.seq_len, max_seq_len or cfg.seq_len)
     per_token = kv_bytes_per_token(cfg, bytes_per_value)
-    lazy = device_type == "cpu"
+    lazy = lazy_kv(device_type)
     slots = max_batch or (MAX_SLOTS if lazy else RESERVED_SLOTS)
     tokens = budget // per_token if lazy else budget // (per_token * slots)
     if tokens < 2:
