@@ -82,6 +82,8 @@ def test_metrics_count_requests_tokens_and_latency(lm):
         assert inf[0].value == 4
         assert value(m, "moorelm_queue_depth") == 0 and value(m, "moorelm_active_slots") == 0
         assert value(m, "moorelm_slots") == 3
+        assert value(m, "moorelm_kv_tokens") == 0  # every request has finished
+        assert value(m, "moorelm_kv_token_budget") == engine.kv.token_budget > 0
         again = scrape(srv.url)  # the scrape itself is counted
         assert value(again, "moorelm_requests_total", route="/metrics", status="200") == 1
     engine.stop()

@@ -68,6 +68,10 @@ class ServerMetrics:
               registry=registry).set_function(lambda: len(engine.scheduler.active))
         Gauge("moorelm_slots", "KV-cache slots in all (--max-batch)",
               registry=registry).set(engine.max_batch)
+        Gauge("moorelm_kv_tokens", "KV-cache positions the active requests hold (prompt + "
+              "max tokens each)", registry=registry).set_function(engine.scheduler.reserved_tokens)
+        Gauge("moorelm_kv_token_budget", "KV-cache positions all requests may hold together "
+              "(--kv-memory)", registry=registry).set(engine.kv.token_budget)
         self.ttft = Histogram("moorelm_time_to_first_token_seconds", "From a request "
                               "reaching its route to its first token", buckets=TTFT_BUCKETS,
                               registry=registry)
