@@ -7,7 +7,7 @@ bandwidth, not arithmetic, sets its pace; storing weights in fewer bytes is the 
 - ``bf16``: the whole model in bfloat16 (weights, activations and KV cache), computed with
   the CPU's bf16 matrix kernels where it has them (AVX-512 BF16, AMX, ARM's BF16).
 - ``int8``: every projection and the LM head stored as int8 with one fp32 scale per output
-  channel (symmetric, absmax / 127); each product runs PyTorch's weight-only int8 kernel
+  channel (symmetric, absmax / 127, the scale a bf16 value); each product runs PyTorch's weight-only int8 kernel
   (``torch._weight_int8pack_mm``) on bf16 copies of the activations and returns fp32.
   Embeddings, norms and the KV cache stay fp32. A tied LM head gets its own int8 copy: the
   embedding table is still read row by row in fp32.
@@ -53,7 +53,13 @@ class Int8Linear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        # The kernel takes the scales in bf16, whose 8-bit mantissa would shift a row's
+        # every weight by up to 0.4%. So the scales are bf16 values from the start (rounded
+        # up a little, so that the row's largest weight still fits in 127 steps) and the int8
+        # values are computed against them: the kernel's product is then exactly
+        # ``weight * scales`` (fp32 ``scales`` hold the same values).
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12) * (1 + 2**-8)
+        scales = scales.to(torch.bfloat16).float()
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q.contiguous(), scales, linear.bias)
 
