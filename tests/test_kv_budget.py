@@ -91,9 +91,11 @@ def test_the_engine_serves_the_window_its_budget_holds():
 
 
 @pytest.mark.parametrize("flags", [["--kv-memory", "12 parsecs"], ["--kv-memory", "0"],
-                                   ["--max-seq-len", "1"]])
+                                   ["--max-seq-len", "1"], ["--max-memory", "lots"],
+                                   ["--max-batch", "0"]])
 def test_serve_refuses_bad_budget_flags(tiny_run, flags, capsys):
-    """Bad --kv-memory / --max-seq-len values exit 2 with one line, before loading a model."""
+    """Bad --kv-memory / --max-seq-len / --max-memory / --max-batch values exit 2 with one
+    line, before loading a model."""
     assert main(["serve", str(tiny_run), "--port", "0", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moorelm: error:") and len(err.splitlines()) == 1, err
