@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import ensure_llama  # noqa: E402
+from export import ensure_llama, moorelm_decode  # noqa: E402
 
 PROMPTS = ["ROMEO:\nBut, soft! what light", "The capital of France is",
            "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
@@ -74,21 +74,9 @@ def run_llama(py: Path, path: Path, threads: int, n_new: int, prompts: list[list
 
 def moorelm_single(model, prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float]:
     """Greedy tokens per prompt, and decode tokens/s over them (prefill excluded)."""
-    from moorelm.generate import generate_tokens
-
-    outs, seconds = [], 0.0
-    with torch.no_grad():
-        for _ in range(2):  # the first pass warms up
-            outs, seconds = [], 0.0
-            for ids in prompts:
-                got, start = [], None
-                for t in generate_tokens(model, torch.tensor([ids]), n_new, temperature=0.0):
-                    got.append(int(t[0]))
-                    if start is None:
-                        start = time.perf_counter()
-                seconds += time.perf_counter() - start
-                outs.append(got)
-    return outs, len(prompts) * (n_new - 1) / seconds
+    for _ in range(2):  # the first pass warms up
+        runs = [moorelm_decode(model, ids, n_new) for ids in prompts]
+    return [out for out, _ in runs], len(prompts) * (n_new - 1) / sum(s for _, s in runs)
 
 
 def moorelm_many(lm, prompts: list[list[int]], n_new: int, many: int, threads: int) -> float:

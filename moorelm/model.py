@@ -137,13 +137,6 @@ class KVCache:
         for buf in self._maps:
             release_rows(buf, row_bytes, [self._first + r for r in rows])
 
-    def resident_bytes(self) -> int:
-        """Bytes of keys and values the rows' lengths cover (what the memory holds, to
-        within a page per row and head, for a lazily allocated cache)."""
-        per_position = 2 * len(self.k) * self.k[0].shape[1] * self.k[0].shape[3] \
-            * self.k[0].element_size()
-        return int(self.lengths.sum()) * per_position
-
     def insert(self, row: int, other: KVCache, other_row: int = 0) -> None:
         """Copy one sequence (e.g. a freshly prefilled request) into slot ``row``."""
         n = int(other.lengths[other_row])

@@ -108,12 +108,9 @@ def build_app(run: str | Path, max_batch: int | None = None, max_queue: int = 64
 def kv_budget_after_weights(model, max_memory: int, weights: str = "fp32") -> int:
     """What ``max_memory`` bytes leave for the KV cache after the model's weights (each
     tensor counted once, tied ones too); a MoorelmError when they leave nothing."""
-    seen, used = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            used += key[1]
+    from moorelm.quantize import weight_bytes
+
+    used = weight_bytes(model)
     left = max_memory - used
     if left < 2**20:
         raise MoorelmError(
