@@ -9,7 +9,8 @@ give the same logits and the same greedy tokens, then times, at each batch size:
     decode tokens/s    (B x new tokens) / time, where time = generating --new-tokens minus
                        generating 1 (so prefill and setup cancel out); greedy, no early stop
 
-moorelm decodes with ``generate.generate_tokens``; transformers with ``model.generate``
+moorelm's model is prepared as ``moorelm.load`` prepares it (``quantize(model, "fp32")``:
+projections packed for oneDNN on a CPU) and decodes with ``generate.generate_tokens``; transformers with ``model.generate``
 (do_sample=False, its own KV cache). Each figure is the best of --repeats runs, the two
 libraries taking turns. Usage:
 
@@ -96,6 +97,9 @@ def main() -> None:
                     help="wall time (default) or this process's CPU time: on a machine shared "
                     "by busy processes, CPU time of a --threads 1 run counts only the work done, "
                     "not the time spent waiting for a core")
+    ap.add_argument("--row-major", action="store_true",
+                    help="keep moorelm's projections row-major instead of packed for oneDNN "
+                    "(the layout before moorelm.quantize packed them)")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -116,6 +120,9 @@ def main() -> None:
                          "random GPT-2-style model or a gpt2-baseline run") from None
     import transformers
 
+    from moorelm.quantize import quantize
+
+    quantize(model, "fp32", pack=not args.row_major)  # what moorelm.load does for inference
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(1, cfg.vocab_size, (2, args.prompt_len), generator=g)
     with torch.no_grad():

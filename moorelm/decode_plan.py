@@ -88,7 +88,7 @@ def _plain_product(weight: torch.Tensor, bias: torch.Tensor | None):
         plain = lambda x: torch.mm(x, wt)  # noqa: E731
     else:
         plain = lambda x: torch.addmm(bias, x, wt)  # noqa: E731
-    if not _onednn_usable(weight):
+    if not onednn_usable(weight):
         return plain
 
     def product(x: torch.Tensor) -> torch.Tensor:
@@ -105,13 +105,17 @@ def inference_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else is the module's own call."""
     if (type(mod) is nn.Linear and not torch.is_grad_enabled() and x.dtype == mod.weight.dtype
             and not (mod._forward_hooks or mod._forward_pre_hooks)
-            and _onednn_usable(mod.weight)):
+            and onednn_usable(mod.weight)):
         return _ONEDNN_LINEAR(x, mod.weight, mod.bias, "none", [], "")
     return mod(x)
 
 
-def _onednn_linear():
+def onednn_linear():
     """PyTorch's oneDNN linear op (x86 and ARM builds with oneDNN), else None."""
+    return _ONEDNN_LINEAR
+
+
+def _find_onednn_linear():
     try:
         if torch.backends.mkldnn.is_available():
             return torch.ops.mkldnn._linear_pointwise
@@ -120,7 +124,7 @@ def _onednn_linear():
     return None
 
 
-_ONEDNN_LINEAR = _onednn_linear()
+_ONEDNN_LINEAR = _find_onednn_linear()
 
 
 @functools.cache
@@ -130,7 +134,7 @@ def _native_bf16() -> bool:
     return cpu_supports_bf16()
 
 
-def _onednn_usable(weight: torch.Tensor) -> bool:
+def onednn_usable(weight: torch.Tensor) -> bool:
     """Whether a product with this weight goes through oneDNN: fp32 on a CPU, and bf16 on a
     CPU with bf16 instructions (there a (1536, 576) bf16 product at one row took 143 us
     against ``torch.mm``'s 190).

@@ -39,7 +39,9 @@ def test_limit_flags_reach_server_limits(served, capsys):
                                                 body_timeout_s=7, max_connections=40,
                                                 drain_s=12.5)
     assert served[-1]["run"] == "runs/x" and served[-1]["max_batch"] is None  # the engine's
-    assert served[-1]["threads"] >= 1
+    assert served[-1]["threads"] >= 1 and served[-1]["kv_dtype"] == "auto"
+    assert main(["serve", "runs/x", "--kv-dtype", "bf16"]) == 0
+    assert served[-1]["kv_dtype"] == "bf16"
     assert main(["serve", "runs/x", "--drain", "0"]) == 0
     assert served[-1]["limits"].drain_s == 0
 

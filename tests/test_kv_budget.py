@@ -21,6 +21,7 @@ from moorelm.inference.limits import (
     RESERVED_SLOTS,
     RequestError,
     kv_bytes_per_token,
+    kv_dtype,
     plan_kv,
 )
 from moorelm.inference.sequence import Request
@@ -92,7 +93,7 @@ def test_the_engine_serves_the_window_its_budget_holds():
 
 @pytest.mark.parametrize("flags", [["--kv-memory", "12 parsecs"], ["--kv-memory", "0"],
                                    ["--max-seq-len", "1"], ["--max-memory", "lots"],
-                                   ["--max-batch", "0"]])
+                                   ["--max-batch", "0"], ["--kv-dtype", "fp16"]])
 def test_serve_refuses_bad_budget_flags(tiny_run, flags, capsys):
     """Bad --kv-memory / --max-seq-len / --max-memory / --max-batch values exit 2 with one
     line, before loading a model."""
@@ -187,3 +188,46 @@ def test_max_memory_gives_the_kv_cache_what_the_weights_leave(tiny_run, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("moorelm: error:") and len(err.splitlines()) == 1, err
         assert "--max-memory" in err
+
+
+def test_a_bf16_kv_cache_holds_twice_the_positions_and_serves_the_same_text_batched():
+    """kv_dtype="bf16" under fp32 weights: the cache's keys and values are bf16, the same
+    budget holds twice the positions, greedy text is the same alone and batched, and the
+    logits stay close to an fp32 cache's. "auto" is the model's dtype; an unknown name is
+    one line."""
+    tok = Tokenizer.train([SMALL_TEXT], "char")
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=256,
+                      vocab_size=tok.vocab_size, pos="rope", norm="rmsnorm", mlp="swiglu")
+    model = GPT(cfg).eval()
+    per = kv_bytes_per_token(cfg)
+    assert Engine(model, tok, kv_memory=100 * per, kv_dtype="auto").kv.token_budget == 100
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    prompts = [tuple(tok.encode(f"ROMEO {i}:")) for i in range(4)]
+    alone = Engine(model, tok, max_batch=1, kv_dtype="bf16").start()
+    try:
+        assert alone.runner.cache.k[0].dtype == torch.bfloat16
+        assert alone.stats()["kv_dtype"] == "bfloat16"
+        want = [[e.token for e in alone.generate(Request((p,), params))[0]] for p in prompts]
+    finally:
+        alone.stop()
+    eng = Engine(model, tok, max_batch=4, kv_memory=100 * per, kv_dtype="bf16")
+    assert eng.kv.token_budget == 200 and eng.kv_cache_bytes == 100 * per
+    eng.start()
+    try:
+        handles = [eng.submit(Request((p,), params)) for p in prompts]
+        got = [[e.token for batch in h for e in batch] for h in handles]
+    finally:
+        eng.stop()
+    assert got == want
+    x = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        fp32, half = model.new_cache(1, 64), model.new_cache(1, 64, torch.bfloat16)
+        a, _ = model(x, kv_cache=fp32)
+        b, _ = model(x, kv_cache=half)
+        nxt = a[:, -1:].argmax(-1)
+        a2, _ = model(nxt, kv_cache=fp32)
+        b2, _ = model(nxt, kv_cache=half)
+    assert (a - b).abs().max() < 0.05 and (a2 - b2).abs().max() < 0.05
+    with pytest.raises(MoorelmError, match="unknown KV-cache dtype 'fp8'"):
+        kv_dtype("fp8")

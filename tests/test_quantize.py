@@ -146,3 +146,99 @@ def test_int4_keeps_the_lm_head_int8():
     q = quantize(GPT(cfg).eval(), "int4")
     assert type(q.lm_head) is Int8Linear and weight_format(q) == "int4"
     assert type(q.blocks[0].attn.c_attn) is Int4Linear
+
+
+def test_packed_linear_is_the_same_product():
+    """PackedLinear (the weight in oneDNN's blocked layout) computes what the row-major
+    Linear computes, for one row, a batch and a (B, T, C) input, with its decode product
+    the same; it unpacks to the exact weights, and refuses to be trained."""
+    from moorelm.quantize import PackedLinear
+
+    torch.manual_seed(4)
+    for bias in (True, False):
+        lin = torch.nn.Linear(96, 80, bias=bias).eval()
+        if not PackedLinear.fits(lin):
+            pytest.skip("this PyTorch build has no oneDNN")
+        packed = PackedLinear.from_linear(lin)
+        for shape in ((1, 96), (7, 96), (2, 5, 96)):
+            x = torch.randn(shape)
+            with torch.no_grad():
+                want, got = lin(x), packed(x)
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(packed.decode_product()(x[0]), want[0], atol=1e-5)
+        back = packed.unpacked()
+        assert type(back) is torch.nn.Linear and torch.equal(back.weight, lin.weight)
+        assert (back.bias is None) == (not bias)
+    with pytest.raises(MoorelmError, match="packed for inference"):
+        packed(torch.randn(2, 96, requires_grad=True))
+
+
+def test_quantize_packs_projections_and_keeps_a_tied_head_row_major(model):
+    """quantize(model, "fp32") packs every projection for oneDNN but leaves a head tied to
+    the embedding table as it is (one copy of those bytes); logits and greedy tokens stay
+    the unpacked model's, the byte count does not grow, and such a model still converts
+    to int8 and bf16."""
+    from moorelm.quantize import PackedLinear
+
+    packed = quantize(copy.deepcopy(model), "fp32")
+    if not PackedLinear.fits(torch.nn.Linear(4, 4)):
+        pytest.skip("this PyTorch build has no oneDNN")
+    blocks = [m for m in packed.modules() if isinstance(m, torch.nn.Linear)]
+    assert type(packed.lm_head) is torch.nn.Linear and packed.lm_head.weight is packed.wte.weight
+    assert all(type(m) is PackedLinear for m in blocks if m is not packed.lm_head)
+    assert weight_format(packed) == "fp32" and weight_bytes(packed) == weight_bytes(model)
+    assert quantize(packed, "fp32") is packed
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(packed(x)[0], model(x)[0], atol=1e-5)
+    want = torch.stack(list(generate_tokens(model, x, 10, temperature=0.0)), 1)
+    assert torch.equal(torch.stack(list(generate_tokens(packed, x, 10, temperature=0.0)), 1),
+                       want)
+    assert weight_format(quantize(copy.deepcopy(packed), "int8")) == "int8"
+    assert weight_format(quantize(copy.deepcopy(packed), "bf16")) == "bf16"
+    rowmajor = quantize(copy.deepcopy(model), "fp32", pack=False)
+    assert not any(type(m) is PackedLinear for m in rowmajor.modules())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_packing_replaces_the_weights_instead_of_adding_a_copy():
+    """Packing a model with 96 MiB of projections leaves its resident memory about where it
+    was: each packed weight replaces the row-major one, and the freed pages go back to the
+    OS (glibc keeps them otherwise: +100%)."""
+    code = """
+import os, torch
+from moorelm.config import ModelConfig
+from moorelm.model import GPT
+from moorelm.quantize import quantize
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+cfg = ModelConfig(vocab_size=64, seq_len=32, n_layer=4, n_head=8, n_embd=1024, mlp="swiglu",
+                  pos="rope", norm="rmsnorm")
+model = GPT(cfg).eval()
+proj = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and n != "lm_head")
+before = rss()
+quantize(model, "fp32")
+print(proj, rss() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    proj, grown = map(int, out.stdout.split())
+    assert proj > 90 << 20
+    assert grown < proj / 4, (proj, grown)
+
+
+def test_a_packed_model_state_dict_is_row_major(model):
+    """A packed model's state dict holds ordinary row-major tensors, equal to the model's
+    before packing, and loading one into a packed model repacks it."""
+    packed = quantize(copy.deepcopy(model), "fp32")
+    sd, want = packed.state_dict(), model.state_dict()
+    assert sd.keys() == want.keys()
+    assert all(not t.is_mkldnn and torch.equal(t, want[k]) for k, t in sd.items())
+    other = quantize(GPT(model.config).eval(), "fp32")
+    other.load_state_dict(sd)
+    x = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(other(x)[0], model(x)[0], atol=1e-5)

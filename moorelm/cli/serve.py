@@ -56,6 +56,10 @@ def add_parser(sub) -> None:
     p.add_argument("--model-name", default=None, help="model id clients use (default: run folder name)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_weights_flag(p)
+    p.add_argument("--kv-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="keys and values in the KV cache: auto (the weights' dtype: fp32, or "
+                   "bf16 with --weights bf16), fp32, or bf16 (half the bytes per token, so twice "
+                   "the tokens in the budget; attention then runs in bf16)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: one per core)")
     p.add_argument("--policy", default=None, metavar="FILE",
@@ -177,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               limits=limits, policy=policy, max_seq_len=args.max_seq_len,
               kv_memory=parse_size(args.kv_memory, "--kv-memory") if args.kv_memory else None,
               max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
-              weights=args.weights, threads=threads)
+              weights=args.weights, threads=threads, kv_dtype=args.kv_dtype)
     finally:
         torch.set_num_threads(before)  # as it was, for an in-process caller
     return 0

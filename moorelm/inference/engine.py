@@ -34,6 +34,7 @@ from moorelm.errors import MoorelmError
 from moorelm.generate import BanList
 from moorelm.grammar import Grammar, grammars_for
 from moorelm.inference.limits import ModelLimits, kv_bytes_per_token, plan_kv
+from moorelm.inference.limits import kv_dtype as kv_dtype_of
 from moorelm.inference.output import ChoiceText, token_logprobs
 from moorelm.inference.runner import Runner
 from moorelm.inference.sampler import sample_all
@@ -71,6 +72,10 @@ class Engine:
     ``stop_ids``: the tokens that end a choice with finish reason "stop" besides end of text
     (an imported model's EOS / end-of-turn ids, ``LanguageModel.stop_ids``); never emitted.
 
+    ``kv_dtype``: "fp32" or "bf16" keys and values in the KV cache (default "auto": the
+    model's dtype). A bf16 cache under fp32 weights holds twice the positions in the same
+    budget; attention then runs in bf16.
+
     ``threads``: torch CPU threads for the engine's computations (default: torch's count
     when the engine is made). The engine's own thread applies it when it starts: torch's
     setting is per thread for MKL's matrix products, so a count set elsewhere would
@@ -80,7 +85,7 @@ class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int | None = None,
                  max_queue: int = 64, threads: int | None = None,
                  max_seq_len: int | None = None, kv_memory: int | None = None,
-                 stop_ids: frozenset[int] | None = None):
+                 stop_ids: frozenset[int] | None = None, kv_dtype: str | None = None):
         if not isinstance(max_queue, int) or max_queue < 0:
             raise MoorelmError(f"max queue must be an integer >= 0, got {max_queue}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -92,7 +97,8 @@ class Engine:
         self.device = model.wte.weight.device
         self.vocab_size = model.config.vocab_size
         # slots and each slot's context from the KV-cache budget (and --max-seq-len)
-        value_bytes = model.wte.weight.element_size()
+        self.kv_dtype = kv_dtype_of(kv_dtype) or model.wte.weight.dtype
+        value_bytes = self.kv_dtype.itemsize
         self.kv = plan_kv(model.config, self.device.type, max_batch, kv_memory, max_seq_len,
                           value_bytes)
         self.max_batch, self.max_queue = self.kv.slots, max_queue
@@ -101,7 +107,7 @@ class Engine:
         self.limits = ModelLimits(self.kv.context, min(tokenizer.vocab_size, self.vocab_size))
         self.scheduler = Scheduler(self.max_batch, max_queue, self.kv.token_budget)
         self.runner = Runner(model, self.max_batch, self.limits.token_vocab,
-                             max_len=self.kv.context)
+                             max_len=self.kv.context, kv_dtype=self.kv_dtype)
         self._thread: threading.Thread | None = None
         self._bans: dict[tuple[str, ...], BanList] = {}
         self._ban_lock = threading.Lock()
@@ -156,7 +162,8 @@ class Engine:
         return {"active": len(self.scheduler.active), "waiting": self.scheduler.waiting_count(),
                 "max_batch": self.max_batch, "max_queue": self.max_queue,
                 "kv_tokens": self.scheduler.reserved_tokens(),
-                "kv_token_budget": self.kv.token_budget, **self.counters}
+                "kv_token_budget": self.kv.token_budget,
+                "kv_dtype": str(self.kv_dtype).removeprefix("torch."), **self.counters}
 
     # -- requests
 

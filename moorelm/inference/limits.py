@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from moorelm.errors import MoorelmError
 from moorelm.generate import check_phrases
 from moorelm.inference.sequence import Request
@@ -23,6 +25,18 @@ MAX_BIAS = 100.0  # |logit_bias value|, as OpenAI
 KV_MEMORY = 2 << 30  # default KV-cache budget in bytes, all slots together
 MAX_SLOTS = 64  # default slots of a CPU cache (memory taken as used)
 RESERVED_SLOTS = 16  # default slots of a cache reserved up front (GPU)
+KV_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}  # None: the model's
+
+
+def kv_dtype(name: str | None) -> torch.dtype | None:
+    """The dtype of the KV cache's keys and values for a ``--kv-dtype`` name (None or "auto":
+    the model's own); an unknown name is a MoorelmError."""
+    if name is None:
+        return None
+    if name not in KV_DTYPES:
+        raise MoorelmError(f"unknown KV-cache dtype {name!r}; choose one of: "
+                           f"{', '.join(KV_DTYPES)}")
+    return KV_DTYPES[name]
 
 
 def kv_bytes_per_token(cfg, bytes_per_value: int = 4) -> int:

@@ -19,8 +19,10 @@ from moorelm.model import GPT
 class Runner:
     """Prefill and decode for the engine's thread (``start`` before use)."""
 
-    def __init__(self, model: GPT, max_batch: int, token_vocab: int, max_len: int | None = None):
+    def __init__(self, model: GPT, max_batch: int, token_vocab: int, max_len: int | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model.eval()
+        self.kv_dtype = kv_dtype  # None: the model's
         self.max_batch = max_batch
         self.max_len = max_len or model.config.seq_len  # positions per slot
         self.token_vocab = token_vocab
@@ -29,7 +31,7 @@ class Runner:
 
     def start(self) -> None:
         """Allocate the KV cache (all slots empty, ``max_len`` positions each)."""
-        self.cache = self.model.new_cache(self.max_batch, self.max_len)
+        self.cache = self.model.new_cache(self.max_batch, self.max_len, self.kv_dtype)
 
     def reset(self) -> None:
         """Empty every slot (and give the cache's memory back)."""

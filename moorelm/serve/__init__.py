@@ -23,6 +23,7 @@ from pathlib import Path
 
 from moorelm.errors import MoorelmError
 from moorelm.inference.engine import Engine
+from moorelm.inference.limits import kv_dtype as kv_dtype_of
 from moorelm.serve.api import (
     BODY_TIMEOUT_S,
     LOOPBACK_HOSTS,
@@ -84,21 +85,24 @@ def build_app(run: str | Path, max_batch: int | None = None, max_queue: int = 64
               hosts: tuple[str, ...] | None = None, body_timeout: float | None = BODY_TIMEOUT_S,
               policy: ServePolicy | None = None, max_seq_len: int | None = None,
               kv_memory: int | None = None, weights: str = "fp32",
-              max_memory: int | None = None, threads: int | None = None):
+              max_memory: int | None = None, threads: int | None = None,
+              kv_dtype: str = "auto"):
     """Load a run folder's newest checkpoint and return the FastAPI app that serves it
     (bounded by ``policy``: see ``moorelm.serve.policy``; each request's context by
     ``max_seq_len`` and the KV-cache budget ``kv_memory``: see ``moorelm.inference.engine``;
     ``max_memory`` instead: weights and KV cache together, the cache getting the rest;
-    ``threads``: the engine's torch threads, default torch's count here)."""
+    ``threads``: the engine's torch threads, default torch's count here; ``kv_dtype``: the
+    KV cache's keys and values, "auto" (the weights'), "fp32" or "bf16")."""
     import moorelm
 
     check_api_key(api_key)  # before loading the model
+    kv_dtype_of(kv_dtype)
     lm = moorelm.load(run, device=device, weights=weights)
     if max_memory is not None:
         kv_memory = kv_budget_after_weights(lm.model, max_memory, weights)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue,
                     max_seq_len=max_seq_len, kv_memory=kv_memory, stop_ids=lm.stop_ids,
-                    threads=threads)
+                    threads=threads, kv_dtype=kv_dtype)
     name = model_name or lm.name
     return create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes,
                       prompt_template=lm.prompt_template, hosts=hosts, body_timeout=body_timeout,
@@ -127,7 +131,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           limits: ServerLimits | None = None, policy: ServePolicy | None = None,
           max_seq_len: int | None = None, kv_memory: int | None = None,
           weights: str = "fp32", max_memory: int | None = None,
-          threads: int | None = None) -> None:
+          threads: int | None = None, kv_dtype: str = "auto") -> None:
     """Serve a run folder until interrupted (Ctrl-C, SIGTERM: running requests get
     ``limits.drain_s`` to finish).
 
@@ -143,14 +147,14 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     hosts = allowed_hosts(host, api_key)
     app = build_app(run, max_batch, max_queue, api_key, max_body_bytes, device, model_name,
                     hosts, limits.body_timeout_s, policy, max_seq_len, kv_memory, weights,
-                    max_memory, threads)
+                    max_memory, threads, kv_dtype=kv_dtype)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     engine = app.state.service.engine
     print(f"moorelm: serving {app.state.service.model_name} at http://{shown}:{actual} "
           f"(playground: http://{shown}:{actual}/, OpenAI base_url: http://{shown}:{actual}/v1); "
           f"{engine.max_batch} slots of up to {engine.seq_len} tokens, KV cache "
-          f"{engine.kv_cache_bytes / 2**20:.0f} MiB"
+          f"{engine.kv_cache_bytes / 2**20:.0f} MiB {str(engine.kv_dtype).removeprefix('torch.')}"
           + (" (taken as tokens are held)" if engine.kv.lazy else ""), flush=True)
     server = DrainingServer(app, limits, log_level)
     try:
