@@ -75,6 +75,9 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> Result:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 res.tokens = chunk["usage"]["completion_tokens"]
+            if "error" in chunk:  # the server ended the stream with an error event
+                print(f"request failed: {chunk['error']}", file=sys.stderr)
+                return res
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 now = time.perf_counter()
                 if last is None:

@@ -628,9 +628,9 @@ class GPT(nn.Module):
             if uniform:
                 ck[:, :, first] = k
                 cv[:, :, first] = v
-            else:
-                ck[rows, :, lengths] = k
-                cv[rows, :, lengths] = v
+            else:  # index_put does not convert: a bf16 cache under fp32 weights takes bf16
+                ck[rows, :, lengths] = k.to(ck.dtype)
+                cv[rows, :, lengths] = v.to(cv.dtype)
             y = F.scaled_dot_product_attention(
                 q[:, :, None].to(ck.dtype), ck[:, :, :last + 1], cv[:, :, :last + 1],
                 attn_mask=mask, enable_gqa=K != H)  # (B, H, 1, D)

@@ -203,7 +203,7 @@ def test_a_bf16_kv_cache_holds_twice_the_positions_and_serves_the_same_text_batc
     per = kv_bytes_per_token(cfg)
     assert Engine(model, tok, kv_memory=100 * per, kv_dtype="auto").kv.token_budget == 100
     params = SamplingParams(max_new_tokens=20, temperature=0.0)
-    prompts = [tuple(tok.encode(f"ROMEO {i}:")) for i in range(4)]
+    prompts = [tuple(tok.encode(f"ROMEO {i}:")) for i in (1, 22, 333, 4444)]  # rows apart
     alone = Engine(model, tok, max_batch=1, kv_dtype="bf16").start()
     try:
         assert alone.runner.cache.k[0].dtype == torch.bfloat16
