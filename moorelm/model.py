@@ -174,38 +174,6 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-SMALL_BF16_ATTENTION = 512  # rows x positions below which bf16 attention uses fp32 kernels
-
-
-def bf16_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         mask: torch.Tensor | None) -> torch.Tensor:
-    """One new query per row, q (B, H, D), against a bf16 CPU cache k, v (B, K, S, D) ->
-    (B, H, 1, D) bf16: attention as two batched products with the query, the probabilities
-    and the output rounded to bf16 and an fp32 softmax between (what bf16 attention kernels
-    compute). ``mask`` (B, 1, 1, S): which positions each row sees (None: all).
-
-    Why not ``scaled_dot_product_attention``: PyTorch's CPU kernel runs 3-5x slower in bf16
-    than in fp32 at these shapes (2-core AMD EPYC, SmolLM2's 9 query / 3 key-value heads of
-    64, batch 32 x 300 positions: 7.4 ms against fp32's 1.7 ms), where the two products in
-    bf16 take 0.7 ms. Below ``SMALL_BF16_ATTENTION`` rows x positions the same values are
-    computed with fp32 products (a bf16 x bf16 product is exact in fp32, and oneDNN's bf16
-    products accumulate in fp32 too), because setting up a tiny bf16 product costs ~50 us."""
-    B, H, D = q.shape
-    K, S = k.shape[1], k.shape[2]
-    small = B * S < SMALL_BF16_ATTENTION
-    q = q.reshape(B, K, H // K, D).to(torch.bfloat16)  # query head h reads key-value h // (H/K)
-    if small:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
-    else:
-        scores = torch.matmul(q, k.transpose(-1, -2)).float()
-    scores.mul_(D ** -0.5)
-    if mask is not None:
-        scores.masked_fill_(~mask.view(B, 1, 1, S), float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(torch.bfloat16)  # (B, K, H / K, S)
-    y = torch.matmul(p.float(), v.float()).to(torch.bfloat16) if small else torch.matmul(p, v)
-    return y.view(B, H, 1, D)
-
-
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
@@ -663,12 +631,9 @@ class GPT(nn.Module):
             else:  # index_put does not convert: a bf16 cache under fp32 weights takes bf16
                 ck[rows, :, lengths] = k.to(ck.dtype)
                 cv[rows, :, lengths] = v.to(cv.dtype)
-            if ck.dtype == torch.bfloat16 and ck.device.type == "cpu":
-                y = bf16_cache_attention(q, ck[:, :, :last + 1], cv[:, :, :last + 1], mask)
-            else:
-                y = F.scaled_dot_product_attention(
-                    q[:, :, None].to(ck.dtype), ck[:, :, :last + 1], cv[:, :, :last + 1],
-                    attn_mask=mask, enable_gqa=K != H)  # (B, H, 1, D)
+            y = F.scaled_dot_product_attention(
+                q[:, :, None].to(ck.dtype), ck[:, :, :last + 1], cv[:, :, :last + 1],
+                attn_mask=mask, enable_gqa=K != H)  # (B, H, 1, D)
             x = x + out_proj(y.view(B, H * D).to(x.dtype))
             x = x + mlp.forward(norm_2(x), plan.apply)  # no module call
         cache.lengths += 1

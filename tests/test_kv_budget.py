@@ -231,29 +231,3 @@ def test_a_bf16_kv_cache_holds_twice_the_positions_and_serves_the_same_text_batc
     assert (a - b).abs().max() < 0.05 and (a2 - b2).abs().max() < 0.05
     with pytest.raises(MoorelmError, match="unknown KV-cache dtype 'fp8'"):
         kv_dtype("fp8")
-
-
-def test_bf16_cache_attention_is_attention_on_both_of_its_paths(monkeypatch):
-    """The decode step's attention over a bf16 CPU cache equals SDPA on the same bf16 values
-    (grouped query heads, a mask of per-row lengths), and its fp32-kernel path for small
-    shapes computes the same values as its bf16-kernel path (within one bf16 step)."""
-    import torch.nn.functional as F
-
-    import moorelm.model as model_mod
-
-    torch.manual_seed(0)
-    B, H, K, S, D = 3, 6, 2, 40, 16
-    q = torch.randn(B, H, D)
-    k, v = torch.randn(B, K, S, D).bfloat16(), torch.randn(B, K, S, D).bfloat16()
-    lengths = torch.tensor([40, 7, 23])
-    mask = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
-    want = F.scaled_dot_product_attention(q.bfloat16().float()[:, :, None], k.float(),
-                                          v.float(), attn_mask=mask, enable_gqa=True)
-    monkeypatch.setattr(model_mod, "SMALL_BF16_ATTENTION", 10**9)
-    small = model_mod.bf16_cache_attention(q, k, v, mask)
-    monkeypatch.setattr(model_mod, "SMALL_BF16_ATTENTION", 0)
-    large = model_mod.bf16_cache_attention(q, k, v, mask)
-    assert small.dtype == large.dtype == torch.bfloat16 and small.shape == (B, H, 1, D)
-    assert (small.float() - want).abs().max() < 0.02
-    assert (large.float() - want).abs().max() < 0.02
-    assert (small.float() - large.float()).abs().max() <= 2 ** -7 * want.abs().max()
