@@ -62,8 +62,9 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
     in memory without writing a run folder: a GGUF file, a bundled short name (``smollm2``),
     or a Hugging Face model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3). ``seq_len`` shortens
     an imported model's context window, as ``moorelm import --seq-len`` does. ``weights``:
-    fp32 (as trained), bf16 or int8 (see ``moorelm.quantize``).
-    """
+    fp32 (as trained), bf16, int8 or int4 (see ``moorelm.quantize``); on a CPU, fp32 and bf16
+    projections are held in oneDNN's blocked layout, so the model is for inference (train
+    from ``RunFolder(run).load()``)."""
     from moorelm.device import resolve_device
     from moorelm.generate import LanguageModel
     from moorelm.interop.gguf import read_gguf_import, resolve_source

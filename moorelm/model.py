@@ -647,7 +647,7 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache; ``dtype`` of its keys and values defaults to the model's. A bf16
-        cache under an fp32 model halves its bytes: attention then runs in bf16 (the query
-        rounded to bf16, the output back to fp32), as a bf16 model's does."""
+        cache under an fp32 model halves its bytes: keys and values are rounded to bf16 as
+        they are written and read back into fp32 for attention."""
         p = self.wte.weight
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype or p.dtype)

@@ -74,7 +74,7 @@ class Engine:
 
     ``kv_dtype``: "fp32" or "bf16" keys and values in the KV cache (default "auto": the
     model's dtype). A bf16 cache under fp32 weights holds twice the positions in the same
-    budget; attention then runs in bf16.
+    budget (keys and values rounded to bf16, attention still in the weights' dtype).
 
     ``threads``: torch CPU threads for the engine's computations (default: torch's count
     when the engine is made). The engine's own thread applies it when it starts: torch's
