@@ -113,8 +113,9 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            raise MoorelmError("this model's weights are packed for inference; load it "
-                               "without weights= (or with pack=False) to train it")
+            raise MoorelmError("this model's projections are packed for inference "
+                               "(moorelm.load does that on a CPU); to train it, load the run "
+                               "with moorelm.run.RunFolder(run).load()")
         return onednn_linear()(x, self.weight, self.bias, "none", [], "")
 
     def decode_product(self):
