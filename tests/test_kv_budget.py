@@ -21,7 +21,7 @@ from moorelm.inference.limits import (
     RESERVED_SLOTS,
     RequestError,
     kv_bytes_per_token,
-    kv_dtype,
+    kv_dtype_of,
     plan_kv,
 )
 from moorelm.inference.sequence import Request
@@ -230,4 +230,4 @@ def test_a_bf16_kv_cache_holds_twice_the_positions_and_serves_the_same_text_batc
         b2, _ = model(nxt, kv_cache=half)
     assert (a - b).abs().max() < 0.05 and (a2 - b2).abs().max() < 0.05
     with pytest.raises(MoorelmError, match="unknown KV-cache dtype 'fp8'"):
-        kv_dtype("fp8")
+        kv_dtype_of("fp8")

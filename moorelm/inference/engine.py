@@ -33,8 +33,7 @@ import torch
 from moorelm.errors import MoorelmError
 from moorelm.generate import BanList
 from moorelm.grammar import Grammar, grammars_for
-from moorelm.inference.limits import ModelLimits, kv_bytes_per_token, plan_kv
-from moorelm.inference.limits import kv_dtype as kv_dtype_of
+from moorelm.inference.limits import ModelLimits, kv_bytes_per_token, kv_dtype_of, plan_kv
 from moorelm.inference.output import ChoiceText, token_logprobs
 from moorelm.inference.runner import Runner
 from moorelm.inference.sampler import sample_all

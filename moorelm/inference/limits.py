@@ -28,7 +28,7 @@ RESERVED_SLOTS = 16  # default slots of a cache reserved up front (GPU)
 KV_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}  # None: the model's
 
 
-def kv_dtype(name: str | None) -> torch.dtype | None:
+def kv_dtype_of(name: str | None) -> torch.dtype | None:
     """The dtype of the KV cache's keys and values for a ``--kv-dtype`` name (None or "auto":
     the model's own); an unknown name is a MoorelmError."""
     if name is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from moorelm.errors import MoorelmError
 from moorelm.inference.engine import Engine
-from moorelm.inference.limits import kv_dtype as kv_dtype_of
+from moorelm.inference.limits import kv_dtype_of
 from moorelm.serve.api import (
     BODY_TIMEOUT_S,
     LOOPBACK_HOSTS,
