@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="keys and values in the KV cache: auto (the weights' dtype: fp32, or "
                    "bf16 with --weights bf16), fp32, or bf16 (half the bytes per token, so twice "
-                   "the tokens in the budget; attention reads them into fp32)")
+                   "the tokens in the budget; under fp32 weights attention reads them into fp32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: one per core)")
     p.add_argument("--policy", default=None, metavar="FILE",
