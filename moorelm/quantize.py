@@ -44,6 +44,11 @@ INT4_GROUP = 32  # input channels per int4 scale and zero point
 PACK_ROWS = 32  # the row count oneDNN's weight layout is chosen for (1-256 rows all gain)
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """A row-major (out, in) weight reordered into oneDNN's blocked layout."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+
+
 class PackedLinear(nn.Linear):
     """``nn.Linear`` whose weight (fp32 or bf16) is in oneDNN's blocked layout, for inference
     on a CPU: every product is oneDNN's linear op, which takes the layout without reordering.
@@ -66,7 +71,7 @@ class PackedLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
         w = linear.weight.detach()
-        return cls(torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS), linear.bias)
+        return cls(_pack(w), linear.bias)
 
     def unpacked(self) -> nn.Linear:
         """The same projection as a row-major ``nn.Linear``."""
@@ -93,9 +98,7 @@ class PackedLinear(nn.Linear):
                 error_msgs.append(f"size mismatch for {key}: {tuple(w.shape)} in the state "
                                   f"dict, {tuple(self.weight.shape)} here")
                 return
-            w = w.to(self.weight.dtype).contiguous()
-            self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS),
-                                       requires_grad=False)
+            self.weight = nn.Parameter(_pack(w.to(self.weight.dtype)), requires_grad=False)
         elif strict:
             missing_keys.append(key)
         if self.bias is not None:
