@@ -262,8 +262,10 @@ def test_imported_llama_learns_a_reply_and_stops_chats_and_exports(imported, tmp
                           {"role": "assistant", "content": "Eine Katze"}]}] * 12
     data = _write_jsonl(tmp_path / "chat.jsonl", rows)
     r = finetune(base, data, tmp_path / "ft", eval_rows=2, lora=lora, exact_match_rows=2,
-                 train_overrides={**FAST, "max_steps": 120 if lora else 40,
-                                  "lr": 3e-2 if lora else 1e-2},
+                 # LoRA at 1e-2: at 3e-2 the run went unstable on an AVX2 CPU (AMD Zen 3:
+                 # "Eine Katze Katze K" after 120 steps, gibberish after 200), while 1e-2
+                 # learned the reply and its stop at 80, 120, 200 and 300 steps alike
+                 train_overrides={**FAST, "max_steps": 150 if lora else 40, "lr": 1e-2},
                  progress=False)
     cfg = RunFolder(tmp_path / "ft").read_config()
     assert cfg["chat"]["template"] == CHATML and im_end in cfg["chat"]["stop_ids"]
