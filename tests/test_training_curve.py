@@ -18,6 +18,7 @@ from moorelm.training.loop import train
 from tests.conftest import SMALL_TEXT
 
 # (train loss per step, val loss at steps 4 and 8, final val loss in full)
+CURVE_TOL = 5e-4  # across CPUs; a change to a step's arithmetic moves these by far more
 EXPECTED = {
     "gpt2-baseline": (
         ["5.6724", "5.6476", "5.6068", "5.5275", "5.4745", "5.4142", "5.3930", "5.3830"],
@@ -31,7 +32,7 @@ EXPECTED = {
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
 def test_first_losses_match_the_committed_curve(tmp_path, recipe):
     """8 steps of a 2-layer, width-32 model (dropout 0.1, grad_accum 2, seed 3, one thread)
-    give exactly the committed per-step train losses and val losses, for AdamW
+    give the committed per-step train losses and val losses (within CURVE_TOL), for AdamW
     (gpt2-baseline) and Muon (moorelm)."""
     corpus = tmp_path / "c.txt"
     corpus.write_text(SMALL_TEXT, encoding="utf-8")
@@ -45,6 +46,11 @@ def test_first_losses_match_the_committed_curve(tmp_path, recipe):
     r = train(with_vocab(model_cfg, data.vocab_size), cfg, data, tmp_path / "run",
               progress=False)
     train_losses, val_losses, final_val = EXPECTED[recipe]
-    assert [row["train_loss"] for row in r.history] == train_losses
-    assert [row["val_loss"] for row in r.history if row["val_loss"]] == val_losses
-    assert r.val_loss == pytest.approx(final_val, rel=1e-6)
+    # Equal to the committed numbers within CURVE_TOL: on the machine that wrote them they come
+    # out exactly, but another CPU's kernels round differently (an AVX2 AMD Zen 3 moved Muon's
+    # curve by 1e-4 from step 4 on).
+    got = [float(row["train_loss"]) for row in r.history]
+    assert got == pytest.approx([float(v) for v in train_losses], abs=CURVE_TOL)
+    got_val = [float(row["val_loss"]) for row in r.history if row["val_loss"]]
+    assert got_val == pytest.approx([float(v) for v in val_losses], abs=CURVE_TOL)
+    assert r.val_loss == pytest.approx(final_val, abs=CURVE_TOL)
