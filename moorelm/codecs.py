@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
-from moorelm.model import GPT, rope_tables
+from moorelm.model import GPT, meta_device, rope_tables
 
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
@@ -86,7 +86,7 @@ def model_tensors(model: nn.Module,
 def gpt_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a GPT of ``cfg`` stores (tied head left out), computed
     on the meta device: nothing is allocated."""
-    with torch.device("meta"):
+    with meta_device():
         model = GPT(cfg)
     return {k: tuple(v.shape) for k, v in model_tensors_meta(model).items()}
 
@@ -179,7 +179,7 @@ def load_gpt_weights(model: GPT, tensors: dict[str, torch.Tensor], source: Path 
 
 def build_gpt(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: Path | str) -> GPT:
     """A GPT holding ``tensors``, built without initialising weights it then overwrites."""
-    with torch.device("meta"):
+    with meta_device():
         model = GPT(cfg)
     model = model.to_empty(device="cpu")
     if cfg.pos == "rope":  # non-persistent buffers are rebuilt, not loaded

@@ -26,6 +26,7 @@ freed row gives its memory back (``KVCache.release``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import sys
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from moorelm.config import ModelConfig
 from moorelm.decode_plan import _ONEDNN_OFF, DecodePlan, inference_linear
@@ -207,12 +209,45 @@ def rope_tables(head_dim: int, max_len: int, base: float,
 
     Pairs are (i, i + D/2), the first and second halves of a head (Llama's layout).
     ``scaling``: a ModelConfig ``rope_scaling`` (llama3), rescaling the frequencies per band."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    # Computed on the CPU whatever the default device (and then moved to it): under
+    # ``meta_device()`` real values cost nothing, and a meta arange would import torch._dynamo.
+    cpu = torch.device("cpu")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu)
+                               / head_dim))
     if scaling is not None:
         inv_freq = llama3_inv_freq(inv_freq, scaling)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (S, D/2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=cpu), inv_freq)
+    cos, sin = angles.cos(), angles.sin()  # (S, D/2)
+    device = torch.get_default_device()
+    return (torch.cat([cos, cos], dim=-1).float().to(device),
+            torch.cat([-sin, sin], dim=-1).float().to(device))
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Skips initialisers on meta tensors, which have no values to set. PyTorch runs them there
+    through its Python reference ops, whose first use imports ``torch._dynamo`` (and triton
+    where it is installed): ~2 s and ~140 MiB resident for every process that loads a run."""
+
+    _INIT = frozenset({
+        nn.init.normal_, nn.init.uniform_, nn.init.zeros_, nn.init.ones_, nn.init.constant_,
+        nn.init.trunc_normal_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
+        nn.init.xavier_uniform_, nn.init.xavier_normal_,
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t = args[0] if args else kwargs.get("tensor")
+        if func in self._INIT and isinstance(t, torch.Tensor) and t.is_meta:
+            return t
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Modules built inside get meta tensors (shapes, no memory) and skip their initialisers:
+    for building a model whose weights are loaded next, or only its shapes are wanted."""
+    with torch.device("meta"), _SkipMetaInit():
+        yield
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from moorelm.decode_plan import onednn_linear, onednn_usable
 from moorelm.errors import MoorelmError
+from moorelm.model import meta_device
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32  # input channels per int4 scale and zero point
@@ -75,8 +76,8 @@ class PackedLinear(nn.Linear):
 
     def unpacked(self) -> nn.Linear:
         """The same projection as a row-major ``nn.Linear``."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta")
+        with meta_device():
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         lin.weight = nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)

@@ -188,6 +188,32 @@ def test_modules_without_torch_import_without_torch():
     assert json.loads(out.stdout.splitlines()[-1]) == []
 
 
+LOAD_WITHOUT_DYNAMO = """
+import sys, moorelm
+from moorelm.config import build_configs, with_vocab
+from moorelm.model import GPT, meta_device
+lm = moorelm.load(sys.argv[1], device="cpu")
+lm.generate("a", max_new_tokens=2, temperature=0)
+moorelm.load(sys.argv[1], device="cpu", weights="int8")
+cfg, _ = build_configs(recipe="moorelm", model_overrides=dict(n_layer=1, n_head=2, n_embd=32,
+                                                             seq_len=16))
+with meta_device():
+    GPT(with_vocab(cfg, 50))
+print(sorted(m for m in sys.modules if m.startswith(("torch._dynamo", "triton"))))
+"""
+
+
+def test_loading_and_generating_leave_torch_dynamo_out(tiny_run):
+    """Loading a run (fp32 and int8), generating from it and building a rotary model on the
+    meta device never import torch._dynamo: initialisers and aranges on meta tensors go
+    through PyTorch's reference ops, whose first use imports it (and triton), ~2 s and ~140 MiB
+    resident in every process that loads a run."""
+    out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DYNAMO, str(tiny_run)],
+                         capture_output=True, text=True, timeout=300, cwd=PKG.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
+
+
 def test_public_api_resolves_every_name():
     """Every name in moorelm.__all__ resolves (lazily) to the object of the module that
     defines it, and dir(moorelm) lists them."""

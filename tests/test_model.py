@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moorelm.config import ModelConfig
-from moorelm.model import GPT
+from moorelm.model import GPT, rope_tables
 from tests.conftest import DEVICES
 
 VARIANTS = {
@@ -228,6 +228,25 @@ def test_gpt2_parameter_count():
     with torch.device("meta"):
         model = GPT(ModelConfig(vocab_size=50257, seq_len=1024, n_layer=12, n_head=12, n_embd=768))
     assert abs(model.param_counts()["total"] - 124.4e6) < 0.5e6
+
+
+def test_meta_device_builds_the_same_model_without_values():
+    """A model built under meta_device() has the shapes of one built on the CPU, holds no
+    memory, and its rotary tables come out as meta tensors of the same shape."""
+    from moorelm.config import build_configs, with_vocab
+    from moorelm.model import meta_device
+
+    cfg, _ = build_configs(recipe="moorelm", model_overrides=dict(n_layer=2, n_head=2,
+                                                                 n_embd=32, seq_len=16))
+    cfg = with_vocab(cfg, 50)
+    with meta_device():
+        meta = GPT(cfg)
+    cpu = GPT(cfg)
+    assert all(t.is_meta for t in meta.state_dict().values()) and meta.rope_cos.is_meta
+    assert {k: v.shape for k, v in meta.state_dict().items()} == \
+        {k: v.shape for k, v in cpu.state_dict().items()}
+    assert meta.rope_cos.shape == cpu.rope_cos.shape and not cpu.rope_cos.is_meta
+    assert torch.equal(cpu.rope_cos, rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_base)[0])
 
 
 def test_flops_per_token_formula():
