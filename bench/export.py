@@ -80,9 +80,12 @@ def ensure_llama(venv: Path, wheels: Path) -> tuple[Path | None, str]:
     wheels.mkdir(parents=True, exist_ok=True)
     if not list(wheels.glob("llama_cpp_python-*.whl")):
         print("building llama-cpp-python from its PyPI source (slow on few cores) ...", flush=True)
-        env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON", "MAKEFLAGS": f"-j{os.cpu_count() or 2}"}
+        # CMAKE_ARGS from the environment replaces the native build (e.g. a VM whose CPU flags
+        # promise AMX that its llama.cpp build then faults on)
+        env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"),
+               "MAKEFLAGS": f"-j{os.cpu_count() or 2}"}
         r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-binary",
-                            "llama-cpp-python", "llama-cpp-python", "-w", str(wheels)], env=env,
+                            "llama-cpp-python", "--no-cache-dir", "llama-cpp-python", "-w", str(wheels)], env=env,
                            capture_output=True, text=True)
         if r.returncode != 0:
             return None, f"wheel build failed: {r.stderr.strip().splitlines()[-1:]}"
@@ -96,6 +99,15 @@ def ensure_llama(venv: Path, wheels: Path) -> tuple[Path | None, str]:
     return py, "installed"
 
 
+def check_child(r: subprocess.CompletedProcess) -> None:
+    """Raise with llama.cpp's child's error, naming the signal when it was killed by one."""
+    if r.returncode < 0:
+        raise RuntimeError(f"llama.cpp's process died of signal {-r.returncode} "
+                           f"(a crash in its build for this CPU?) {r.stderr.strip()[-500:]}")
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip()[-1500:])
+
+
 def run_llama(py: Path, path: Path, threads: int, n_new: int, prompts: list[list[int]],
               texts: list[str] = ()) -> dict:
     """llama.cpp on ``path``: per prompt its last logits, greedy tokens and decode seconds
@@ -104,8 +116,7 @@ def run_llama(py: Path, path: Path, threads: int, n_new: int, prompts: list[list
     r = subprocess.run([str(py), "-c", LLAMA_CHILD, str(path), str(threads), str(n_new),
                         json.dumps(prompts), json.dumps(list(texts))], capture_output=True,
                        text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr.strip()[-1500:])
+    check_child(r)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import ensure_llama, moorelm_decode  # noqa: E402
+from export import check_child, ensure_llama, moorelm_decode  # noqa: E402
 
 PROMPTS = ["ROMEO:\nBut, soft! what light", "The capital of France is",
            "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
@@ -67,8 +67,7 @@ def run_llama(py: Path, path: Path, threads: int, n_new: int, prompts: list[list
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([str(py), "-c", LLAMA_CHILD, str(path), str(threads), str(n_new),
                         json.dumps(prompts), str(many)], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr.strip()[-1500:])
+    check_child(r)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
