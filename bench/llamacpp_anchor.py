@@ -14,6 +14,11 @@ moorelm loads the GGUF itself (its blocks dequantised to fp32) and runs it in ea
 ``moorelm export`` and times llama.cpp on that.
 
     python bench/llamacpp_anchor.py [--gguf FILE] [--weights fp32,int8,int4] [--new-tokens 64]
+
+llama.cpp is built for the machine (``-DGGML_NATIVE=ON``); set ``CMAKE_ARGS`` to build it
+otherwise, e.g. where the native build crashes (seen on a VM whose CPU flags promise AMX:
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"``
+with a fresh ``--llama-venv`` and ``--wheel-dir``).
 """
 
 from __future__ import annotations
