@@ -84,9 +84,10 @@ def ensure_llama(venv: Path, wheels: Path) -> tuple[Path | None, str]:
         # promise AMX that its llama.cpp build then faults on)
         env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"),
                "MAKEFLAGS": f"-j{os.cpu_count() or 2}"}
-        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-binary",
-                            "llama-cpp-python", "--no-cache-dir", "llama-cpp-python", "-w", str(wheels)], env=env,
-                           capture_output=True, text=True)
+        # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would return an older build
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir",
+                            "--no-binary", "llama-cpp-python", "llama-cpp-python",
+                            "-w", str(wheels)], env=env, capture_output=True, text=True)
         if r.returncode != 0:
             return None, f"wheel build failed: {r.stderr.strip().splitlines()[-1:]}"
     wheel = sorted(wheels.glob("llama_cpp_python-*.whl"))[-1]
