@@ -19,6 +19,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -291,21 +292,16 @@ def finetune_classifier(
     staged = work / "final"
     if resume and (staged / METRICS_FILE).is_file():  # killed while publishing: finish that
         result = json.loads((staged / METRICS_FILE).read_text(encoding="utf-8"))
-        _publish(staged, out, work)
-        result |= {"metrics_path": str(out / METRICS_FILE), "confusion_png": str(out / CONFUSION_FILE)}
-        say(progress, format_summary(result))
-        return result
+        return _publish_result(staged, out, work, result, progress)
 
     # ---- data (backend-independent checks first, before loading any model)
     d = prepare_splits(train_file, eval_file, text_column, label_column,
                        eval_fraction=eval_fraction, seed=seed, max_train_rows=max_train_rows,
                        progress=progress)
-    train_all, train, eval_data, names = d.train_all, d.train, d.eval, d.names
-    eval_source, balance = d.eval_source, d.balance
     source, local = resolve_model(model)
     if bf16 is None:
         bf16 = _native_bf16()
-    hyperparameters = {
+    hp = {
         "epochs": epochs,
         "lr": lr,
         "batch_size": batch_size,
@@ -326,26 +322,64 @@ def finetune_classifier(
     job = {
         "task": TASK,
         "model": source,
-        "train_file": str(train_all.path.resolve()),
+        "train_file": str(d.train_all.path.resolve()),
         "eval_file": str(Path(eval_file).resolve()) if eval_file else None,
-        "text_column": train.text_column,
-        "label_column": train.label_column,
-        "labels": names,
-        "rows": {"train": len(train), "eval": len(eval_data)},
-        **hyperparameters,
+        "text_column": d.train.text_column,
+        "label_column": d.train.label_column,
+        "labels": d.names,
+        "rows": {"train": len(d.train), "eval": len(d.eval)},
+        **hp,
     }
     checkpoint = _start_work(work, job, resume)
 
-    # ---- model
-    import torch
-    from transformers import (
-        DataCollatorWithPadding,
-        EarlyStoppingCallback,
-        PrinterCallback,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    tok, net, label2id = _load_encoder(source, local, d.names, seed, max_length)
+    train_ds, eval_ds, truncated = _tokenize(tok, d.train, d.eval, label2id, max_length)
+    run = _run_trainer(net, tok, train_ds, eval_ds, d.names, hp, work=work, eval_steps=eval_steps,
+                       checkpoint=checkpoint, report_to=report_to, progress=progress)
+    metrics = classification_metrics(run.y_true, run.y_pred, d.names)
+    state = run.trainer.state
+    result: dict[str, Any] = {
+        "task": TASK,
+        "backend": "hf-encoder",
+        "model": source,
+        "train_file": str(d.train_all.path),
+        "eval_file": str(eval_file) if eval_file else None,
+        "eval_source": d.eval_source,
+        "text_column": d.train.text_column,
+        "label_column": d.train.label_column,
+        "labels": d.names,
+        "rows": {
+            "train": len(d.train),
+            "eval": len(d.eval),
+            "train_file": len(d.train_all),
+            "train_seen": min(
+                len(d.train) * math.ceil(epochs), round(float(state.epoch or 0) * len(d.train))
+            ),
+        },
+        "class_balance": d.balance,
+        "max_length": max_length,
+        "truncated": truncated,
+        **{k: metrics[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")},
+        "per_class": metrics["per_class"],
+        "confusion_matrix": metrics["confusion_matrix"],
+        "train_time_s": round(run.train_time, 2),
+        "steps": int(state.global_step),
+        "epochs_run": float(state.epoch or 0.0),
+        "best_metric_macro_f1": state.best_metric,
+        "stopped_early": bool(state.global_step < state.max_steps and not run.time_limit_hit),
+        "time_limit_hit": run.time_limit_hit,
+        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        "hyperparameters": {**hp, "torch_threads": run.threads},
+        "out_dir": str(out),
+    }
+    _assemble(staged, work, run.trainer.model, tok, result)
+    return _publish_result(staged, out, work, result, progress)
+
+
+def _load_encoder(source: str, local: bool, names: list[str], seed: int, max_length: int):
+    """The tokenizer and a freshly headed sequence classifier for ``names``, seeded; and
+    the label -> class id map."""
+    from transformers import set_seed
 
     tok = load_tokenizer(source, local)
     id2label, label2id = label_maps(names)
@@ -358,24 +392,96 @@ def finetune_classifier(
         raise MoorelmError(
             f"max_length={max_length} exceeds the model's limit of {limit} positions"
         )
+    return tok, net, label2id
 
-    # ---- tokenize (count truncations)
+
+def _tokenize(tok, train, eval_data, label2id: dict[str, int], max_length: int):
+    """Both splits as Trainer datasets, and how many texts of each were truncated (warned)."""
     train_enc, train_cut = _encode(tok, train.texts, max_length)
     eval_enc, eval_cut = _encode(tok, eval_data.texts, max_length)
     for n_cut, n, what in ((train_cut, len(train), "train"), (eval_cut, len(eval_data), "eval")):
         if n_cut:
-            warnings.warn(
-                truncation_message(n_cut, n, max_length, what), TruncationWarning, stacklevel=2
+            warnings.warn(  # attributed to finetune_classifier's caller
+                truncation_message(n_cut, n, max_length, what), TruncationWarning, stacklevel=3
             )
     train_ds = _Rows(train_enc, [label2id[y] for y in train.labels])
     eval_ds = _Rows(eval_enc, [label2id[y] for y in eval_data.labels])
+    return train_ds, eval_ds, {"train": train_cut, "eval": eval_cut}
 
-    # ---- Trainer
-    steps_per_epoch = math.ceil(len(train_ds) / batch_size)
+
+def _training_arguments(hp: dict[str, Any], work: Path, steps_per_epoch: int,
+                        eval_steps: int | None, report_to: Sequence[str], progress: bool):
+    """Trainer's settings for the hyperparameters ``hp`` (see ``finetune_classifier``)."""
+    import torch
+    from transformers import TrainingArguments
+
+    strategy = "steps" if eval_steps else "epoch"
+    timed_lr = hp["lr_schedule"] == "linear over time"
+    bf16 = hp["bf16"]
+    # Checkpoints carry the optimizer, scheduler and RNG states for resuming: Trainer's own
+    # files, which it reads back with torch.load(weights_only=True), and which are deleted
+    # with the work folder once the safetensors result is in place.
+    return TrainingArguments(
+        output_dir=str(work / "trainer"),
+        num_train_epochs=hp["epochs"],
+        max_steps=hp["max_steps"] if hp["max_steps"] else -1,
+        learning_rate=hp["lr"],
+        lr_scheduler_type="constant" if timed_lr else "linear",
+        warmup_steps=0 if timed_lr else hp["warmup_ratio"],
+        weight_decay=hp["weight_decay"],
+        per_device_train_batch_size=hp["batch_size"],
+        per_device_eval_batch_size=max(hp["batch_size"], 64),
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=max(1, min(50, steps_per_epoch // 2)),
+        report_to=list(report_to) if report_to else "none",
+        seed=hp["seed"],
+        data_seed=hp["seed"],
+        bf16=bf16,
+        train_sampling_strategy="group_by_length" if hp["group_by_length"] else "random",
+        use_cpu=bf16 and not torch.cuda.is_available(),  # bf16 autocast on CPU
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **({"eval_steps": eval_steps, "save_steps": eval_steps} if eval_steps else {}),
+    )
+
+
+@dataclass
+class _Run:
+    """What one ``Trainer.train`` left: the trainer (its best model loaded), the kept model's
+    predictions on the evaluation rows, and the clock."""
+
+    trainer: Any
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    train_time: float
+    time_limit_hit: bool
+    threads: int
+
+
+def _run_trainer(net, tok, train_ds: _Rows, eval_ds: _Rows, names: list[str],
+                 hp: dict[str, Any], *, work: Path, eval_steps: int | None,
+                 checkpoint: Path | None, report_to: Sequence[str], progress: bool) -> _Run:
+    """Train with ``transformers.Trainer`` (from ``checkpoint`` if given), keeping the best
+    evaluation by macro-F1, and predict the evaluation rows with the model kept."""
+    import torch
+    from transformers import (
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        PrinterCallback,
+        Trainer,
+    )
+
+    steps_per_epoch = math.ceil(len(train_ds) / hp["batch_size"])
     if eval_steps is None and steps_per_epoch > BIG_EPOCH_STEPS:
         eval_steps = EVAL_EVERY
-    strategy = "steps" if eval_steps else "epoch"
-    timed_lr = bool(lr_by_time and time_limit_s)
+    args = _training_arguments(hp, work, steps_per_epoch, eval_steps, report_to, progress)
 
     # global step -> (true, predicted) class ids of that evaluation. Labels are taken from
     # Trainer's output, not file order, since a length-grouping sampler may reorder rows.
@@ -388,45 +494,13 @@ def finetune_classifier(
         m = classification_metrics(p.label_ids, y_hat, names)
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
-    # Checkpoints carry the optimizer, scheduler and RNG states for resuming: Trainer's own
-    # files, which it reads back with torch.load(weights_only=True), and which are deleted
-    # with the work folder once the safetensors result is in place.
-    args = TrainingArguments(
-        output_dir=str(work / "trainer"),
-        num_train_epochs=epochs,
-        max_steps=max_steps if max_steps else -1,
-        learning_rate=lr,
-        lr_scheduler_type="constant" if timed_lr else "linear",
-        warmup_steps=0 if timed_lr else warmup_ratio,
-        weight_decay=weight_decay,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=max(batch_size, 64),
-        eval_strategy=strategy,
-        save_strategy=strategy,
-        save_total_limit=1,
-        load_best_model_at_end=True,
-        metric_for_best_model="macro_f1",
-        greater_is_better=True,
-        logging_strategy="steps",
-        logging_steps=max(1, min(50, steps_per_epoch // 2)),
-        report_to=list(report_to) if report_to else "none",
-        seed=seed,
-        data_seed=seed,
-        bf16=bf16,
-        train_sampling_strategy="group_by_length" if group_by_length else "random",
-        use_cpu=bf16 and not torch.cuda.is_available(),  # bf16 autocast on CPU
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        **({"eval_steps": eval_steps, "save_steps": eval_steps} if eval_steps else {}),
-    )
     callbacks = []
-    if early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
-    timer = (
-        _time_limit_callback(time_limit_s, lr_by_time, warmup_ratio) if time_limit_s else None
-    )
-    if timer is not None:
+    if hp["early_stopping_patience"]:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp["early_stopping_patience"]))
+    timer = None
+    if hp["time_limit_s"]:
+        timer = _time_limit_callback(hp["time_limit_s"], hp["lr_schedule"] == "linear over time",
+                                     hp["warmup_ratio"])
         callbacks.append(timer)
     env = contextlib.ExitStack()  # trackers read their folders when Trainer makes them
     env.enter_context(_tracker_env(report_to, work))
@@ -448,71 +522,45 @@ def finetune_classifier(
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_time = time.perf_counter() - started
-        state = trainer.state
-        if state.best_global_step in predictions_at:
+        best = trainer.state.best_global_step
+        if best in predictions_at:
             # the kept model is the one evaluated at that step: reuse its predictions
-            y_true, y_pred = predictions_at[state.best_global_step]
+            y_true, y_pred = predictions_at[best]
         else:
             final = trainer.predict(eval_ds)
             logits = final.predictions
             logits = logits[0] if isinstance(logits, tuple) else logits
             y_true, y_pred = np.asarray(final.label_ids), np.argmax(logits, axis=-1)
+    assert len(y_true) == len(eval_ds)
+    return _Run(trainer, y_true, y_pred, train_time, bool(timer and timer.hit),
+                torch.get_num_threads())
 
-    # ---- the finished folder, assembled in the work folder, then renamed into place
+
+def _assemble(staged: Path, work: Path, model, tok, result: dict[str, Any]) -> None:
+    """Write the finished folder in the work folder: the Hugging Face model and tokenizer,
+    the confusion PNG, the trackers' logs, and ``metrics.json`` last (it marks it whole)."""
     if staged.exists():
         shutil.rmtree(staged)
     with quiet_transformers():
-        trainer.model.save_pretrained(staged)
+        model.save_pretrained(staged)
         tok.save_pretrained(staged)
-    assert len(y_true) == len(eval_data)
-    metrics = classification_metrics(y_true, y_pred, names)
-    result: dict[str, Any] = {
-        "task": TASK,
-        "backend": "hf-encoder",
-        "model": source,
-        "train_file": str(train_all.path),
-        "eval_file": str(eval_file) if eval_file else None,
-        "eval_source": eval_source,
-        "text_column": train.text_column,
-        "label_column": train.label_column,
-        "labels": names,
-        "rows": {
-            "train": len(train),
-            "eval": len(eval_data),
-            "train_file": len(train_all),
-            "train_seen": min(
-                len(train) * math.ceil(epochs), round(float(state.epoch or 0) * len(train))
-            ),
-        },
-        "class_balance": balance,
-        "max_length": max_length,
-        "truncated": {"train": train_cut, "eval": eval_cut},
-        **{k: metrics[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")},
-        "per_class": metrics["per_class"],
-        "confusion_matrix": metrics["confusion_matrix"],
-        "train_time_s": round(train_time, 2),
-        "steps": int(state.global_step),
-        "epochs_run": float(state.epoch or 0.0),
-        "best_metric_macro_f1": state.best_metric,
-        "stopped_early": bool(state.global_step < state.max_steps and not (timer and timer.hit)),
-        "time_limit_hit": bool(timer and timer.hit),
-        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
-        "hyperparameters": {**hyperparameters, "torch_threads": torch.get_num_threads()},
-        "out_dir": str(out),
-    }
     save_confusion_png(
-        metrics["confusion_matrix"],
-        names,
+        result["confusion_matrix"],
+        result["labels"],
         staged / CONFUSION_FILE,
-        title=f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
-        f"({len(eval_data)} eval rows)",
+        title=f"accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
+        f"({result['rows']['eval']} eval rows)",
     )
     for name in TRACKER_DIRS:
         if (work / name).is_dir():
             shutil.copytree(work / name, staged / name, dirs_exist_ok=True)
-    atomic_write_json(staged / METRICS_FILE, result)  # written last: marks the folder whole
+    atomic_write_json(staged / METRICS_FILE, result)
+
+
+def _publish_result(staged: Path, out: Path, work: Path, result: dict[str, Any],
+                    progress: bool) -> dict[str, Any]:
+    """Rename the assembled folder into place and return its metrics with their paths."""
     _publish(staged, out, work)
-    result["metrics_path"] = str(out / METRICS_FILE)
-    result["confusion_png"] = str(out / CONFUSION_FILE)
+    result |= {"metrics_path": str(out / METRICS_FILE), "confusion_png": str(out / CONFUSION_FILE)}
     say(progress, format_summary(result))
     return result

@@ -39,6 +39,7 @@ import random
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,75 @@ def _predict(model: GPTClassifier, rows: list[list[int]], pad: int, device: torc
     return probs
 
 
+@dataclass
+class _Fit:
+    """What the training loop left: the best evaluation's macro-F1, step and weights (on the
+    CPU), the steps taken, why it stopped, and the training time."""
+
+    best_f1: float
+    best_step: int
+    best_state: dict[str, torch.Tensor]
+    steps: int
+    stopped_early: bool
+    time_limit_hit: bool
+    train_time: float
+
+
+def _train_loop(model: GPTClassifier, train_rows: list[list[int]], y_train: list[int],
+                eval_rows: list[list[int]], y_eval: list[int], names: list[str],
+                dev: torch.device, *, pad: int, epochs: float, lr: float, batch_size: int,
+                seed: int, max_steps: int | None, time_limit_s: float | None,
+                eval_steps: int | None, warmup_ratio: float, weight_decay: float,
+                early_stopping_patience: int | None, bf16: bool, progress: bool) -> _Fit:
+    """Train every parameter on shuffled batches (AdamW, warm-up then cosine to lr/10),
+    evaluating each epoch or every ``eval_steps`` and keeping the best state by macro-F1."""
+    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+    total = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    every = eval_steps or steps_per_epoch
+    tcfg = TrainConfig(optimizer="adamw", lr=lr, min_lr=lr / 10, weight_decay=weight_decay,
+                       warmup_steps=int(warmup_ratio * total), schedule="cosine", max_steps=total)
+    opt = build_optimizer(model, tcfg, dev.type)
+    rng = random.Random(seed)
+    order: list[int] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    evals_since_best, step, stopped_early, time_hit = 0, 0, False, False
+    started = time.perf_counter()
+    model.train()
+    while step < total:
+        if not order:
+            order = list(range(len(train_rows)))
+            rng.shuffle(order)
+        chunk, order = order[:batch_size], order[batch_size:]
+        opt.set_lr(lr_multiplier(step, decay_progress(step, 0, 0.0, tcfg, 0), tcfg))
+        idx, lengths = _batch([train_rows[i] for i in chunk], pad, dev)
+        labels = torch.tensor([y_train[i] for i in chunk], device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(idx, lengths).float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        time_hit = time_limit_s is not None and time.perf_counter() - started >= time_limit_s
+        if step % every == 0 or step == total or time_hit:
+            pred = _predict(model, eval_rows, pad, dev, max(batch_size, 64)).argmax(-1)
+            f1 = classification_metrics(y_eval, pred.tolist(), names)["macro_f1"]
+            say(progress, f"step {step}/{total}: loss {float(loss.detach()):.4f}, eval macro-F1 {f1:.4f}")
+            if best is None or f1 > best[0]:
+                best = (f1, step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                evals_since_best = 0
+            else:
+                evals_since_best += 1
+                if early_stopping_patience and evals_since_best >= early_stopping_patience:
+                    stopped_early = True
+                    break
+            if time_hit:
+                break
+    assert best is not None
+    return _Fit(best[0], best[1], best[2], step, stopped_early, time_hit,
+                time.perf_counter() - started)
+
+
 def finetune_gpt_classifier(
     run_dir: str | os.PathLike,
     train_file: str | os.PathLike,
@@ -276,52 +346,13 @@ def finetune_gpt_classifier(
     y_eval = [label2id[y] for y in eval_data.labels]
 
     # ---- the loop
-    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
-    total = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-    every = eval_steps or steps_per_epoch
-    tcfg = TrainConfig(optimizer="adamw", lr=lr, min_lr=lr / 10, weight_decay=weight_decay,
-                       warmup_steps=int(warmup_ratio * total), schedule="cosine", max_steps=total)
-    opt = build_optimizer(model, tcfg, dev.type)
-    use_bf16 = bf16 and dev.type == "cuda"
-    rng = random.Random(seed)
-    order: list[int] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    evals_since_best, step, stopped_early, time_hit = 0, 0, False, False
-    started = time.perf_counter()
-    model.train()
-    while step < total:
-        if not order:
-            order = list(range(len(train_rows)))
-            rng.shuffle(order)
-        chunk, order = order[:batch_size], order[batch_size:]
-        opt.set_lr(lr_multiplier(step, decay_progress(step, 0, 0.0, tcfg, 0), tcfg))
-        idx, lengths = _batch([train_rows[i] for i in chunk], tok.eot_id, dev)
-        labels = torch.tensor([y_train[i] for i in chunk], device=dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = F.cross_entropy(model(idx, lengths).float(), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        time_hit = time_limit_s is not None and time.perf_counter() - started >= time_limit_s
-        if step % every == 0 or step == total or time_hit:
-            pred = _predict(model, eval_rows, tok.eot_id, dev, max(batch_size, 64)).argmax(-1)
-            f1 = classification_metrics(y_eval, pred.tolist(), names)["macro_f1"]
-            say(progress, f"step {step}/{total}: loss {float(loss.detach()):.4f}, eval macro-F1 {f1:.4f}")
-            if best is None or f1 > best[0]:
-                best = (f1, step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-                evals_since_best = 0
-            else:
-                evals_since_best += 1
-                if early_stopping_patience and evals_since_best >= early_stopping_patience:
-                    stopped_early = True
-                    break
-            if time_hit:
-                break
-    train_time = time.perf_counter() - started
-    assert best is not None
-    model.load_state_dict(best[2])
+    fit = _train_loop(model, train_rows, y_train, eval_rows, y_eval, names, dev,
+                      pad=tok.eot_id, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                      max_steps=max_steps, time_limit_s=time_limit_s, eval_steps=eval_steps,
+                      warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                      early_stopping_patience=early_stopping_patience,
+                      bf16=bf16 and dev.type == "cuda", progress=progress)
+    model.load_state_dict(fit.best_state)
 
     # ---- save the best state as a run folder, then score it
     probs = _predict(model, eval_rows, tok.eot_id, dev, max(batch_size, 64))
@@ -336,8 +367,8 @@ def finetune_gpt_classifier(
     }
     run = RunFolder(out)
     run.write_files(config, tok)
-    run.save(best[1], ClassifierCodec(config).checkpoint_files(model),
-             {"tokens": 0, "elapsed": train_time, "best_macro_f1": best[0]})
+    run.save(fit.best_step, ClassifierCodec(config).checkpoint_files(model),
+             {"tokens": 0, "elapsed": fit.train_time, "best_macro_f1": fit.best_f1})
     result: dict[str, Any] = {
         "task": "text-classification",
         "backend": "moorelm-gpt",
@@ -355,20 +386,20 @@ def finetune_gpt_classifier(
         **{k: metrics[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")},
         "per_class": metrics["per_class"],
         "confusion_matrix": metrics["confusion_matrix"],
-        "train_time_s": round(train_time, 2),
-        "steps": step,
-        "epochs_run": step / steps_per_epoch,
-        "best_metric_macro_f1": best[0],
-        "best_step": best[1],
-        "stopped_early": stopped_early,
-        "time_limit_hit": time_hit,
+        "train_time_s": round(fit.train_time, 2),
+        "steps": fit.steps,
+        "epochs_run": fit.steps / math.ceil(len(train_rows) / batch_size),
+        "best_metric_macro_f1": fit.best_f1,
+        "best_step": fit.best_step,
+        "stopped_early": fit.stopped_early,
+        "time_limit_hit": fit.time_limit_hit,
         "hyperparameters": {
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
             "seed": seed, "eval_fraction": None if eval_file else eval_fraction,
             "early_stopping_patience": early_stopping_patience, "max_train_rows": max_train_rows,
             "max_steps": max_steps, "time_limit_s": time_limit_s,
             "eval_strategy": f"every {eval_steps} steps" if eval_steps else "every epoch",
-            "bf16": use_bf16, "warmup_ratio": warmup_ratio, "weight_decay": weight_decay,
+            "bf16": bf16 and dev.type == "cuda", "warmup_ratio": warmup_ratio, "weight_decay": weight_decay,
             "pooling": pooling, "torch_threads": torch.get_num_threads(),
         },
         "out_dir": str(out),

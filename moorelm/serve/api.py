@@ -654,7 +654,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     app = FastAPI(title="moorelm", version="1", summary="OpenAI-compatible API of one moorelm model",
                   docs_url=None, redoc_url=None)
     app.state.service = service
+    _add_error_handlers(app)
+    _add_info_routes(app, service)
+    _add_completion_route(app, service)
+    _add_chat_route(app, service)
+    _add_token_routes(app, service)
 
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts,
+                       body_timeout=body_timeout)
+    app.add_middleware(CountRequests, metrics=service.metrics)  # outermost: counts all
+    return app
+
+
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's JSON error body, with a line saying what to change."""
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return exc.response()
@@ -682,6 +697,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return error_response(500, "internal server error; the server logged the details",
                               None, "internal_error", "server_error")
 
+
+def _add_info_routes(app: FastAPI, service: Service) -> None:
+    """The playground page, /health, /v1/models, /metrics and /v1/inspect."""
+    engine, model_name = service.engine, service.model_name
     page = resources.files("moorelm.serve").joinpath("static/index.html").read_text("utf-8")
     page_headers = playground_headers(page)
 
@@ -710,6 +729,19 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         service.check_model(model_id)
         return model_card()
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.post("/v1/inspect")
+    async def inspect_route(body: InspectRequest):
+        service.check_model(body.model)
+        return await service.inspect(body)
+
+
+def _add_completion_route(app: FastAPI, service: Service) -> None:
+    """POST /v1/completions: text completion, streamed or whole, with echo and log-probs."""
+    model_name = service.model_name
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
         start = time.perf_counter()
@@ -786,56 +818,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return await respond(handle, request, head, body, whole, piece, opening,
                              service.metrics.events(handle, start))
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        if body.model is not None:
-            service.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "send a prompt or messages (one of them)", "prompt")
-        if body.prompt is not None:
-            ids = await service.encode(_text(body.prompt, "prompt"))
-        else:
-            if not body.add_generation_prompt and service.prompt_template is not None:
-                raise ApiError(400, "this model's prompt template always asks for a reply; "
-                               "leave add_generation_prompt true", "add_generation_prompt")
-            text = render_chat(body.messages, service.prompt_template, service.chat,
-                               body.add_generation_prompt)
-            ids = await service.encode(text)
-        # a text longer than the context window is tokenized too, as vLLM does: clients
-        # (lm-eval's rolling windows, truncation on the left) cut it themselves, comparing
-        # count with max_model_len; the body limit bounds its size
-        strs = None
-        if body.return_token_strs:
-            strs = [service.tokenizer.hf.id_to_token(t) or "" for t in ids]
-        return {"count": len(ids), "max_model_len": engine.seq_len, "tokens": list(ids),
-                "token_strs": strs}
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        if body.model is not None:
-            service.check_model(body.model)
-        vocab = engine.token_vocab
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is not in the vocabulary (ids 0..{vocab - 1})",
-                           "tokens")
-        if len(body.tokens) < 4096:
-            return {"prompt": service.tokenizer.decode(body.tokens)}
-        return {"prompt": await asyncio.to_thread(service.tokenizer.decode, body.tokens)}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        return service.tokenizer_info()
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(service.metrics.render(), media_type=service.metrics.content_type)
-
-    @app.post("/v1/inspect")
-    async def inspect_route(body: InspectRequest):
-        service.check_model(body.model)
-        return await service.inspect(body)
-
+def _add_chat_route(app: FastAPI, service: Service) -> None:
+    """POST /v1/chat/completions: the model's chat template, then generation as completions."""
+    model_name = service.model_name
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
         start = time.perf_counter()
@@ -880,10 +866,50 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return await respond(handle, request, head, body, whole, piece, opening,
                              service.metrics.events(handle, start))
 
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts,
-                       body_timeout=body_timeout)
-    app.add_middleware(CountRequests, metrics=service.metrics)  # outermost: counts all
-    return app
+
+def _add_token_routes(app: FastAPI, service: Service) -> None:
+    """/tokenize, /detokenize and /tokenizer_info."""
+    engine = service.engine
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            service.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send a prompt or messages (one of them)", "prompt")
+        if body.prompt is not None:
+            ids = await service.encode(_text(body.prompt, "prompt"))
+        else:
+            if not body.add_generation_prompt and service.prompt_template is not None:
+                raise ApiError(400, "this model's prompt template always asks for a reply; "
+                               "leave add_generation_prompt true", "add_generation_prompt")
+            text = render_chat(body.messages, service.prompt_template, service.chat,
+                               body.add_generation_prompt)
+            ids = await service.encode(text)
+        # a text longer than the context window is tokenized too, as vLLM does: clients
+        # (lm-eval's rolling windows, truncation on the left) cut it themselves, comparing
+        # count with max_model_len; the body limit bounds its size
+        strs = None
+        if body.return_token_strs:
+            strs = [service.tokenizer.hf.id_to_token(t) or "" for t in ids]
+        return {"count": len(ids), "max_model_len": engine.seq_len, "tokens": list(ids),
+                "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            service.check_model(body.model)
+        vocab = engine.token_vocab
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is not in the vocabulary (ids 0..{vocab - 1})",
+                           "tokens")
+        if len(body.tokens) < 4096:
+            return {"prompt": service.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(service.tokenizer.decode, body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return service.tokenizer_info()
 
 
 async def respond(handle: RequestHandle, request: HTTPRequest, head: dict, body: SamplingBody,
