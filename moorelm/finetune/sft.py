@@ -492,6 +492,53 @@ def _train_config(saved: dict[str, Any] | None, overrides: dict[str, Any], lora:
     return TrainConfig.from_dict(t)
 
 
+def _resumed_settings(out: Path, lora: LoRAConfig | None, template: str | None,
+                      data: str | Path | None, eval_data: str | Path | None):
+    """The settings a fine-tuned run in ``out`` was started with, for resuming it: (saved
+    config, LoRA, template, base run, data, eval data, eval rows, seed, packing). ``data`` and
+    ``eval_data`` may point elsewhere (the fingerprint checks their bytes); LoRA settings and
+    the template may not change."""
+    saved_cfg = RunFolder(out).read_config()
+    ft = saved_cfg.get("finetune")
+    if not ft:
+        raise MoorelmError(f"{out} is not a fine-tuned run (config.json has no 'finetune' "
+                           "section); resume it with 'moorelm train --resume'")
+    RunFolder(out).latest()  # fail early when there is nothing to resume
+    saved_lora = LoRAConfig.from_dict(saved_cfg["lora"]) if saved_cfg.get("lora") else None
+    if lora is not None and lora != saved_lora:
+        raise MoorelmError(f"{out} was trained with LoRA settings {saved_cfg.get('lora')}; "
+                           "resume without changing --lora-* flags")
+    if template is not None and template != saved_cfg.get("prompt_template"):
+        raise MoorelmError(f"{out} was trained with the template "
+                           f"{saved_cfg.get('prompt_template')!r}; resume without --template")
+    data = Path(data) if data else Path(ft["data"])
+    eval_data = Path(eval_data) if eval_data else (Path(ft["eval_data"]) if ft.get("eval_data") else None)
+    return (saved_cfg, saved_lora, saved_cfg.get("prompt_template"), Path(ft["base_run"]), data,
+            eval_data, ft.get("eval_rows"), ft["seed"], ft.get("packing", True))
+
+
+def _read_pairs(data: Path, eval_data: Path | None, eval_rows: int | None,
+                template: str | None, seed: int, resume: bool):
+    """Read and check the rows: (chat rows?, the prompt template to use, training rows,
+    held-out rows, how many were held out of ``data``, None with ``eval_data``)."""
+    pairs = read_rows(data)
+    chat = isinstance(pairs[0], Conversation)
+    if chat and template is not None and not resume:
+        raise MoorelmError(f"{data} holds chat rows, which go through the run's chat template; "
+                           "--template is the prompt template of prompt/completion rows")
+    if not resume:
+        template = None if chat else check_template(DEFAULT_TEMPLATE if template is None else template)
+    if eval_data is not None:
+        eval_pairs = read_rows(eval_data)
+        if isinstance(eval_pairs[0], Conversation) != chat:
+            raise MoorelmError(f"{eval_data} and {data} hold different kinds of rows (chat and "
+                               "prompt/completion); use one format for both")
+        return chat, template, pairs, eval_pairs, None
+    eval_rows = eval_rows if eval_rows is not None else min(DEFAULT_EVAL_ROWS, max(1, len(pairs) // 10))
+    train_pairs, eval_pairs = split_pairs(pairs, eval_rows, seed)
+    return chat, template, train_pairs, eval_pairs, eval_rows
+
+
 def finetune(
     base_run: str | Path | None,
     data: str | Path | None,
@@ -531,24 +578,8 @@ def finetune(
     overrides = dict(train_overrides or {})
     saved_cfg: dict[str, Any] | None = None
     if resume:
-        saved_cfg = RunFolder(out).read_config()
-        ft = saved_cfg.get("finetune")
-        if not ft:
-            raise MoorelmError(f"{out} is not a fine-tuned run (config.json has no 'finetune' "
-                               "section); resume it with 'moorelm train --resume'")
-        RunFolder(out).latest()  # fail early when there is nothing to resume
-        saved_lora = LoRAConfig.from_dict(saved_cfg["lora"]) if saved_cfg.get("lora") else None
-        if lora is not None and lora != saved_lora:
-            raise MoorelmError(f"{out} was trained with LoRA settings {saved_cfg.get('lora')}; "
-                               "resume without changing --lora-* flags")
-        if template is not None and template != saved_cfg.get("prompt_template"):
-            raise MoorelmError(f"{out} was trained with the template "
-                               f"{saved_cfg.get('prompt_template')!r}; resume without --template")
-        lora, template = saved_lora, saved_cfg.get("prompt_template")
-        base_run = Path(ft["base_run"])
-        data = Path(data) if data else Path(ft["data"])
-        eval_data = Path(eval_data) if eval_data else (Path(ft["eval_data"]) if ft.get("eval_data") else None)
-        eval_rows, seed, pack = ft.get("eval_rows"), ft["seed"], ft.get("packing", True)
+        saved_cfg, lora, template, base_run, data, eval_data, eval_rows, seed, pack = \
+            _resumed_settings(out, lora, template, data, eval_data)
     else:
         if base_run is None or data is None:
             raise MoorelmError("fine-tuning needs a base run and --data")
@@ -559,22 +590,8 @@ def finetune(
     eval_data = Path(eval_data) if eval_data is not None else None
 
     # ---- data: check everything before loading any weights
-    pairs = read_rows(data)
-    chat = isinstance(pairs[0], Conversation)
-    if chat and template is not None and not resume:
-        raise MoorelmError(f"{data} holds chat rows, which go through the run's chat template; "
-                           "--template is the prompt template of prompt/completion rows")
-    if not resume:
-        template = None if chat else check_template(DEFAULT_TEMPLATE if template is None else template)
-    if eval_data is not None:
-        eval_pairs = read_rows(eval_data)
-        if isinstance(eval_pairs[0], Conversation) != chat:
-            raise MoorelmError(f"{eval_data} and {data} hold different kinds of rows (chat and "
-                               "prompt/completion); use one format for both")
-        train_pairs, eval_rows = pairs, None
-    else:
-        eval_rows = eval_rows if eval_rows is not None else min(DEFAULT_EVAL_ROWS, max(1, len(pairs) // 10))
-        train_pairs, eval_pairs = split_pairs(pairs, eval_rows, seed)
+    chat, template, train_pairs, eval_pairs, eval_rows = _read_pairs(
+        data, eval_data, eval_rows, template, seed, resume)
 
     # ---- base model
     base_cfg = RunFolder(base_run).read_config()
