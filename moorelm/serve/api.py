@@ -739,6 +739,39 @@ def _add_info_routes(app: FastAPI, service: Service) -> None:
         return await service.inspect(body)
 
 
+async def _completion_prompts(service: Service, body: CompletionRequest
+                             ) -> tuple[list[str | None], list[tuple[int, ...]]]:
+    """Check what /v1/completions does not support, then the prompts as token ids, each with
+    its text when the client sent text (a string, strings, token ids or lists of them)."""
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported; leave it null", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(400, "best_of other than n is not supported", "best_of")
+    if body.echo and body.n > 1:
+        raise ApiError(400, "echo with n > 1 is not supported; send n = 1 (the prompt "
+                       "and its log-probs are the same for every sample)", "n")
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens 0 asks for nothing without echo; send max_tokens "
+                       ">= 1, or echo: true to get the prompt (and its log-probs) back",
+                       "max_tokens")
+    raw = body.prompt
+    texts: list[str | None]  # each prompt as the client sent it, when it sent text
+    if isinstance(raw, str):
+        texts = [_text(raw, "prompt")]
+        prompts = [await service.encode(raw)]
+    elif raw and all(isinstance(x, int) for x in raw):
+        texts, prompts = [None], [tuple(raw)]
+    elif raw and all(isinstance(x, str) for x in raw):
+        texts = [_text(x, "prompt") for x in raw]
+        prompts = [await service.encode(x) for x in raw]
+    else:
+        prompts = [tuple(x) for x in raw]
+        texts = [None] * len(prompts)
+    if not prompts:
+        raise ApiError(400, "prompt is an empty list; send some text", "prompt")
+    return texts, prompts
+
+
 def _add_completion_route(app: FastAPI, service: Service) -> None:
     """POST /v1/completions: text completion, streamed or whole, with echo and log-probs."""
     model_name = service.model_name
@@ -746,32 +779,7 @@ def _add_completion_route(app: FastAPI, service: Service) -> None:
     async def completions(body: CompletionRequest, request: HTTPRequest):
         start = time.perf_counter()
         service.check_model(body.model)
-        if body.suffix:
-            raise ApiError(400, "suffix is not supported; leave it null", "suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise ApiError(400, "best_of other than n is not supported", "best_of")
-        if body.echo and body.n > 1:
-            raise ApiError(400, "echo with n > 1 is not supported; send n = 1 (the prompt "
-                           "and its log-probs are the same for every sample)", "n")
-        if body.max_tokens == 0 and not body.echo:
-            raise ApiError(400, "max_tokens 0 asks for nothing without echo; send max_tokens "
-                           ">= 1, or echo: true to get the prompt (and its log-probs) back",
-                           "max_tokens")
-        raw = body.prompt
-        texts: list[str | None]  # each prompt as the client sent it, when it sent text
-        if isinstance(raw, str):
-            texts = [_text(raw, "prompt")]
-            prompts = [await service.encode(raw)]
-        elif raw and all(isinstance(x, int) for x in raw):
-            texts, prompts = [None], [tuple(raw)]
-        elif raw and all(isinstance(x, str) for x in raw):
-            texts = [_text(x, "prompt") for x in raw]
-            prompts = [await service.encode(x) for x in raw]
-        else:
-            prompts = [tuple(x) for x in raw]
-            texts = [None] * len(prompts)
-        if not prompts:
-            raise ApiError(400, "prompt is an empty list; send some text", "prompt")
+        texts, prompts = await _completion_prompts(service, body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         want_logprobs = body.logprobs is not None
