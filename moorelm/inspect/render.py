@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from moorelm.atomic import atomic_write_bytes, atomic_write_text
 from moorelm.errors import MoorelmError
 from moorelm.inspect.core import Inspection
+from moorelm.plots import png_bytes, pyplot
 
 HTML_ATTENTION_TOKENS = 256  # beyond this many tokens the page keeps head means only
 
@@ -98,22 +98,6 @@ def lens_table(result: Inspection, last: int = 12) -> str:
 # ----------------------------------------------------------------------------- PNG figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-    return buf.getvalue()
-
-
 def attention_png(result: Inspection, layer: int | None = None, head: int | None = None,
                   average: bool = False) -> bytes:
     """A grid of attention maps: rows are layers (all kept ones, or ``layer``), columns
@@ -122,7 +106,7 @@ def attention_png(result: Inspection, layer: int | None = None, head: int | None
     with the key/value head they read."""
     result.check_layer(layer)
     result.check_head(head)
-    plt = _plt()
+    plt = pyplot()
     layers = [layer] if layer is not None else sorted(result.attention)
     if not layers:
         raise MoorelmError("no attention was kept; inspect with some layers")
@@ -148,14 +132,14 @@ def attention_png(result: Inspection, layer: int | None = None, head: int | None
                 ax.set_xticks([])
                 ax.set_yticks([])
     fig.suptitle("attention (row: query position, column: key position)", fontsize=9)
-    return _png(fig)
+    return png_bytes(fig, dpi=100, tight=True)
 
 
 def lens_png(result: Inspection, last: int = 24) -> bytes:
     """The logit lens as a heat map: layers (rows, embeddings at the bottom) by positions
     (the last ``last``); colour = probability the layer gives the model's final choice,
     text = the layer's own most likely next token."""
-    plt = _plt()
+    plt = pyplot()
     T = len(result.tokens)
     cols = list(range(max(0, T - last), T))
     data = result.lens_final[:, cols].numpy()
@@ -174,7 +158,7 @@ def lens_png(result: Inspection, last: int = 24) -> bytes:
     ax.set_ylabel("after layer")
     ax.set_title("logit lens: colour = p(final prediction), text = layer's top token",
                  fontsize=9)
-    return _png(fig)
+    return png_bytes(fig, dpi=100, tight=True)
 
 
 def save_attention_png(result: Inspection, path: str | Path, layer: int | None = None,

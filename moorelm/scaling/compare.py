@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from moorelm.errors import MoorelmError
+from moorelm.plots import pyplot, save_figure
 
 
 def compare_recipes(records: list[dict], recipe: str, baseline: str) -> dict:
@@ -77,11 +78,7 @@ def comparison_sentence(cmp: dict) -> str:
 
 
 def _plot_comparison(path: Path, records: list[dict], cmp: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, color in ((cmp["recipe"], "tab:blue"), (cmp["baseline"], "tab:orange")):
         rs = [r for r in records if r.get("recipe") == name and not r.get("verification")]
@@ -99,6 +96,4 @@ def _plot_comparison(path: Path, records: list[dict], cmp: dict) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

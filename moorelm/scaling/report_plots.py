@@ -4,46 +4,25 @@ allocation and the verification check. matplotlib (Agg) is imported only when on
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
-from moorelm.atomic import atomic_write_bytes
+from moorelm.plots import pyplot, save_figure
 
 
 def _finish(fig, ax, path: Path) -> Path:
     """The single-panel figures' common last touches: grid, legend, margins, then save."""
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
+    # Fixed margins rather than tight_layout: tight_layout measures every label in an extra
+    # pass, which doubled the plotting time.
     fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.11)
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    """Render to memory and write atomically, so a killed build leaves no torn PNG."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def _plt():
-    # Fixed margins (subplots_adjust) rather than tight_layout in every figure: tight_layout
-    # measures every label in an extra pass, which doubled the plotting time.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return save_figure(fig, path, dpi=100)
 
 
 def _plot_loss_vs_compute(path: Path, fits: dict, verification: dict | None, k: float) -> Path:
-    plt = _plt()
+    plt = pyplot()
     a = fits["_arrays"]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     sc = ax.scatter(a["C"], a["L"], c=np.log10(a["N"]), cmap="viridis", s=28, zorder=3)
@@ -79,7 +58,7 @@ def _plot_loss_vs_compute(path: Path, fits: dict, verification: dict | None, k: 
 
 
 def _plot_isoflop(path: Path, fits: dict) -> Path:
-    plt = _plt()
+    plt = pyplot()
     a, iso, budgets = fits["_arrays"], fits["isoflop"], fits["_budgets"]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     cmap = plt.get_cmap("plasma")
@@ -104,7 +83,7 @@ def _plot_isoflop(path: Path, fits: dict) -> Path:
 
 
 def _plot_allocation(path: Path, fits: dict, k: float) -> Path:
-    plt = _plt()
+    plt = pyplot()
     a = fits["_arrays"]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     grid = np.logspace(np.log10(a["C"].min()), np.log10(a["C"].max() * 100), 80)
@@ -138,7 +117,7 @@ def _plot_allocation(path: Path, fits: dict, k: float) -> Path:
 
 
 def _plot_prediction(path: Path, fits: dict, v: dict) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     if "_arrays" in fits:
         a = fits["_arrays"]
@@ -167,7 +146,7 @@ def _plot_prediction(path: Path, fits: dict, v: dict) -> Path:
     zoom.set_title("Close-up")
     zoom.grid(True, axis="y", alpha=0.25)
     fig.subplots_adjust(left=0.08, right=0.98, top=0.9, bottom=0.12, wspace=0.25)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def _plain_log_y(ax) -> None:

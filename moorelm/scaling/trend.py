@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from moorelm.atomic import atomic_write_bytes
 from moorelm.errors import MoorelmError
+from moorelm.plots import pyplot, save_figure
 
 LOG10_2 = math.log10(2.0)
 DEFAULT_TOP_K = 3
@@ -438,11 +438,7 @@ def plot_trends(path: str | Path, landmarks: Sequence[Landmark] | None = None, *
                 top_k: int = DEFAULT_TOP_K) -> Path:
     """Draw parameters, tokens and compute of landmark models over time (log axes) with the
     fitted all-model and frontier lines and a Moore's-law line, and save a PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lms = load_landmarks() if landmarks is None else list(landmarks)
     fits = fit_landmark_trends(lms, top_k=top_k)
     moore = reference_rate("moore")
@@ -486,8 +482,4 @@ def plot_trends(path: str | Path, landmarks: Sequence[Landmark] | None = None, *
     fig.suptitle("Landmark language models over time", fontsize=12)
     # Fixed margins: tight_layout would measure every annotation in an extra pass.
     fig.subplots_adjust(left=0.09, right=0.98, top=0.95, bottom=0.05, hspace=0.08)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())  # a killed run leaves the old PNG, not half a new one
-    return path
+    return save_figure(fig, path)
