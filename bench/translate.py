@@ -94,8 +94,9 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from moorelm.config import SFT_TEMPLATE
     from moorelm.finetune.lora import LoRAConfig
-    from moorelm.finetune.sft import DEFAULT_TEMPLATE, finetune
+    from moorelm.finetune.sft import finetune
     from moorelm.finetune.tasks import write_pairs
     from moorelm.training.pretrain import pretrain
 
@@ -132,7 +133,7 @@ def main() -> int:
     outputs: dict[str, list[str]] = {}
     rows.append({"system": "copy source (baseline)", **score(test_en, test_de)})
     outputs["copy source (baseline)"] = test_en
-    hyps, dt = translate(base, test_en, args.max_new_tokens, DEFAULT_TEMPLATE)
+    hyps, dt = translate(base, test_en, args.max_new_tokens, SFT_TEMPLATE)
     rows.append({"system": "base, no fine-tuning", "decode_s": dt, **score(hyps, test_de)})
     outputs["base, no fine-tuning"] = hyps
     methods = [("lora", LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank), args.lora_lr),

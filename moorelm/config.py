@@ -292,6 +292,9 @@ SFT_TRAIN: dict[str, Any] = dict(
     eval_interval=100, log_interval=10, ckpt_interval=500, keep_checkpoints=1,
 )
 LORA_LR = 2e-3  # adapters start at zero and are small: a higher rate than full fine-tuning
+SFT_TEMPLATE = "{prompt}\n=> "  # a prompt, a line break and a cue: the completion follows
+SFT_EPOCHS = 3.0  # passes over the training rows when neither epochs nor max_steps is given
+SFT_EVAL_ROWS = 200  # held-out rows (at most 10% of the data) and rows scored by exact match
 
 
 ROPE_SCALINGS = ("llama3",)

@@ -13,10 +13,10 @@ import moorelm
 from moorelm.classify.metrics import TruncationWarning
 from moorelm.cli import main
 from moorelm.codecs import ADAPTER_FILE, read_tensors
+from moorelm.config import SFT_TEMPLATE
 from moorelm.errors import MoorelmError
 from moorelm.finetune.lora import LoRAConfig
 from moorelm.finetune.sft import (
-    DEFAULT_TEMPLATE,
     RESULT_FILE,
     Pair,
     SFTData,
@@ -89,7 +89,7 @@ def test_template_rules():
 # ----------------------------------------------------------------------------- packing
 
 
-def _sft(tiny_run, pairs, val=None, template=DEFAULT_TEMPLATE) -> SFTData:
+def _sft(tiny_run, pairs, val=None, template=SFT_TEMPLATE) -> SFTData:
     return SFTData(pairs, val or pairs[:2], tiny_run / "tokenizer.json", template,
                    tiny_run, "fp", pack_seed=0)
 
@@ -128,7 +128,7 @@ def test_packed_rows_compute_what_their_examples_would_alone(tiny_run):
     not (the check can fail)."""
     pairs = [Pair(**number_pair(i), line=i) for i in range(12)]
     packed = _sft(tiny_run, pairs)
-    single = SFTData(pairs, pairs[:2], tiny_run / "tokenizer.json", DEFAULT_TEMPLATE, tiny_run,
+    single = SFTData(pairs, pairs[:2], tiny_run / "tokenizer.json", SFT_TEMPLATE, tiny_run,
                      "fp", pack=False)
     model = moorelm.load(tiny_run).model
     tokens, mask, _, segments = packed._packed("train", 32)
@@ -154,13 +154,13 @@ def test_without_packing_each_row_is_one_example_at_position_0(tiny_run):
     longest example instead of the full window."""
     pairs = [Pair(**number_pair(i), line=i) for i in range(20)]
     tok = moorelm.Tokenizer.load(tiny_run / "tokenizer.json")
-    data = SFTData(pairs, pairs[:2], tiny_run / "tokenizer.json", DEFAULT_TEMPLATE, tiny_run,
+    data = SFTData(pairs, pairs[:2], tiny_run / "tokenizer.json", SFT_TEMPLATE, tiny_run,
                    "fp", pack=False)
     tokens, mask = data.rows("train", 32)
     assert len(tokens) == 20
     starts = {tuple(tokens[r, :3].tolist()) for r in range(20)}
-    assert starts == {tuple(tok.encode(apply_template(DEFAULT_TEMPLATE, p.prompt))[:3]) for p in pairs}
-    longest = max(len(tok.encode(apply_template(DEFAULT_TEMPLATE, p.prompt) + p.completion)) + 1
+    assert starts == {tuple(tok.encode(apply_template(SFT_TEMPLATE, p.prompt))[:3]) for p in pairs}
+    longest = max(len(tok.encode(apply_template(SFT_TEMPLATE, p.prompt) + p.completion)) + 1
                   for p in pairs)
     assert data.train_batch(0, 0, 20, 32)[0].shape == (20, longest - 1)
 
@@ -231,7 +231,7 @@ def test_full_finetune_writes_a_templated_run(tiny_run, pairs_file, tmp_path, mo
     assert len(calls) >= 6 and all(calls)
     assert r.method == "full" and r.train.step == 6 and r.trainable_params == r.total_params
     cfg = RunFolder(out).read_config()
-    assert cfg["prompt_template"] == DEFAULT_TEMPLATE and cfg["finetune"]["rows"] == {"train": 36, "eval": 4}
+    assert cfg["prompt_template"] == SFT_TEMPLATE and cfg["finetune"]["rows"] == {"train": 36, "eval": 4}
     saved = json.loads((out / RESULT_FILE).read_text())
     assert saved["exact_match"]["rows"] == 4 and 0.0 <= saved["exact_match"]["exact_match"] <= 1.0
     lm = moorelm.load(out, device="cpu")

@@ -96,7 +96,7 @@ def cmd_demo_data(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from moorelm.finetune.sft import DEFAULT_EPOCHS, DEFAULT_EVAL_ROWS, DEFAULT_TEMPLATE
+    from moorelm.config import SFT_EPOCHS, SFT_EVAL_ROWS, SFT_TEMPLATE
     from moorelm.finetune.tasks import TASKS
 
     p = sub.add_parser(
@@ -117,18 +117,18 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--eval-data", default=None, help="held-out pairs (default: hold out --eval-rows)")
     p.add_argument("--eval-rows", type=int, default=None,
-                   help=f"rows of --data to hold out (default min({DEFAULT_EVAL_ROWS}, 10%%))")
+                   help=f"rows of --data to hold out (default min({SFT_EVAL_ROWS}, 10%%))")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split and packing")
     p.add_argument("--template", default=None,
                    help=f"prompt template with {{prompt}}; \\n is a line break (default "
-                   f"{DEFAULT_TEMPLATE!r})")
+                   f"{SFT_TEMPLATE!r})")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several examples per context window, each from position 0 and "
                    "attending only to itself (default on); --no-packing trains one example "
                    "per row (more, smaller steps)")
     p.add_argument("--epochs", type=float, default=None,
                    help=f"passes over the training rows when no max-steps/tokens/time is given "
-                   f"(default {DEFAULT_EPOCHS:g})")
+                   f"(default {SFT_EPOCHS:g})")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=None, help="train rank-R adapters instead of all weights")
     g.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha/rank (default alpha = 2 x rank)")
@@ -141,8 +141,8 @@ def add_parser(sub) -> None:
                    "uses tokens the base never saw, e.g. digits for a Shakespeare model)")
     g.add_argument("--keep-adapters", action="store_true",
                    help="save adapters separately (adapter.safetensors) instead of merging them")
-    p.add_argument("--exact-match-rows", type=int, default=DEFAULT_EVAL_ROWS,
-                   help=f"held-out rows scored by exact match at the end (default {DEFAULT_EVAL_ROWS}; 0 skips)")
+    p.add_argument("--exact-match-rows", type=int, default=SFT_EVAL_ROWS,
+                   help=f"held-out rows scored by exact match at the end (default {SFT_EVAL_ROWS}; 0 skips)")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,7 +12,7 @@ empty completion each stop with one line naming the file and line. A held-out sl
 loss during training and the exact-match score at the end.
 
 The prompt template. A prompt reaches the model as ``template`` with ``{prompt}`` replaced by
-the prompt text; the default ``DEFAULT_TEMPLATE`` is ``"{prompt}\\n=> "`` (the prompt, a line
+the prompt text; the default ``config.SFT_TEMPLATE`` is ``"{prompt}\\n=> "`` (the prompt, a line
 break, an arrow and a space), so the completion starts on a line of its own after a clear cue.
 The template is stored in the run folder's config.json as ``prompt_template``;
 ``LanguageModel.format_prompt`` (what ``moorelm generate`` and the server use) applies it, so
@@ -76,7 +76,15 @@ from moorelm.chat import ChatTemplate
 from moorelm.classify.data import Table, read_table
 from moorelm.classify.metrics import TruncationWarning
 from moorelm.codecs import model_tensors
-from moorelm.config import LORA_LR, SFT_TRAIN, ModelConfig, TrainConfig
+from moorelm.config import (
+    LORA_LR,
+    SFT_EPOCHS,
+    SFT_EVAL_ROWS,
+    SFT_TEMPLATE,
+    SFT_TRAIN,
+    ModelConfig,
+    TrainConfig,
+)
 from moorelm.data import Batch
 from moorelm.device import resolve_device
 from moorelm.errors import MoorelmError
@@ -94,11 +102,8 @@ from moorelm.training.loop import train
 from moorelm.training.metrics import MetricsLogger
 from moorelm.training.state import TrainResult
 
-DEFAULT_TEMPLATE = "{prompt}\n=> "
 RESULT_FILE = "finetune.json"
 FIELDS = ("prompt", "completion")
-DEFAULT_EPOCHS = 3.0
-DEFAULT_EVAL_ROWS = 200
 
 
 @dataclass(frozen=True)
@@ -473,7 +478,7 @@ def _train_config(saved: dict[str, Any] | None, overrides: dict[str, Any], lora:
                   epoch_steps: int, epochs: float | None) -> TrainConfig:
     """SFT defaults (or a resumed run's saved config) < flags; the budget is the flags'
     max_steps/max_tokens/max_time, else ``epochs`` x ``epoch_steps``, else (resume) the saved
-    one, else DEFAULT_EPOCHS."""
+    one, else SFT_EPOCHS."""
     over = {k: v for k, v in overrides.items() if v is not None}
     if saved is not None:
         t = dict(saved)
@@ -487,7 +492,7 @@ def _train_config(saved: dict[str, Any] | None, overrides: dict[str, Any], lora:
     elif epochs is not None or saved is None:
         if epochs is not None and epochs <= 0:
             raise MoorelmError(f"--epochs must be > 0, got {epochs}")
-        t.update(max_steps=max(1, math.ceil((epochs or DEFAULT_EPOCHS) * epoch_steps)),
+        t.update(max_steps=max(1, math.ceil((epochs or SFT_EPOCHS) * epoch_steps)),
                  max_tokens=None, max_time=None)
     return TrainConfig.from_dict(t)
 
@@ -527,14 +532,14 @@ def _read_pairs(data: Path, eval_data: Path | None, eval_rows: int | None,
         raise MoorelmError(f"{data} holds chat rows, which go through the run's chat template; "
                            "--template is the prompt template of prompt/completion rows")
     if not resume:
-        template = None if chat else check_template(DEFAULT_TEMPLATE if template is None else template)
+        template = None if chat else check_template(SFT_TEMPLATE if template is None else template)
     if eval_data is not None:
         eval_pairs = read_rows(eval_data)
         if isinstance(eval_pairs[0], Conversation) != chat:
             raise MoorelmError(f"{eval_data} and {data} hold different kinds of rows (chat and "
                                "prompt/completion); use one format for both")
         return chat, template, pairs, eval_pairs, None
-    eval_rows = eval_rows if eval_rows is not None else min(DEFAULT_EVAL_ROWS, max(1, len(pairs) // 10))
+    eval_rows = eval_rows if eval_rows is not None else min(SFT_EVAL_ROWS, max(1, len(pairs) // 10))
     train_pairs, eval_pairs = split_pairs(pairs, eval_rows, seed)
     return chat, template, train_pairs, eval_pairs, eval_rows
 
@@ -553,7 +558,7 @@ def finetune(
     seed: int = 0,
     pack: bool = True,
     resume: bool = False,
-    exact_match_rows: int = DEFAULT_EVAL_ROWS,
+    exact_match_rows: int = SFT_EVAL_ROWS,
     progress: bool = True,
     loggers: Sequence[MetricsLogger] = (),
 ) -> SFTResult:
