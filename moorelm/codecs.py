@@ -159,6 +159,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def load_gpt_weights(model: GPT, tensors: dict[str, torch.Tensor], source: Path | str) -> None:
     """Load weights strictly; mismatches with the config become a clear error."""
+    expected = _checked(model, tensors, source)
+    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+
+
+def _checked(model: GPT, tensors: dict[str, torch.Tensor],
+             source: Path | str) -> dict[str, torch.Tensor]:
+    """``model``'s state dict (tied head left out) once ``tensors`` match it name for name
+    and shape for shape; a mismatch is one line naming ``source``."""
     expected = model.state_dict()
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight", None)
@@ -172,22 +182,39 @@ def load_gpt_weights(model: GPT, tensors: dict[str, torch.Tensor], source: Path 
         if k in expected and expected[k].shape != t.shape:
             raise MoorelmError(f"{source} does not match config.json: {k} has shape "
                                f"{tuple(t.shape)}, config implies {tuple(expected[k].shape)}")
-    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
+    return expected
 
 
-def build_gpt(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: Path | str) -> GPT:
-    """A GPT holding ``tensors``, built without initialising weights it then overwrites."""
+def build_gpt(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: Path | str,
+              share: bool = False) -> GPT:
+    """A GPT holding ``tensors``, built on the meta device and then given its weights, so
+    nothing is initialised or allocated twice.
+
+    By default every weight is copied into memory of the model's own (``tensors`` may map a
+    file, which another program could rewrite in place under a long-running server).
+    ``share`` makes the model hold ``tensors`` themselves where their dtype and layout
+    already fit (an importer's freshly converted weights): a 135M-parameter import then
+    peaks at one copy of its weights instead of two."""
     with meta_device():
         model = GPT(cfg)
-    model = model.to_empty(device="cpu")
+    expected = _checked(model, tensors, source)
+    weights = {}
+    for k, want in expected.items():
+        t = tensors[k]
+        fits = share and t.dtype == want.dtype and t.device.type == "cpu" and t.is_contiguous()
+        weights[k] = t if fits else t.to("cpu", want.dtype, copy=True).contiguous()
+    # assign: the meta tensors are replaced, not copied into (``to_empty`` would allocate
+    # first, through PyTorch's Python reference ops, whose first use imports sympy: ~30 MiB)
+    model.load_state_dict(weights, strict=False, assign=True)  # names checked above
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
     if cfg.pos == "rope":  # non-persistent buffers are rebuilt, not loaded
         model.rope_cos, model.rope_sin = rope_tables(
             cfg.head_dim, cfg.seq_len, cfg.rope_base, cfg.rope_scaling)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    load_gpt_weights(model, tensors, source)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise MoorelmError(f"{source}: no values for {left[:3]} (a model part the weights "
+                           "do not cover)")
     return model
 
 

@@ -199,7 +199,11 @@ cfg, _ = build_configs(recipe="moorelm", model_overrides=dict(n_layer=1, n_head=
                                                              seq_len=16))
 with meta_device():
     GPT(with_vocab(cfg, 50))
-print(sorted(m for m in sys.modules if m.startswith(("torch._dynamo", "triton"))))
+from moorelm.cli import build_parser
+build_parser()  # every command's flags, as `moorelm serve` builds them before serving
+print(sorted({m.split(".")[0] if m.startswith(("sympy", "matplotlib")) else m
+              for m in sys.modules if m.startswith(("torch._dynamo", "triton", "sympy",
+                                                     "matplotlib"))}))
 """
 
 
@@ -207,7 +211,9 @@ def test_loading_and_generating_leave_torch_dynamo_out(tiny_run):
     """Loading a run (fp32 and int8), generating from it and building a rotary model on the
     meta device never import torch._dynamo: initialisers and aranges on meta tensors go
     through PyTorch's reference ops, whose first use imports it (and triton), ~2 s and ~140 MiB
-    resident in every process that loads a run."""
+    resident in every process that loads a run. Nor sympy (``to_empty`` on a meta model
+    imports it: ~30 MiB), nor matplotlib, which only drawing needs (~0.8 s, ~30 MiB): the
+    CLI's parsers are built with them out too (``moorelm serve`` builds every command's)."""
     out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DYNAMO, str(tiny_run)],
                          capture_output=True, text=True, timeout=300, cwd=PKG.parent)
     assert out.returncode == 0, out.stderr

@@ -988,7 +988,7 @@ class ImportedModel:
 
     def build(self) -> GPT:
         """The GPT holding the weights (checks every name and shape against the config)."""
-        return build_gpt(self.config, self.tensors, self.imported_from["path"])
+        return build_gpt(self.config, self.tensors, self.imported_from["path"], share=True)
 
     def run_config(self, model: GPT) -> dict[str, Any]:
         """config.json of the run folder (``moorelm.load`` keeps it in memory the same)."""
