@@ -261,6 +261,44 @@ def test_unknown_hub_model_offline_is_a_clear_error(tmp_path, monkeypatch):
         finetune_classifier("no-such-org/no-such-model", train, tmp_path / "o", progress=False)
 
 
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_reachable_opens_a_connection():
+    """The hub probe says yes for an endpoint that accepts connections, no for a closed port
+    or an endpoint without a host."""
+    from moorelm.classify.encoder import hub_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert hub_reachable(f"http://127.0.0.1:{server.getsockname()[1]}")
+    assert not hub_reachable(f"http://127.0.0.1:{_closed_port()}")
+    assert not hub_reachable("not a url")
+
+
+def test_hub_id_with_the_hub_unreachable_fails_at_once(tmp_path, monkeypatch, capfd):
+    """Online mode (HF_HUB_OFFLINE unset) with no route to the hub: a hub id that is not cached
+    is one clear line from the cache alone, without huggingface_hub's retries and warnings
+    (which took ~25 s)."""
+    from huggingface_hub import constants
+
+    from moorelm.classify.encoder import hub_reachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    hub_reachable.cache_clear()
+    try:
+        with pytest.raises(MoorelmError, match="hub cannot be reached from this machine"):
+            classify("no-such-org/no-such-model", ["hello"])
+    finally:
+        hub_reachable.cache_clear()
+    assert "Retrying" not in capfd.readouterr().err
+
 def test_default_minilm_loads_offline_and_classifies(tmp_path, monkeypatch):
     """The bundled MiniLM-L6 loads with the network blocked; given a (fresh) two-label head it
     classifies texts through classify(). No training."""

@@ -10,11 +10,14 @@ local folder that ships code or holds only pickled weights is refused with one l
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from moorelm.errors import MoorelmError
 
@@ -41,6 +44,31 @@ def default_encoder_path() -> Path:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds to open a connection to the hub before calling it unreachable
+
+
+@functools.cache
+def hub_reachable(endpoint: str | None = None) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``, default
+    huggingface.co) opens within ``HUB_PROBE_TIMEOUT``; asked once per process.
+
+    Without it, a hub id on a machine with no route out costs huggingface_hub's five retries
+    (~25 s of "Retrying in 8s" lines) before the same error."""
+    if endpoint is None:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return False
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT):
+            return True
+    except OSError:
+        return False
 
 
 def resolve_model(model: str | os.PathLike | None) -> tuple[str, bool]:
@@ -121,10 +149,15 @@ def quiet_transformers(active: bool = True) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_error(source: str, local: bool, e: Exception) -> MoorelmError:
+def load_error(source: str, local: bool, e: Exception, online: bool = False) -> MoorelmError:
     if local:
         return MoorelmError(f"cannot load a model from {source}: {e}")
-    why = "HF_HUB_OFFLINE is set" if hub_offline() else "the network may be unreachable"
+    if online:  # the hub answered: not found, gated, or not a model of a known type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return MoorelmError(f"model {source!r} is not a local folder and the Hugging Face hub "
+                            f"could not provide it: {first}")
+    why = ("HF_HUB_OFFLINE is set" if hub_offline()
+           else "the Hugging Face hub cannot be reached from this machine")
     return MoorelmError(
         f"model {source!r} is not a local folder and is not available locally ({why}); pass "
         f"a local Hugging Face model folder, or run once online to cache it"
@@ -132,13 +165,17 @@ def load_error(source: str, local: bool, e: Exception) -> MoorelmError:
 
 
 def _from_pretrained(factory, source: str, local: bool, **kwargs):
-    """``factory.from_pretrained`` with code from the folder switched off; one line on error."""
+    """``factory.from_pretrained`` with code from the folder switched off; one line on error.
+
+    A hub id goes to the hub only when it answers (``hub_reachable``); otherwise only the
+    local cache is asked, so an offline machine gets its answer at once."""
+    online = not local and not hub_offline() and hub_reachable()
     try:
         with quiet_transformers():
-            return factory.from_pretrained(source, local_files_only=local or hub_offline(),
+            return factory.from_pretrained(source, local_files_only=not online,
                                            trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise load_error(source, local, e) from None
+        raise load_error(source, local, e, online) from None
 
 
 def load_config(source: str, local: bool):
