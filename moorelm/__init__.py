@@ -60,13 +60,16 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
 
     ``source`` is a run folder (its newest checkpoint, LoRA adapters merged in), or, converted
     in memory without writing a run folder: a GGUF file, a bundled short name (``smollm2``),
-    or a Hugging Face model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3). ``seq_len`` shortens
+    a Hugging Face model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3) or hub id (``org/name``,
+    from the Hugging Face cache, downloaded first when the hub is reachable; safetensors and
+    tokenizer files only, see ``moorelm.hub``). ``seq_len`` shortens
     an imported model's context window, as ``moorelm import --seq-len`` does. ``weights``:
     fp32 (as trained), bf16, int8 or int4 (see ``moorelm.quantize``); on a CPU, fp32 and bf16
     projections are held in oneDNN's blocked layout, so the model is for inference (train
     from ``RunFolder(run).load()``)."""
     from moorelm.device import resolve_device
     from moorelm.generate import LanguageModel
+    from moorelm.hub import hub_folder, is_hub_id
     from moorelm.interop.gguf import read_gguf_import, resolve_source
     from moorelm.interop.hf import is_hf_folder, read_hf
     from moorelm.quantize import check_weights, quantize
@@ -76,8 +79,10 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
     device = resolve_device(device)
     path = Path(source)
     imported = None
+    if is_hub_id(source) and resolve_source(source) is None:
+        path = hub_folder(str(source))
     if not RunFolder(path).is_run():
-        gguf = resolve_source(source)
+        gguf = resolve_source(path)
         if gguf is not None:
             imported = read_gguf_import(gguf, seq_len=seq_len)
         elif is_hf_folder(path):

@@ -271,7 +271,7 @@ def _closed_port() -> int:
 def test_hub_reachable_opens_a_connection():
     """The hub probe says yes for an endpoint that accepts connections, no for a closed port
     or an endpoint without a host."""
-    from moorelm.classify.encoder import hub_reachable
+    from moorelm.hub import hub_reachable
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -287,7 +287,7 @@ def test_hub_id_with_the_hub_unreachable_fails_at_once(tmp_path, monkeypatch, ca
     (which took ~25 s)."""
     from huggingface_hub import constants
 
-    from moorelm.classify.encoder import hub_reachable
+    from moorelm.hub import hub_reachable
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")

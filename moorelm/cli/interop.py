@@ -52,11 +52,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from moorelm.hub import hub_folder, is_hub_id
     from moorelm.interop.gguf import import_gguf, resolve_source
     from moorelm.interop.hf import import_hf
     from moorelm.interop.peft import CONFIG_FILE, import_peft
 
     source = Path(args.hf_dir)
+    if is_hub_id(args.hf_dir) and resolve_source(args.hf_dir) is None:
+        source = hub_folder(args.hf_dir)  # the Hugging Face cache's snapshot folder
     if (source / CONFIG_FILE).exists():
         if args.base is None:
             raise MoorelmError(f"{source} is a PEFT adapter folder; name the run it adapts with "
@@ -69,7 +72,7 @@ def cmd_import(args) -> int:
     elif resolve_source(args.hf_dir) is not None:  # FILE.gguf or a bundled name (smollm2)
         run = import_gguf(args.hf_dir, args.run, seq_len=args.seq_len, force=args.force)
     else:
-        run = import_hf(args.hf_dir, args.run, seq_len=args.seq_len, overwrite=args.force)
+        run = import_hf(source, args.run, seq_len=args.seq_len, overwrite=args.force)
     print(f"imported {args.hf_dir} -> {run} (try: moorelm generate {run} --prompt '...')")
     return 0
 
@@ -108,7 +111,9 @@ def add_parser(sub) -> None:
         "folder on top of a base run (--base), and write a moorelm run folder that generate, "
         "evaluate and fine-tuning can use.",
     )
-    p.add_argument("hf_dir", metavar="SOURCE", help="Hugging Face model folder (local), a "
+    p.add_argument("hf_dir", metavar="SOURCE", help="Hugging Face model folder, or hub id "
+                   "org/name (from the local Hugging Face cache; downloaded first when the hub "
+                   "can be reached: safetensors, configs and tokenizer files only), a "
                    "FILE.gguf, 'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), "
                    "or a PEFT adapter folder (with --base)")
     p.add_argument("run", metavar="RUN", help="run folder to write")

@@ -53,6 +53,7 @@ from moorelm.atomic import replace_dir
 from moorelm.codecs import LMCodec, build_gpt, check_gpt_header, read_tensors
 from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
+from moorelm.hub import hub_cache_name
 from moorelm.jsonfile import read_json
 from moorelm.model import GPT
 from moorelm.run import RunFolder
@@ -928,11 +929,12 @@ def _token_text(value: Any) -> str | None:
 
 
 def _model_name(src: HFSource, conf: dict) -> str:
-    """The model's name: config.json's ``_name_or_path`` when it is a name, else the folder's."""
+    """The model's name: config.json's ``_name_or_path`` when it is a name, else the hub id of a
+    Hugging Face cache snapshot, else the folder's name."""
     name = conf.get("_name_or_path")
     if isinstance(name, str) and name.strip() and not Path(name).is_absolute():
         return name.strip()[:200]
-    return src.path.resolve().name
+    return hub_cache_name(src.path) or src.path.resolve().name
 
 
 def _chat_settings(src: HFSource, conf: dict, tokenizer: Tokenizer) -> dict[str, Any]:
