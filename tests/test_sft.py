@@ -333,6 +333,24 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_run, tmp_path, capsys):
     assert "--lora-rank" in capsys.readouterr().err
 
 
+
+def test_a_model_to_import_is_named_with_the_import_command(tmp_path, capsys):
+    """A base that moorelm.load takes but that is no run folder (the bundled smollm2, a GGUF
+    file, a Hugging Face folder) is one line that names `moorelm import`, before any data or
+    weights are read; the output folder is not created."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 4, encoding="utf-8")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    for base in ("smollm2", str(gguf)):
+        assert main(["finetune", base, "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"moorelm import {base} RUN" in err, err
+    assert main(["finetune", "no-such/run", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "not a run folder (nothing is there)" in err and "moorelm import no-such/run" in err
+    assert not (tmp_path / "o").exists()
+
 def test_cli_demo_data_finetune_and_eval(tiny_run, tmp_path, capsys):
     """demo data -> finetune (LoRA, a typed '\\n' in --template is a line break) ->
     finetune-eval, all through the CLI."""

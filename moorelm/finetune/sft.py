@@ -96,6 +96,7 @@ from moorelm.finetune.chat_rows import (
 )
 from moorelm.finetune.lora import LoRAConfig, apply_lora
 from moorelm.generate import LanguageModel, apply_template, check_template
+from moorelm.interop.sources import require_run
 from moorelm.run import TOKENIZER_FILE, RunFolder
 from moorelm.tokenizer import Tokenizer
 from moorelm.training.loop import train
@@ -592,6 +593,7 @@ def finetune(
             raise MoorelmError(f"{out} already holds a trained run; pass --resume to continue "
                                "it or choose another --out")
     base_run, data = Path(base_run), Path(data)
+    require_run(base_run)  # a GGUF file or HF model: name the import before reading anything
     eval_data = Path(eval_data) if eval_data is not None else None
 
     # ---- data: check everything before loading any weights
