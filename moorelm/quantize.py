@@ -36,13 +36,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moorelm.decode_plan import onednn_linear, onednn_usable
+from moorelm.decode_plan import FEW_ROWS, few_rows_product, onednn_linear, onednn_usable
 from moorelm.errors import MoorelmError
 from moorelm.model import meta_device
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32  # input channels per int4 scale and zero point
 PACK_ROWS = 32  # the row count oneDNN's weight layout is chosen for (1-256 rows all gain)
+# fp32 projections of at most this many bytes keep a row-major twin beside the packed weight
+# (``PackedLinear.dense``), for one- and two-row decoding: the character model's 43 MB are
+# worth doubling, SmolLM2's 425 MB are not (serving memory)
+TWIN_BYTES = 128 << 20
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -59,20 +63,25 @@ class PackedLinear(nn.Linear):
     There is no backward: calling it with autograd recording is refused.
     """
 
-    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None,
+                 dense: torch.Tensor | None = None):
         nn.Module.__init__(self)
         self.out_features, self.in_features = packed.shape
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # the row-major twin (``twin=True``): decoding one or two rows reads it through
+        # ``few_rows_product``, faster there than any product with the packed layout
+        self.dense = dense
 
     @staticmethod
     def fits(linear: nn.Linear) -> bool:
         return type(linear) is nn.Linear and onednn_usable(linear.weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+    def from_linear(cls, linear: nn.Linear, twin: bool = False) -> PackedLinear:
         w = linear.weight.detach()
-        return cls(_pack(w), linear.bias)
+        dense = w.contiguous() if twin and w.dtype == torch.float32 else None
+        return cls(_pack(w), linear.bias, dense)
 
     def unpacked(self) -> nn.Linear:
         """The same projection as a row-major ``nn.Linear``."""
@@ -100,6 +109,8 @@ class PackedLinear(nn.Linear):
                                   f"dict, {tuple(self.weight.shape)} here")
                 return
             self.weight = nn.Parameter(_pack(w.to(self.weight.dtype)), requires_grad=False)
+            if self.dense is not None:
+                self.dense = w.to(self.dense.dtype).contiguous().clone()
         elif strict:
             missing_keys.append(key)
         if self.bias is not None:
@@ -111,7 +122,7 @@ class PackedLinear(nn.Linear):
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         # an opaque oneDNN tensor cannot be cloned as a Parameter is: repack a dense copy
-        copied = PackedLinear.from_linear(self.unpacked())
+        copied = PackedLinear.from_linear(self.unpacked(), twin=self.dense is not None)
         memo[id(self)] = copied
         return copied
 
@@ -123,9 +134,13 @@ class PackedLinear(nn.Linear):
         return onednn_linear()(x, self.weight, self.bias, "none", [], "")
 
     def decode_product(self):
-        """As ``Int8Linear.decode_product``: the op with this weight bound."""
+        """As ``Int8Linear.decode_product``: the op with this weight bound (with a row-major
+        twin, one or two rows go through ``few_rows_product`` instead)."""
         op, w, b = onednn_linear(), self.weight, self.bias
-        return lambda x: op(x, w, b, "none", [], "")
+        few = few_rows_product(self.dense, b) if self.dense is not None else None
+        if few is None:
+            return lambda x: op(x, w, b, "none", [], "")
+        return lambda x: few(x) if x.shape[0] <= FEW_ROWS else op(x, w, b, "none", [], "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -295,9 +310,12 @@ def quantize(model: nn.Module, weights: str, pack: bool = True) -> nn.Module:
             setattr(parent, name, (Int4Linear if int4 else Int8Linear).from_linear(child))
     if pack:
         embedding = getattr(getattr(model, "wte", None), "weight", None)
-        for parent, name, child in _linears(model, nn.Linear):
-            if child.weight is not embedding and PackedLinear.fits(child):
-                setattr(parent, name, PackedLinear.from_linear(child))
+        packable = [(parent, name, child) for parent, name, child in _linears(model, nn.Linear)
+                    if child.weight is not embedding and PackedLinear.fits(child)]
+        twin = sum(c.weight.numel() * c.weight.element_size() for _, _, c in packable) \
+            <= TWIN_BYTES
+        for parent, name, child in packable:
+            setattr(parent, name, PackedLinear.from_linear(child, twin=twin))
     for p in model.parameters():
         p.requires_grad_(False)
     _return_freed_memory()
@@ -330,9 +348,11 @@ def _unpack(model: nn.Module) -> None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (a tied weight counted once)."""
+    """Bytes of the model's parameters and buffers (a tied weight counted once), and of the
+    row-major twins of packed projections."""
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    twins = [m.dense for m in model.modules() if isinstance(m, PackedLinear) and m.dense is not None]
+    for t in [*model.parameters(), *model.buffers(), *twins]:
         key = id(t) if t.is_mkldnn else t.data_ptr()  # an opaque oneDNN tensor has no pointer
         if key in seen:
             continue

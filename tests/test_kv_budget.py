@@ -173,12 +173,14 @@ def test_a_cpu_cache_takes_memory_only_where_written_and_gives_it_back():
 
 
 def test_max_memory_gives_the_kv_cache_what_the_weights_leave(tiny_run, capsys):
-    """--max-memory counts the weights once (tied ones too) and gives the KV cache the rest;
-    one that the weights fill, or given with --kv-memory, is one line and exit 2."""
+    """--max-memory counts the weights once (tied ones too, and the row-major twins a small
+    packed model keeps) and gives the KV cache the rest; one that the weights fill, or given
+    with --kv-memory, is one line and exit 2."""
     from moorelm.serve import build_app, kv_budget_after_weights
 
     model = moorelm.load(tiny_run).model
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    twins = [m.dense for m in model.modules() if getattr(m, "dense", None) is not None]
+    weights = sum(p.numel() * p.element_size() for p in [*model.parameters(), *twins])
     assert kv_budget_after_weights(model, weights + (8 << 20)) == 8 << 20
     app = build_app(tiny_run, max_memory=weights + (8 << 20))
     engine = app.state.service.engine

@@ -173,11 +173,33 @@ def test_packed_linear_is_the_same_product():
         packed(torch.randn(2, 96, requires_grad=True))
 
 
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_product_equals_the_linear(bias):
+    """The one- and two-row product over the weight's two halves equals F.linear (to float32
+    rounding) with and without a bias; it declines odd row counts, non-fp32 and
+    non-contiguous weights."""
+    from moorelm.decode_plan import few_rows_product
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 40), torch.randn(96) if bias else None
+    product = few_rows_product(w, b)
+    for rows in (1, 2):
+        x = torch.randn(rows, 40)
+        got, want = product(x), torch.nn.functional.linear(x, w, b)
+        assert got.shape == want.shape and got.is_contiguous()
+        assert torch.allclose(got, want, atol=1e-5)
+    assert few_rows_product(torch.randn(95, 40), None) is None
+    assert few_rows_product(w.bfloat16(), None) is None
+    assert few_rows_product(torch.randn(40, 96).t(), None) is None
+
 def test_quantize_packs_projections_and_keeps_a_tied_head_row_major(model):
     """quantize(model, "fp32") packs every projection for oneDNN but leaves a head tied to
     the embedding table as it is (one copy of those bytes); logits and greedy tokens stay
-    the unpacked model's, the byte count does not grow, and such a model still converts
-    to int8 and bf16."""
+    the unpacked model's; a model this small keeps a row-major twin of each packed weight
+    (counted by weight_bytes), a bigger one does not (the byte count does not grow); such a
+    model still converts to int8 and bf16."""
+    import moorelm.quantize as q
     from moorelm.quantize import PackedLinear
 
     packed = quantize(copy.deepcopy(model), "fp32")
@@ -186,7 +208,18 @@ def test_quantize_packs_projections_and_keeps_a_tied_head_row_major(model):
     blocks = [m for m in packed.modules() if isinstance(m, torch.nn.Linear)]
     assert type(packed.lm_head) is torch.nn.Linear and packed.lm_head.weight is packed.wte.weight
     assert all(type(m) is PackedLinear for m in blocks if m is not packed.lm_head)
-    assert weight_format(packed) == "fp32" and weight_bytes(packed) == weight_bytes(model)
+    twins = sum(m.dense.numel() * 4 for m in blocks if m is not packed.lm_head)
+    assert twins > 0 and weight_bytes(packed) == weight_bytes(model) + twins
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(q, "TWIN_BYTES", 0)
+        big = quantize(copy.deepcopy(model), "fp32")
+    assert all(m.dense is None for m in big.modules() if type(m) is PackedLinear)
+    assert weight_format(packed) == "fp32" and weight_bytes(big) == weight_bytes(model)
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    for rows in (1, 2):  # decoding 1-2 rows reads the twin, without it the packed weight
+        want = torch.stack(list(generate_tokens(big, x[:rows], 10, temperature=0.0)), 1)
+        assert torch.equal(torch.stack(list(generate_tokens(packed, x[:rows], 10,
+                                                            temperature=0.0)), 1), want)
     assert quantize(packed, "fp32") is packed
     x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
