@@ -106,6 +106,26 @@ def test_bad_formats_and_requantising_are_refused(model):
     assert quantize(q, "bf16") is q
 
 
+def test_load_for_one_sequence_keeps_fp32_row_major(tiny_run):
+    """moorelm.load(run, batched=False), what `generate` and `chat` use, leaves fp32
+    projections row-major (nothing packed) with the packed model's logits and greedy text;
+    other formats are converted as usual."""
+    from moorelm.quantize import PackedLinear
+
+    one = moorelm.load(tiny_run, device="cpu", batched=False)
+    many = moorelm.load(tiny_run, device="cpu")
+    assert not any(type(m) is PackedLinear for m in one.model.modules())
+    if PackedLinear.fits(torch.nn.Linear(4, 4)):
+        assert any(type(m) is PackedLinear for m in many.model.modules())
+    x = torch.randint(0, 60, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(one.model(x)[0], many.model(x)[0], atol=1e-5)
+    kw = dict(max_new_tokens=12, temperature=0.0)
+    assert one.generate("RO", **kw) == many.generate("RO", **kw)
+    assert weight_format(moorelm.load(tiny_run, device="cpu", weights="int8",
+                                      batched=False).model) == "int8"
+
+
 def test_load_and_generate_with_int8_weights(tiny_run):
     """moorelm.load(run, weights="int8") and `generate --weights int8` run end to end: the
     prompt followed by the 8 new tokens the in-process int8 model produces greedily."""

@@ -55,7 +55,8 @@ def cmd_chat(args) -> int:
     schema = json_schema_of(args)
     if schema is not None:
         control["json_schema"] = schema
-    lm = moorelm.load(args.run, device=args.device, weights=args.weights)
+    lm = moorelm.load(args.run, device=args.device, weights=args.weights,
+                      batched=False)  # one sequence at a time: see moorelm.load
     check_json_schema(lm, schema)
     if control["ban"]:
         control["ban"] = lm.ban_list(control["ban"])

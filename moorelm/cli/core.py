@@ -342,7 +342,8 @@ def cmd_generate(args) -> int:
         control["json_schema"] = schema
     if args.num_samples < 1:
         raise MoorelmError(f"--num-samples must be >= 1, got {args.num_samples}")
-    lm = moorelm.load(args.run, device=args.device, weights=args.weights)
+    lm = moorelm.load(args.run, device=args.device, weights=args.weights,
+                      batched=False)  # one sequence at a time: see moorelm.load
     check_json_schema(lm, schema)
     if control["ban"]:
         control["ban"] = lm.ban_list(control["ban"])  # compiled once for every sample
