@@ -10,7 +10,8 @@ give the same logits and the same greedy tokens, then times, at each batch size:
                        generating 1 (so prefill and setup cancel out); greedy, no early stop
 
 moorelm's model is prepared as ``moorelm.load`` prepares it (``quantize(model, "fp32")``:
-projections packed for oneDNN on a CPU) and decodes with ``generate.generate_tokens``; transformers with ``model.generate``
+projections packed for oneDNN on a CPU, a small model keeping a row-major twin for one and two
+rows; ``--row-major``: as the ``generate`` and ``chat`` commands load it) and decodes with ``generate.generate_tokens``; transformers with ``model.generate``
 (do_sample=False, its own KV cache). Each figure is the best of --repeats runs, the two
 libraries taking turns. Usage:
 
@@ -99,7 +100,8 @@ def main() -> None:
                     "not the time spent waiting for a core")
     ap.add_argument("--row-major", action="store_true",
                     help="keep moorelm's projections row-major instead of packed for oneDNN "
-                    "(the layout before moorelm.quantize packed them)")
+                    "(as moorelm.load(..., batched=False) does for the generate and chat "
+                    "commands: one sequence at a time)")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
