@@ -309,17 +309,26 @@ def quantize(model: nn.Module, weights: str, pack: bool = True) -> nn.Module:
             int4 = weights == "int4" and child is not head and Int4Linear.fits(child)
             setattr(parent, name, (Int4Linear if int4 else Int8Linear).from_linear(child))
     if pack:
-        embedding = getattr(getattr(model, "wte", None), "weight", None)
-        packable = [(parent, name, child) for parent, name, child in _linears(model, nn.Linear)
-                    if child.weight is not embedding and PackedLinear.fits(child)]
-        twin = sum(c.weight.numel() * c.weight.element_size() for _, _, c in packable) \
-            <= TWIN_BYTES
-        for parent, name, child in packable:
-            setattr(parent, name, PackedLinear.from_linear(child, twin=twin))
+        _pack_projections(model)
     for p in model.parameters():
         p.requires_grad_(False)
     _return_freed_memory()
     return model
+
+
+def _pack_projections(model: nn.Module) -> None:
+    """Replace every packable projection (not a head tied to the embedding table) by a
+    ``PackedLinear``, with row-major twins when they total at most ``TWIN_BYTES``. Each
+    row-major weight is let go as soon as its packed copy is in place (nothing here holds it
+    after), so the peak is one weight above the model and ``malloc_trim`` can return it."""
+    embedding = getattr(getattr(model, "wte", None), "weight", None)
+    todo = [(parent, name) for parent, name, child in _linears(model, nn.Linear)
+            if child.weight is not embedding and PackedLinear.fits(child)]
+    size = sum(getattr(p, n).weight.numel() * getattr(p, n).weight.element_size()
+               for p, n in todo)
+    for parent, name in todo:
+        setattr(parent, name, PackedLinear.from_linear(getattr(parent, name),
+                                                       twin=size <= TWIN_BYTES))
 
 
 def _return_freed_memory() -> None:

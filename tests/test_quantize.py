@@ -106,6 +106,41 @@ def test_bad_formats_and_requantising_are_refused(model):
     assert quantize(q, "bf16") is q
 
 
+PACK_MEMORY = """
+import torch, moorelm.quantize as q
+from moorelm.config import ModelConfig
+from moorelm.model import GPT
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) << 10
+q.TWIN_BYTES = 0  # as a model too big for twins
+big = torch.empty(4 << 20)
+del big  # freeing a 16 MiB mapping raises glibc's mmap threshold, so
+# the weights below come from the heap, as a loader's do, where only a trim returns them
+model = GPT(ModelConfig(vocab_size=64, seq_len=32, n_layer=8, n_head=4, n_embd=512))
+projections = sum(m.weight.numel() * 4 for m in model.modules()
+                  if type(m) is torch.nn.Linear and m.weight is not model.wte.weight)
+before = rss()
+q.quantize(model, "fp32")
+assert any(type(m) is q.PackedLinear for m in model.modules())
+print(rss() - before, projections)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_packing_gives_the_row_major_weights_back():
+    """Packing a model too big for row-major twins leaves its resident size where it was: each
+    replaced weight is freed before glibc's heap is trimmed (a list that held them all until
+    after the trim kept 400 MiB of SmolLM2 resident)."""
+    from moorelm.quantize import PackedLinear
+
+    if not PackedLinear.fits(torch.nn.Linear(4, 4)):
+        pytest.skip("this PyTorch build has no oneDNN")
+    out = subprocess.run([sys.executable, "-c", PACK_MEMORY], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    grown, projections = (int(v) for v in out.stdout.split())
+    assert grown < projections / 4, (grown, projections)
+
 def test_load_for_one_sequence_keeps_fp32_row_major(tiny_run):
     """moorelm.load(run, batched=False), what `generate` and `chat` use, leaves fp32
     projections row-major (nothing packed) with the packed model's logits and greedy text;
