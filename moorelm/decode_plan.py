@@ -107,15 +107,15 @@ FEW_ROWS = 2  # rows up to which ``few_rows_product`` beats oneDNN (measured on 
 def few_rows_product(weight: torch.Tensor, bias: torch.Tensor | None):
     """``x @ weight.t() (+ bias)`` for an ``x`` of 1 or 2 rows, as one batched product of the
     weight's two halves of rows with ``x`` broadcast to both; None where it does not apply
-    (not a contiguous fp32 CPU weight, or an odd number of rows).
+    (not a contiguous fp32 CPU weight, or an odd number of outputs).
 
     Why: at one or two rows, every CPU product PyTorch offers reads a row-major weight far
     below memory speed: MKL's single-row path (``torch.mm``, ``torch.mv``) streams
     ~9 GB/s on one thread of a 2-core AMD EPYC Zen 4, oneDNN's ~15 GB/s on two, where
     ``x.sum()`` reads 32 GB/s. ``torch.bmm`` over the two halves, ``x`` expanded with a
     zero batch stride, splits the rows between the threads and streams the weight at
-    32-44 GB/s (docs/performance.md): the character model's 25 projections 1.1 ms against
-    oneDNN's packed 1.9 ms, SmolLM2's 151 21.7 -> 14.9 ms; from 4 rows oneDNN's packed
+    32-44 GB/s (docs/performance.md): the character model's 24 projections 1.1 ms against
+    oneDNN's packed 1.9 ms, SmolLM2's 150 21.7 -> 14.9 ms; from 4 rows oneDNN's packed
     product is faster. The values agree with oneDNN's to float32 rounding (~1e-5)."""
     if (weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.is_mkldnn
             or not weight.is_contiguous() or weight.dim() != 2 or weight.shape[0] % 2):
