@@ -10,7 +10,8 @@ source in a virtual environment of its own (never a moorelm dependency; ``bench/
                    ``Llama`` holds one sequence, so it serves them one after another
 
 moorelm loads the GGUF itself (its blocks dequantised to fp32) and runs it in each
-``--weights`` format asked for. ``--q8`` also converts the model to a Q8_0 GGUF with
+``--weights`` format asked for: at batch 1 as ``generate`` loads it (``batched=False``), for
+the concurrent requests as ``serve`` does. ``--q8`` also converts the model to a Q8_0 GGUF with
 ``moorelm export`` and times llama.cpp on that.
 
     python bench/llamacpp_anchor.py [--gguf FILE] [--weights fp32,int8,int4] [--new-tokens 64]
@@ -152,8 +153,12 @@ def main() -> None:
                   f"concurrent {many:7.1f} tok/s (one at a time)", flush=True)
     reference = None
     for fmt in args.weights.split(","):
+        # batch 1 as the generate and chat commands load a model (one sequence at a time),
+        # the concurrent requests as serve does (packed for batches)
+        single = moorelm.load(gguf, weights=fmt, batched=False)
+        outs, tok_s = moorelm_single(single.model, prompts, args.new_tokens)
+        del single
         lm = moorelm.load(gguf, weights=fmt)
-        outs, tok_s = moorelm_single(lm.model, prompts, args.new_tokens)
         if fmt == "fp32":
             reference = outs
         many = moorelm_many(lm, prompts, args.new_tokens, args.concurrent, args.threads)
