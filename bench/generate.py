@@ -124,7 +124,7 @@ def main() -> None:
 
     from moorelm.quantize import quantize
 
-    quantize(model, "fp32", pack=not args.row_major)  # what moorelm.load does for inference
+    quantize(model, "fp32", batched=not args.row_major)  # what moorelm.load does for inference
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(1, cfg.vocab_size, (2, args.prompt_len), generator=g)
     with torch.no_grad():

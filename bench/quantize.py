@@ -56,7 +56,7 @@ def load(args):
     import moorelm
 
     if args.run:
-        return moorelm.load(args.run, device="cpu")
+        return moorelm.load(args.run, device="cpu", batched=not args.one_row)
     from moorelm.interop.gguf import bundled_model_path, import_gguf
 
     run = Path(args.cache) / "smollm2"
@@ -64,7 +64,7 @@ def load(args):
         t0 = time.perf_counter()
         import_gguf(bundled_model_path("smollm2"), run, force=True)
         print(f"imported the bundled SmolLM2 into {run} in {time.perf_counter() - t0:.1f} s")
-    return moorelm.load(run, device="cpu")
+    return moorelm.load(run, device="cpu", batched=not args.one_row)
 
 
 @torch.no_grad()
@@ -121,14 +121,18 @@ def main() -> None:
                     help="wall time, or this process's CPU time (steadier on a shared machine "
                     "with --threads 1)")
     ap.add_argument("--skip-quality", action="store_true", help="speed only")
+    ap.add_argument("--one-row", action="store_true",
+                    help="the layouts of generate and chat (moorelm.load(..., batched=False): "
+                    "row-major fp32, int8 in row blocks) instead of serving's")
     args = ap.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     lm = load(args)
     formats = args.formats.split(",")
-    models = {w: quantize(copy.deepcopy(lm.model), w) for w in formats}
+    models = {w: quantize(copy.deepcopy(lm.model), w, batched=not args.one_row) for w in formats}
     print(f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
-          f"load {os.getloadavg()[0]:.1f}, clock {args.clock}")
+          f"load {os.getloadavg()[0]:.1f}, clock {args.clock}, "
+          f"layouts {'one row (generate, chat)' if args.one_row else 'batched (serve)'}")
     for w, m in models.items():
         print(f"{w:5s} weights {weight_bytes(m) / 2**20:8.1f} MiB")
 
@@ -140,7 +144,8 @@ def main() -> None:
 def quality(args, lm, models) -> None:
     """Greedy agreement and mean |delta log-prob| of each format against fp32 (no timing)."""
     tok = lm.tokenizer
-    ref = models.get("fp32") or quantize(copy.deepcopy(lm.model), "fp32")
+    ref = models.get("fp32") or quantize(copy.deepcopy(lm.model), "fp32",
+                                         batched=not args.one_row)
     if args.held_out:
         text = Path(args.held_out).read_text(encoding="utf-8")
     else:

@@ -80,7 +80,6 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
     from moorelm.run import RunFolder
 
     check_weights(weights)
-    pack = batched or weights != "fp32"  # bf16's one-row product stays oneDNN's packed one
     device = resolve_device(device)
     path = Path(source)
     imported = None
@@ -94,13 +93,13 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
             imported = read_hf(path, seq_len=seq_len)
     if imported is None:
         loaded = RunFolder(path).load(device=device)
-        quantize(loaded.model, weights, pack=pack)
+        quantize(loaded.model, weights, batched=batched)
         return LanguageModel(loaded.model, loaded.tokenizer, path,
                              meta={"config": loaded.config, "state": loaded.state})
     model = imported.build()
     imported.tensors.clear()  # the model holds the weights now
     config = imported.run_config(model)
-    model = quantize(model.to(device).eval(), weights, pack=pack)
+    model = quantize(model.to(device).eval(), weights, batched=batched)
     return LanguageModel(model, imported.tokenizer, path,
                          meta={"config": config, "state": {"step": 0}})
 

@@ -12,7 +12,15 @@ from moorelm.config import ModelConfig
 from moorelm.errors import MoorelmError
 from moorelm.generate import generate_tokens
 from moorelm.model import GPT
-from moorelm.quantize import Int4Linear, Int8Linear, quantize, weight_bytes, weight_format
+from moorelm.quantize import (
+    ROWS_BLOCK,
+    Int4Linear,
+    Int8Linear,
+    Int8RowsLinear,
+    quantize,
+    weight_bytes,
+    weight_format,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +51,54 @@ def test_int8_linear_is_the_dequantised_product():
     assert torch.allclose(got, want, atol=2e-2, rtol=1e-2)
 
 
+needs_rows = pytest.mark.skipif(not Int8RowsLinear.available(),
+                                reason="this PyTorch build has no quantized embedding-bag ops")
+
+
+@needs_rows
+@pytest.mark.parametrize("outputs, bias", [(128, False), (40, True), (200, True)])
+def test_int8_rows_linear_is_the_dequantised_product(outputs, bias):
+    """Int8RowsLinear's table holds each input's run of ROWS_BLOCK outputs as 256 levels
+    between the run's min and max (outputs padded to a whole block), and its product, at one
+    row, two rows (one bag each) and many (the dequantised blocks), is x @ dequantised.T."""
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(48, outputs, bias=bias)
+    q = Int8RowsLinear.from_linear(lin)
+    blocks = -(-outputs // ROWS_BLOCK)
+    assert q.weight.dtype == torch.uint8 and q.weight.shape == (blocks * 48, ROWS_BLOCK + 8)
+    w = lin.weight.detach()
+    padded = torch.cat([w, w.new_zeros(blocks * ROWS_BLOCK - outputs, 48)])
+    runs = padded.view(blocks, ROWS_BLOCK, 48)  # a run: one input's outputs in one block
+    step = ((runs.amax(1) - runs.amin(1)) / 255)[:, None, :].expand_as(runs)
+    step = step.reshape(-1, 48)[:outputs]
+    assert q.dequantized().shape == (outputs, 48)
+    assert ((q.dequantized() - w).abs() <= step / 2 + 1e-6).all()
+    product = q.decode_product()
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, 48)
+        want = x @ q.dequantized().T + (lin.bias if bias else 0)
+        assert torch.allclose(product(x), want, atol=1e-5), rows
+        assert torch.allclose(q(x[None])[0], want, atol=1e-5), rows
+
+
+@needs_rows
+def test_int8_for_one_sequence_takes_the_row_blocks(model, monkeypatch):
+    """quantize(..., batched=False), what `generate` and `chat` load, puts every int8
+    projection (the LM head too, and int4's head) in Int8RowsLinear; serving's layout keeps
+    Int8Linear; a build without the embedding-bag ops falls back to Int8Linear."""
+    q = quantize(copy.deepcopy(model), "int8", batched=False)
+    linears = [m for m in q.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is Int8RowsLinear for m in linears)
+    assert weight_format(q) == "int8"
+    emb = model.wte.weight.numel() * 4
+    assert weight_bytes(q) < 0.35 * (weight_bytes(model) - emb) + emb + 8192
+    q4 = quantize(copy.deepcopy(model), "int4", batched=False)
+    assert type(q4.lm_head) is Int8RowsLinear and weight_format(q4) == "int4"
+    monkeypatch.setattr(Int8RowsLinear, "available", staticmethod(lambda: False))
+    q = quantize(copy.deepcopy(model), "int8", batched=False)
+    assert all(type(m) is Int8Linear for m in q.modules() if isinstance(m, torch.nn.Linear))
+
+
 def test_int4_linear_is_the_dequantised_product():
     """Int4Linear's values reconstruct the weight to within half a group step (plus bf16
     rounding), and its product is x @ dequantised.T + bias; a shape the kernel refuses (an
@@ -66,11 +122,13 @@ def test_int4_linear_is_the_dequantised_product():
     assert type(odd[0]) is Int8Linear and type(odd[1]) is Int8Linear  # 40 outputs; 40 inputs
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("weights, tol", [("int8", 0.1), ("bf16", 0.1), ("int4", 0.5)])
-def test_quantised_model_stays_close_and_decodes_like_its_forward(model, weights, tol):
+def test_quantised_model_stays_close_and_decodes_like_its_forward(model, weights, tol, batched):
     """A quantised model's logits stay near fp32's, and its cached decode path computes what
-    its own full forward pass computes (the decode plan calls the quantised projections)."""
-    q = quantize(copy.deepcopy(model), weights)
+    its own full forward pass computes (the decode plan calls the quantised projections), in
+    the layouts for batches and for one sequence at a time alike."""
+    q = quantize(copy.deepcopy(model), weights, batched=batched)
     assert weight_format(q) == weights
     x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
     ref, _ = model(x)
@@ -157,8 +215,13 @@ def test_load_for_one_sequence_keeps_fp32_row_major(tiny_run):
         assert torch.allclose(one.model(x)[0], many.model(x)[0], atol=1e-5)
     kw = dict(max_new_tokens=12, temperature=0.0)
     assert one.generate("RO", **kw) == many.generate("RO", **kw)
-    assert weight_format(moorelm.load(tiny_run, device="cpu", weights="int8",
-                                      batched=False).model) == "int8"
+    int8 = moorelm.load(tiny_run, device="cpu", weights="int8", batched=False)
+    assert weight_format(int8.model) == "int8"
+    if Int8RowsLinear.available():
+        assert type(int8.model.lm_head) is Int8RowsLinear
+        served = moorelm.load(tiny_run, device="cpu", weights="int8")
+        assert type(served.model.lm_head) is Int8Linear
+        assert int8.generate("RO", **kw)  # runs; its text may differ from served's
 
 
 def test_load_and_generate_with_int8_weights(tiny_run):
@@ -284,7 +347,7 @@ def test_quantize_packs_projections_and_keeps_a_tied_head_row_major(model):
                        want)
     assert weight_format(quantize(copy.deepcopy(packed), "int8")) == "int8"
     assert weight_format(quantize(copy.deepcopy(packed), "bf16")) == "bf16"
-    rowmajor = quantize(copy.deepcopy(model), "fp32", pack=False)
+    rowmajor = quantize(copy.deepcopy(model), "fp32", batched=False)
     assert not any(type(m) is PackedLinear for m in rowmajor.modules())
 
 
