@@ -226,7 +226,7 @@ class Int8RowsLinear(nn.Linear):
     Measured on SmolLM2-135M, 2 threads of an AMD EPYC Zen 4 (docs/performance.md): a batch-1
     step 14-18 ms against 18-24 ms for ``Int8Linear`` and 20-27 ms for row-major fp32, with
     a mean |delta log-prob| of 0.039 against ``Int8Linear``'s 0.063 (a scale per 64 values
-    instead of per input row). Every batch reads the table once per row, so a batch of more
+    instead of one per output channel). Every batch reads the table once per row, so a batch of more
     than ``FEW_ROWS`` rows (prefill, scoring) goes through the dequantised blocks and one
     batched product instead; serving keeps ``Int8Linear``, whose cost does not grow with rows.
     """
@@ -291,12 +291,14 @@ class Int8RowsLinear(nn.Linear):
         padded = blocks * ROWS_BLOCK
 
         def by_cat(x: torch.Tensor) -> torch.Tensor:
-            return bag(table, indices, offsets, False, 0, False, torch.cat([x.reshape(k)] * blocks),
-                       None, False).view(1, padded)
+            weights = torch.cat([x.reshape(k)] * blocks)
+            return bag(table, indices, offsets, False, 0, False, weights, None,
+                       False).view(1, padded)
 
         def by_expand(x: torch.Tensor) -> torch.Tensor:
-            return bag(table, indices, offsets, False, 0, False, x.expand(blocks, k).reshape(-1),
-                       None, False).view(1, padded)
+            weights = x.expand(blocks, k).reshape(-1)
+            return bag(table, indices, offsets, False, 0, False, weights, None,
+                       False).view(1, padded)
 
         one = by_cat if blocks <= 64 else by_expand
         return one if padded == n else lambda x: one(x)[:, :n]
@@ -425,8 +427,8 @@ def quantize(model: nn.Module, weights: str, batched: bool = True) -> nn.Module:
     ``batched`` picks the layouts for decoding many sequences at once (serving): on a CPU,
     fp32 and bf16 projections packed for oneDNN, int8 as ``Int8Linear``. ``batched=False``
     is for one sequence at a time (``generate``, ``chat``): fp32 stays row-major, int8 takes
-    ``Int8RowsLinear`` where the build has its kernel; bf16 and int4 are the same either way.
-    See the module docstring."""
+    ``Int8RowsLinear`` where the build has its kernel (and so does int4's int8 head); bf16
+    is packed either way (its one-row product stays oneDNN's). See the module docstring."""
     check_weights(weights)
     current = weight_format(model)
     if weights != current and current != "fp32":
