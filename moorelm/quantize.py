@@ -248,9 +248,12 @@ class Int8RowsLinear(nn.Linear):
     @staticmethod
     @functools.cache
     def available() -> bool:
-        """Whether this PyTorch build has the quantized embedding-bag ops (x86 and ARM
-        builds do; without them int8 keeps ``Int8Linear``)."""
+        """Whether this PyTorch build has the quantized embedding-bag ops with fbgemm's
+        kernels behind them (x86 builds). Elsewhere (ARM builds have no fbgemm, and the ops
+        fall back to plain loops there) int8 keeps ``Int8Linear``."""
         try:
+            if "fbgemm" not in torch.backends.quantized.supported_engines:
+                return False
             ops = torch.ops.quantized
             return all(callable(getattr(ops, name)) for name in (
                 "embedding_bag_byte_prepack", "embedding_bag_byte_unpack",
