@@ -69,7 +69,9 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
     from ``RunFolder(run).load()``). ``batched=False`` is for decoding one sequence at a time
     (the ``generate`` and ``chat`` commands): fp32 projections then stay row-major, whose
     one-row product (``decode_plan.few_rows_product``) measured 1.4-1.55x the packed
-    layout's step on SmolLM2; the packed layout is faster from 3 rows up. A model of at most
+    layout's step on SmolLM2, and int8 ones take ``quantize.Int8RowsLinear`` (~1.3-1.5x
+    serving's int8 step at one row, closer to fp32); the batched layouts are faster from 3
+    rows up. A model of at most
     ``quantize.TWIN_BYTES`` of projections keeps both layouts either way."""
     from moorelm.device import resolve_device
     from moorelm.generate import LanguageModel
