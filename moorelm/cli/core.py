@@ -82,9 +82,10 @@ def add_weights_flag(p: argparse.ArgumentParser) -> None:
     from moorelm.quantize import WEIGHT_FORMATS
 
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32",
-                   help="weights for inference: fp32 (as trained), bf16, int8 per output channel "
-                   "(about a quarter of fp32's bytes) or int4 in groups of 32 (the LM head "
-                   "int8); see docs/performance.md (default fp32)")
+                   help="weights for inference: fp32 (as trained), bf16, int8 (about a quarter "
+                   "of fp32's bytes: per output channel in serve, in rows of 64 outputs in "
+                   "generate and chat) or int4 in groups of 32 (the LM head int8); see "
+                   "docs/performance.md (default fp32)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
