@@ -52,7 +52,7 @@ def test_int8_linear_is_the_dequantised_product():
 
 
 needs_rows = pytest.mark.skipif(not Int8RowsLinear.available(),
-                                reason="this PyTorch build has no quantized embedding-bag ops")
+                                reason="this PyTorch build has no fbgemm-backed embedding-bag ops")
 
 
 @needs_rows
@@ -94,6 +94,8 @@ def test_int8_for_one_sequence_takes_the_row_blocks(model, monkeypatch):
     assert weight_bytes(q) < 0.35 * (weight_bytes(model) - emb) + emb + 8192
     q4 = quantize(copy.deepcopy(model), "int4", batched=False)
     assert type(q4.lm_head) is Int8RowsLinear and weight_format(q4) == "int4"
+    served = quantize(copy.deepcopy(model), "int8")
+    assert all(type(m) is Int8Linear for m in served.modules() if isinstance(m, torch.nn.Linear))
     monkeypatch.setattr(Int8RowsLinear, "available", staticmethod(lambda: False))
     q = quantize(copy.deepcopy(model), "int8", batched=False)
     assert all(type(m) is Int8Linear for m in q.modules() if isinstance(m, torch.nn.Linear))
