@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, first_line
 
 DEFAULT_TEMPLATE = (
     "{% for message in messages %}"
@@ -121,7 +121,7 @@ class ChatTemplate:
             object.__setattr__(self, "_compiled", _environment().from_string(self.source))
         except TemplateError as e:
             raise MoorelmError(f"the {self.name} is not valid Jinja: "
-                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                               f"{first_line(e)}") from None
 
     @classmethod
     def default(cls) -> ChatTemplate:
@@ -152,8 +152,7 @@ class ChatTemplate:
         except _TemplateRaised as e:
             raise MoorelmError(f"the {self.name} refused the conversation: {e}") from None
         except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise MoorelmError(f"the {self.name} failed to render: {why}") from None
+            raise MoorelmError(f"the {self.name} failed to render: {first_line(e)}") from None
 
 
 def fit_history(messages: Sequence[dict], encode: Callable[[list[dict]], int],

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from moorelm.config import ModelConfig
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, first_line
 from moorelm.model import GPT, meta_device, rope_tables
 
 MODEL_FILE = "model.safetensors"
@@ -46,7 +46,7 @@ CheckpointFiles = dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]  # +
 
 
 def _damaged(path: Path, e: Exception) -> MoorelmError:
-    return MoorelmError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+    return MoorelmError(f"{path} is truncated or corrupt ({first_line(e, 120)}); "
                         "use an earlier checkpoint or retrain")
 
 

@@ -18,6 +18,18 @@ class MoorelmError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def first_line(e: BaseException | str, limit: int = 200) -> str:
+    """The first non-blank line of an exception's message (at most ``limit`` characters), or
+    the exception's type name when the message is empty: what an error line quotes from a
+    library's exception. A ``KeyError()`` has no message, so ``str(e).splitlines()[0]``
+    would fail instead."""
+    text = e if isinstance(e, str) else str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines:
+        return lines[0][:limit]
+    return "" if isinstance(e, str) else type(e).__name__
+
+
 def from_os_error(e: OSError, action: str) -> MoorelmError:
     """One line for an ``OSError`` met while ``action`` ("write data/train-00000.bin"): a full
     disk says so and what to do; anything else gives the system's reason."""

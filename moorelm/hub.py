@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, first_line
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds to open a connection to the hub before calling it unreachable
 # what a model folder needs: configs, safetensors weights (sharded or not), tokenizer files and
@@ -86,9 +86,8 @@ def hub_folder(repo_id: str, patterns: tuple[str, ...] = MODEL_FILES) -> Path:
         if not online:
             raise MoorelmError(f"{repo_id!r} is not a local path, and as a Hugging Face id it is "
                                f"not in the local cache ({offline_reason()})") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoorelmError(f"{repo_id!r} is not a local path, and the Hugging Face hub could not "
-                           f"provide it: {first}") from None
+                           f"provide it: {first_line(e)}") from None
     if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise MoorelmError(f"the hub's {repo_id!r} has no config.json: not a model in the "
                            "transformers format (a GGUF file must be downloaded and given as "

@@ -57,7 +57,7 @@ from moorelm.codecs import (
     read_tensors,
 )
 from moorelm.config import ModelConfig
-from moorelm.errors import MoorelmError, from_os_error
+from moorelm.errors import MoorelmError, first_line, from_os_error
 from moorelm.jsonfile import read_json
 from moorelm.tokenizer import Tokenizer
 
@@ -224,7 +224,7 @@ def _save_error(e: Exception, checkpoint: Path) -> MoorelmError:
     if "StorageFull" in text or "code: 28" in text or "No space left" in text:
         return from_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
                              f"save the checkpoint {checkpoint}")
-    return MoorelmError(f"cannot save the checkpoint {checkpoint}: {text.splitlines()[0][:200]}")
+    return MoorelmError(f"cannot save the checkpoint {checkpoint}: {first_line(e)}")
 
 
 class RunFolder:

@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, first_line
 
 EOT = "<|endoftext|>"
 KINDS = ("char", "bpe")
@@ -123,7 +123,7 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exceptions for bad files
-            raise MoorelmError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
+            raise MoorelmError(f"cannot load tokenizer {path}: {first_line(e)}") from None
         return cls(hf, cls.kind_of(hf))
 
     @staticmethod

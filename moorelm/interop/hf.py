@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from moorelm.atomic import replace_dir
 from moorelm.codecs import LMCodec, build_gpt, check_gpt_header, read_tensors
 from moorelm.config import ModelConfig
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, first_line
 from moorelm.hub import hub_cache_name
 from moorelm.jsonfile import read_json
 from moorelm.model import GPT
@@ -897,7 +897,7 @@ def convert_tokenizer(hf_dir: str | Path | HFSource, eos_token: str | None = Non
     try:
         hf = HFTokenizer.from_str(json.dumps(data))
     except Exception as e:  # tokenizers raises plain Exceptions
-        raise MoorelmError(f"cannot read the tokenizer of {hf_dir}: {str(e).splitlines()[0]}") from None
+        raise MoorelmError(f"cannot read the tokenizer of {hf_dir}: {first_line(e)}") from None
     if hf.token_to_id(EOT) is None:
         raise MoorelmError(
             f"the tokenizer of {hf_dir} has no {EOT} token and no end-of-sequence token in "
@@ -1023,7 +1023,7 @@ def read_hf(source: str | Path | HFSource, *, seq_len: int | None = None) -> Imp
         model_conf, sd = (_gpt2_import if family == "gpt2" else _llama_import)(conf, w)
     except (RuntimeError, IndexError) as e:  # e.g. q, k, v of sizes that do not concatenate
         raise MoorelmError(f"the weights in {hf_dir} do not fit together as a "
-                           f"{family} model ({str(e).splitlines()[0][:120]})") from None
+                           f"{family} model ({first_line(e, 120)})") from None
     w.prefixes = ("",)
     _head(model_conf, w, sd)
     ignored = {k for k in tensors if k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
