@@ -71,22 +71,20 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
     one-row product (``decode_plan.few_rows_product``) measured 1.4-1.55x the packed
     layout's step on SmolLM2, and int8 ones take ``quantize.Int8RowsLinear`` (~1.3-1.5x
     serving's int8 step at one row, closer to fp32); the batched layouts are faster from 3
-    rows up. A model of at most
-    ``quantize.TWIN_BYTES`` of projections keeps both layouts either way."""
+    rows up. A model of at most ``quantize.TWIN_BYTES`` of projections keeps both layouts
+    either way."""
     from moorelm.device import resolve_device
     from moorelm.generate import LanguageModel
-    from moorelm.hub import hub_folder, is_hub_id
     from moorelm.interop.gguf import read_gguf_import, resolve_source
     from moorelm.interop.hf import is_hf_folder, read_hf
+    from moorelm.interop.sources import local_source
     from moorelm.quantize import check_weights, quantize
     from moorelm.run import RunFolder
 
     check_weights(weights)
     device = resolve_device(device)
-    path = Path(source)
+    path = local_source(source)  # a hub id: its snapshot in the Hugging Face cache
     imported = None
-    if is_hub_id(source) and resolve_source(source) is None:
-        path = hub_folder(str(source))
     if not RunFolder(path).is_run():
         gguf = resolve_source(path)
         if gguf is not None:

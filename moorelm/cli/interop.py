@@ -52,14 +52,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from moorelm.hub import hub_folder, is_hub_id
     from moorelm.interop.gguf import import_gguf, resolve_source
     from moorelm.interop.hf import import_hf
     from moorelm.interop.peft import CONFIG_FILE, import_peft
+    from moorelm.interop.sources import local_source
 
-    source = Path(args.hf_dir)
-    if is_hub_id(args.hf_dir) and resolve_source(args.hf_dir) is None:
-        source = hub_folder(args.hf_dir)  # the Hugging Face cache's snapshot folder
+    source = local_source(args.hf_dir)  # a hub id: its snapshot in the Hugging Face cache
     if (source / CONFIG_FILE).exists():
         if args.base is None:
             raise MoorelmError(f"{source} is a PEFT adapter folder; name the run it adapts with "

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from moorelm.errors import MoorelmError
-from moorelm.hub import is_hub_id
+from moorelm.hub import hub_folder, is_hub_id
 from moorelm.interop.gguf import resolve_source
 from moorelm.interop.hf import is_hf_folder
 from moorelm.run import RunFolder
@@ -26,6 +26,15 @@ def source_kind(source: str | os.PathLike) -> str | None:
     if is_hub_id(source):
         return "hub"
     return None
+
+
+def local_source(source: str | os.PathLike) -> Path:
+    """The path to read ``source`` from: a hub id (``org/name``, not a bundled GGUF name)
+    becomes its snapshot folder in the Hugging Face cache, fetched first when the hub answers
+    (``hub.hub_folder``); anything else is its own path."""
+    if is_hub_id(source) and resolve_source(source) is None:
+        return hub_folder(str(source))
+    return Path(source)
 
 
 def require_run(source: str | os.PathLike, what: str = "fine-tune") -> None:
