@@ -29,6 +29,20 @@ ENCODE_BATCH = 256  # texts per encode_batch call (the Rust side parallelises ac
 PIECE_CHARS = 16384  # long texts are cut into pieces at line breaks before batching
 
 
+def check_unicode(text: str, what: str = "the text") -> None:
+    """MoorelmError unless ``text`` can be written as UTF-8: a lone surrogate (what Python
+    makes of bytes that are not UTF-8 in a command-line argument, or a JSON ``\\udXXX``
+    escape) has no bytes, so no token stands for it. Called only when encoding failed."""
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MoorelmError(
+            f"{what} is not valid Unicode: character {e.start} is a lone surrogate "
+            f"(U+{ord(text[e.start]):04X}; from bytes that are not UTF-8?)") from None
+
+
 class Tokenizer:
     """A thin wrapper that knows its kind and end-of-text id."""
 
@@ -145,6 +159,13 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        try:
+            return self._encode(text)
+        except (UnicodeEncodeError, TypeError):
+            check_unicode(text)
+            raise
+
+    def _encode(self, text: str) -> list[int]:
         if self._lut is not None:
             fast = self._fast_char(text)
             if fast is not None:
@@ -159,7 +180,12 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._lut is not None:
             return [self.encode(t) for t in texts]
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            for t in texts:
+                check_unicode(t)
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

@@ -85,6 +85,19 @@ def test_bad_flags(capsys, argv, needle):
     one_line_error(code, err, needle)
 
 
+def test_flags_are_not_abbreviated(capsys):
+    """A flag the verb lacks is refused even when it begins one it has (argparse's prefix
+    matching took ``evaluate --text FILE`` for ``--text-field`` and scored the bundled
+    corpus); the line names the verb's help and the flag it resembles."""
+    code, _, err = run_cli(capsys, "evaluate", "run", "--text", "notes.txt")
+    one_line_error(code, err, "unrecognized arguments: --text notes.txt")
+    assert "did you mean --text-field?" in err and "'moorelm evaluate --help'" in err
+    code, _, err = run_cli(capsys, "generate", "run", "--temprature", "0.5")
+    one_line_error(code, err, "did you mean --temperature?")
+    code, _, err = run_cli(capsys, "generate", "run", "--max-new", "3")
+    one_line_error(code, err, "did you mean --max-new-tokens?")
+
+
 def test_run_folder_errors(capsys, tmp_path, tiny_run):
     """No checkpoint, corrupt/truncated weights, mismatched config: one line each, exit 2."""
     empty = tmp_path / "empty"
@@ -132,6 +145,13 @@ def test_run_folder_errors(capsys, tmp_path, tiny_run):
 def test_bad_sampling_flags(capsys, tiny_run, flags, needle):
     """Invalid sampling values: one line, exit 2."""
     one_line_error(*run_cli(capsys, "generate", str(tiny_run), *flags)[::2], needle)
+
+
+def test_prompt_that_is_not_utf8(capsys, tiny_run):
+    """A prompt argument holding a byte that is not UTF-8 (Python reads it as a lone
+    surrogate): one line naming it, exit 2, not a traceback from the tokenizer."""
+    one_line_error(*run_cli(capsys, "generate", str(tiny_run), "--prompt", "ab\udcff")[::2],
+                   "--prompt is not valid Unicode: character 2 is a lone surrogate (U+DCFF")
 
 
 def test_generate_streams_and_warns_on_long_prompt(capsys, tiny_run):

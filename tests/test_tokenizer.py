@@ -29,6 +29,20 @@ def test_round_trip_any_utf8(kind):
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_lone_surrogate_is_a_clear_error(kind):
+    """Text with a lone surrogate (a non-UTF-8 byte in a command-line argument, or a JSON
+    escape) has no bytes for a token to stand for: one MoorelmError naming where it is, from
+    encode, encode_batch and the long-text path alike, not the tokenizers library's TypeError."""
+    tok = Tokenizer.train(TRAIN, kind, vocab_size=300)
+    for text in ("ab\udcff", "To be " * 2000 + "\ud800"):
+        with pytest.raises(MoorelmError, match=r"character \d+ is a lone surrogate"):
+            tok.encode(text)
+        with pytest.raises(MoorelmError, match="lone surrogate"):
+            tok.encode_batch(["fine", text])
+    assert tok.decode(tok.encode("still fine")) == "still fine"
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_saved_file_loads_with_hf_tokenizers(kind, tmp_path):
     """tokenizer.json loads with tokenizers.Tokenizer.from_file and encodes identically."""
     tok = Tokenizer.train(TRAIN, kind, vocab_size=300)

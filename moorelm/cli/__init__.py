@@ -11,6 +11,7 @@ FILE`` and ``--print-config`` (``moorelm.cli.config_files``).
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -44,10 +45,34 @@ EXTRAS: dict[str, str] = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) with exit status 2."""
+    """argparse that reports a bad flag in one line (no usage dump) with exit status 2.
+
+    Flags must be spelled out: with argparse's prefix matching, a mistyped ``--text FILE``
+    on ``evaluate`` silently set ``--text-field`` and scored the bundled corpus instead."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401
         raise MoorelmError(f"{message} (see '{self.prog} --help')")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a flag the verb lacks is named with the verb's help and the
+        closest flag it has (argparse's own message points at the top-level help)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            verb = getattr(ns, "verb", None)
+            sp = config_files.subparser(self, verb) if verb else None
+            where = sp.prog if sp is not None else self.prog
+            unknown = [a.split("=", 1)[0] for a in extras if a.startswith("--")]
+            flags = sorted((sp or self)._option_string_actions)
+            close = ([f for f in flags if f.startswith(unknown[0])]  # what prefix matching took
+                     or difflib.get_close_matches(unknown[0], flags, n=1)) if unknown else []
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise MoorelmError(f"unrecognized arguments: {' '.join(extras)}{hint} "
+                               f"(see '{where} --help')")
+        return ns
 
 
 def missing_extra(e: ImportError, verb: str | None) -> MoorelmError | None:

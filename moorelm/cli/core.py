@@ -332,10 +332,12 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     import moorelm
     from moorelm.generate import SamplingParams, check_phrases, parse_logit_bias
+    from moorelm.tokenizer import check_unicode
 
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty)  # validate before loading
+    check_unicode(args.prompt, "--prompt")  # before it is echoed to stdout
     control = {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
                "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban)}
     schema = json_schema_of(args)
