@@ -305,6 +305,38 @@ def test_chat_cli_interactive_loop_from_stdin(tmp_path, capsys, monkeypatch):
     assert all(len(p) <= 128 - 3 for p in prompts) and prompts[-1].endswith("ASSISTANT:\n")
 
 
+def test_chat_cli_line_that_is_not_utf8(tmp_path, capsys, monkeypatch):
+    """A line of input that is not UTF-8 (stdin read strictly, as under a UTF-8 locale) gets
+    one error line naming it and leaves the history as it was; the next line is answered,
+    and the exit status says a turn failed. Such a --prompt or --system is refused up front."""
+    import moorelm.generate as gen
+
+    prompts = []
+
+    def reply(self, prompt, **kw):
+        prompts.append(prompt)
+        yield "ok"
+
+    monkeypatch.setattr(gen.LanguageModel, "chat_pieces", reply)
+    run, _ = _chat_run(tmp_path / "run")
+    stdin = io.TextIOWrapper(io.BytesIO(b"O Rom\xffeo\nJULIET\n"), encoding="utf-8",
+                             errors="strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["chat", str(run), "--temperature", "0", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 2
+    cap = capsys.readouterr()
+    errors = [ln for ln in cap.err.splitlines() if ln.startswith("moorelm: error:")]
+    assert errors == ["moorelm: error: the message is not valid Unicode: character 5 is a lone "
+                      "surrogate (U+DCFF; from bytes that are not UTF-8?)"]
+    assert cap.out == "ok\n" and "Traceback" not in cap.err
+    assert prompts == ["USER:\nJULIET\n\nASSISTANT:\n"]
+    for flag in ("--prompt", "--system"):
+        args = ["chat", str(run), flag, "ab\udcff"] + (["--prompt", "hi"] if flag == "--system" else [])
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} is not valid Unicode: character 2" in err and len(err.splitlines()) == 1
+
+
 def test_chat_cli_ctrl_c_stops_the_reply_not_the_session(tmp_path, capsys, monkeypatch):
     """Ctrl-C while a reply is written stops that reply; the next line is still answered."""
     import moorelm.generate as gen

@@ -4,7 +4,9 @@ Replies stream as they are produced and end at the model's end-of-turn token. Th
 kept as long as it fits in the context window (the oldest turns are dropped, said once);
 ``--system`` sets a system message; ``/reset`` clears the history, ``/quit`` (or end of input)
 leaves; Ctrl-C stops the reply being written and the session goes on. ``--prompt TEXT``
-answers once and exits. Sampling flags are ``generate``'s.
+answers once and exits. Sampling flags are ``generate``'s. A message that cannot be answered
+(a line that is not UTF-8, one too long for the window) gets one error line and the session
+goes on without it; the exit status is then 2.
 """
 
 from __future__ import annotations
@@ -42,12 +44,16 @@ def _say(text: str) -> None:
 def cmd_chat(args) -> int:
     import moorelm
     from moorelm.generate import SamplingParams, check_phrases, parse_logit_bias
+    from moorelm.tokenizer import check_unicode
 
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty)  # validate before loading
     if args.prompt is not None and not args.prompt.strip():
         raise MoorelmError("--prompt is empty; give the message to answer")
+    for flag, value in (("--prompt", args.prompt), ("--system", args.system)):
+        if value is not None:
+            check_unicode(value, flag)
     control = {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
                "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban),
                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
@@ -67,6 +73,10 @@ def cmd_chat(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         _say(f"chatting with {lm.name}; {HELP}")
+    # a line that is not UTF-8 reaches the session (which names it) instead of failing the read
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    failed = False
     while True:
         if interactive:
             sys.stderr.write("> ")
@@ -79,7 +89,7 @@ def cmd_chat(args) -> int:
         if not line:  # end of input
             if interactive:
                 _say("")
-            return 0
+            return 2 if failed else 0
         text = line.rstrip("\n")
         command = text.strip()
         if command in ("/quit", "/exit"):
@@ -93,7 +103,11 @@ def cmd_chat(args) -> int:
             continue
         if not command:
             continue
-        session.turn(text)
+        try:
+            session.turn(text)
+        except MoorelmError as e:  # this turn only: the conversation so far stays
+            _say(f"moorelm: error: {e}")
+            failed = True
 
 
 class ChatSession:
@@ -110,7 +124,11 @@ class ChatSession:
             if self.system else []
 
     def turn(self, text: str) -> str:
-        """Answer ``text`` (printing the reply as it comes); the reply joins the history."""
+        """Answer ``text`` (printing the reply as it comes); the reply joins the history.
+        MoorelmError, the history unchanged, for a message that cannot be answered."""
+        from moorelm.tokenizer import check_unicode
+
+        check_unicode(text, "the message")
         self.messages.append({"role": "user", "content": text})
         try:
             prompt, dropped = self.lm.chat_prompt(self.messages, self.control["max_new_tokens"])
