@@ -79,6 +79,7 @@ from moorelm.serve.schema import (
     Message,
     SamplingBody,
     TokenizeRequest,
+    checked_text,
     error_body,
     error_response,
     validation_error_response,
@@ -94,15 +95,6 @@ RETRY_AFTER_S = 1
 # ----------------------------------------------------------------------------- turning requests into engine requests
 
 
-def _text(value: str, param: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)",
-                       param) from None
-    return value
-
-
 def render_chat(messages: list[Message], template: str | None,
                 chat: ChatTemplate | None = None, add_generation_prompt: bool = True) -> str:
     """The conversation as model input (see the module docstring): through the fine-tuned
@@ -114,8 +106,8 @@ def render_chat(messages: list[Message], template: str | None,
         for i, m in enumerate(messages):
             content = "".join(p.text for p in m.content) if isinstance(m.content, list) \
                 else (m.content or "")
-            plain.append({"role": m.role, "content": _text(content, f"messages.{i}.content"),
-                          "name": _text(m.name.strip(), f"messages.{i}.name") if m.name and m.name.strip()
+            plain.append({"role": m.role, "content": checked_text(content, f"messages.{i}.content"),
+                          "name": checked_text(m.name.strip(), f"messages.{i}.name") if m.name and m.name.strip()
                           else None})
         try:
             return (chat or ChatTemplate.default()).render(plain, add_generation_prompt)
@@ -127,10 +119,10 @@ def render_chat(messages: list[Message], template: str | None,
             content = "".join(p.text for p in m.content)
         else:
             content = m.content or ""
-        content = _text(content, f"messages.{i}.content")
+        content = checked_text(content, f"messages.{i}.content")
         if template is None:
             speaker = (m.name or m.role).strip().upper() or m.role.upper()
-            parts.append(f"{_text(speaker, f'messages.{i}.name')}:\n{content}\n\n")
+            parts.append(f"{checked_text(speaker, f'messages.{i}.name')}:\n{content}\n\n")
         elif m.role == "user":
             parts.append(apply_template(template, content))
         else:
@@ -305,9 +297,9 @@ class Service:
             max_tokens = policy.max_tokens
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         for s in stops:
-            _text(s, "stop")
+            checked_text(s, "stop")
         for s in self.bad_words(body):
-            _text(s, "bad_words")
+            checked_text(s, "bad_words")
         bias: dict[int, float] = {}
         for key, value in (body.logit_bias or {}).items():
             try:
@@ -757,12 +749,12 @@ async def _completion_prompts(service: Service, body: CompletionRequest
     raw = body.prompt
     texts: list[str | None]  # each prompt as the client sent it, when it sent text
     if isinstance(raw, str):
-        texts = [_text(raw, "prompt")]
+        texts = [checked_text(raw, "prompt")]
         prompts = [await service.encode(raw)]
     elif raw and all(isinstance(x, int) for x in raw):
         texts, prompts = [None], [tuple(raw)]
     elif raw and all(isinstance(x, str) for x in raw):
-        texts = [_text(x, "prompt") for x in raw]
+        texts = [checked_text(x, "prompt") for x in raw]
         prompts = [await service.encode(x) for x in raw]
     else:
         prompts = [tuple(x) for x in raw]
@@ -885,7 +877,7 @@ def _add_token_routes(app: FastAPI, service: Service) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "send a prompt or messages (one of them)", "prompt")
         if body.prompt is not None:
-            ids = await service.encode(_text(body.prompt, "prompt"))
+            ids = await service.encode(checked_text(body.prompt, "prompt"))
         else:
             if not body.add_generation_prompt and service.prompt_template is not None:
                 raise ApiError(400, "this model's prompt template always asks for a reply; "

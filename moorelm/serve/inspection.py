@@ -12,7 +12,7 @@ import torch
 
 from moorelm.inference.engine import Engine
 from moorelm.inspect import inspect
-from moorelm.serve.schema import ApiError, InspectRequest
+from moorelm.serve.schema import ApiError, InspectRequest, checked_text
 
 
 def inspection(body: InspectRequest, engine: Engine, model_name: str,
@@ -22,12 +22,7 @@ def inspection(body: InspectRequest, engine: Engine, model_name: str,
     model = engine.runner.model
     cfg = model.config
     if isinstance(body.prompt, str):
-        try:
-            body.prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(400, "prompt is not valid Unicode text (it holds a lone "
-                           "surrogate)", "prompt") from None
-        ids = engine.tokenizer.encode(body.prompt)
+        ids = engine.tokenizer.encode(checked_text(body.prompt, "prompt"))
     else:
         ids = list(body.prompt)
     if not ids:

@@ -47,6 +47,17 @@ class ApiError(Exception):
                               self.headers)
 
 
+def checked_text(value: str, param: str) -> str:
+    """``value``, or a 400 naming ``param`` when it holds a lone surrogate (a JSON ``\\udXXX``
+    escape that pairs with nothing: no bytes stand for it, so no token can)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)",
+                       param) from None
+    return value
+
+
 def error_body(message: str, param: str | None = None, code: str | None = None,
                type_: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
