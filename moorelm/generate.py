@@ -57,14 +57,15 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # vLLM's / CTRL's: > 1 discourages tokens already seen
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise MoorelmError(f"temperature must be >= 0, got {self.temperature}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:  # NaN, inf too
+            raise MoorelmError(f"temperature must be >= 0 and finite, got {t!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise MoorelmError(f"top-k must be an integer >= 1, got {self.top_k}")
+            raise MoorelmError(f"top-k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and not (0 < self.top_p <= 1):
             raise MoorelmError(f"top-p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise MoorelmError(f"max-new-tokens must be an integer >= 0, got {self.max_new_tokens}")
+            raise MoorelmError(f"max-new-tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:

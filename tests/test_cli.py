@@ -136,6 +136,8 @@ def test_run_folder_errors(capsys, tmp_path, tiny_run):
     "flags,needle",
     [
         (["--temperature", "-1"], "temperature"),
+        (["--temperature", "nan"], "temperature must be >= 0 and finite, got nan"),
+        (["--temperature", "inf"], "temperature must be >= 0 and finite, got inf"),
         (["--top-p", "0"], "top-p"),
         (["--top-p", "1.2"], "top-p"),
         (["--top-k", "0"], "top-k"),

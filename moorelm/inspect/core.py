@@ -310,8 +310,9 @@ def _continue(model: GPT, ids: list[int], n: int, temperature: float, seed: int 
     """Up to ``n`` tokens after ``ids`` through the KV cache: greedy, or sampled from the
     softmax at ``temperature`` (seeded). Plain on purpose: ``moorelm.generate`` (which
     builds on this package's layer) has the full sampler."""
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise MoorelmError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise MoorelmError(f"temperature must be >= 0 and finite, got {temperature!r}")
     device = model.wte.weight.device
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else int(seed))
