@@ -10,6 +10,8 @@ shapes fixed), with the projections in three forms:
     fp32     ``(w * x).sum(-1)``: a reduction inductor fuses into one loop over the weight
     int8     per output channel, symmetric: ``(q.to(fp32) * x).sum(-1) * scale``, the
              int8 read and converted inside that loop (no dequantised copy)
+    int8g    the same with a scale per group of 64 inputs (finer, as ``Int8RowsLinear``'s
+             64 values a scale): a sum per group, scaled, then summed
     none     products over 8 inputs only: what is left is the step's overhead
 
 next to moorelm's own eager step (``moorelm.load(..., batched=False)``, the layouts of
@@ -35,11 +37,21 @@ import torch.nn.functional as F
 import moorelm
 from moorelm.model import rope_tables
 
+GROUP = 64  # inputs a scale for int8g
+
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 per output channel, symmetric absmax/127 (Int8Linear's scheme)."""
     scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
     return (w / scale).round().clamp(-127, 127).to(torch.int8), scale.squeeze(1).contiguous()
+
+
+def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 with a symmetric scale per ``GROUP`` inputs of each output: q (n, k/G, G), s (n, k/G)."""
+    n, k = w.shape
+    g = w.view(n, k // GROUP, GROUP)
+    scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    return (g / scale).round().clamp(-127, 127).to(torch.int8), scale.squeeze(-1).contiguous()
 
 
 class Step:
@@ -59,6 +71,8 @@ class Step:
             w = w.detach().float().contiguous()
             if form == "int8":
                 return quantize_rows(w)
+            if form == "int8g":
+                return quantize_groups(w)
             return w[:, :8].contiguous() if form == "none" else w
 
         self.layers = []
@@ -78,6 +92,10 @@ class Step:
         if self.form == "int8":
             q, scale = w
             return ((q.to(x.dtype) * x).sum(-1) * scale).view(1, -1)
+        if self.form == "int8g":
+            q, scale = w
+            part = (q.to(x.dtype) * x.view(1, -1, GROUP)).sum(-1)  # (n, k/G)
+            return (part * scale).sum(-1).view(1, -1)
         if self.form == "none":
             return x[:, :8] @ w.t()
         return (w * x).sum(-1).view(1, -1)
@@ -165,8 +183,8 @@ def main() -> None:
                     help="inductor's C++ wrapper (the graph's calls from C++, not Python)")
     args = ap.parse_args()
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
-    if bad := [f for f in forms if f not in ("fp32", "int8", "none")]:
-        raise SystemExit(f"unknown form(s) {bad}; choose from fp32, int8, none")
+    if bad := [f for f in forms if f not in ("fp32", "int8", "int8g", "none")]:
+        raise SystemExit(f"unknown form(s) {bad}; choose from fp32, int8, int8g, none")
     torch.set_num_threads(args.threads)
     import torch._inductor.config as inductor_config
 
