@@ -32,7 +32,8 @@ PIECE_CHARS = 16384  # long texts are cut into pieces at line breaks before batc
 def check_unicode(text: str, what: str = "the text") -> None:
     """MoorelmError unless ``text`` can be written as UTF-8: a lone surrogate (what Python
     makes of bytes that are not UTF-8 in a command-line argument, or a JSON ``\\udXXX``
-    escape) has no bytes, so no token stands for it. Called only when encoding failed."""
+    escape) has no bytes, so no token stands for it. ``encode`` calls it only when encoding
+    failed; the command line calls it on a flag's text before using it."""
     if not isinstance(text, str):
         return
     try:

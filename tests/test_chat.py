@@ -330,6 +330,7 @@ def test_chat_cli_line_that_is_not_utf8(tmp_path, capsys, monkeypatch):
                       "surrogate (U+DCFF; from bytes that are not UTF-8?)"]
     assert cap.out == "ok\n" and "Traceback" not in cap.err
     assert prompts == ["USER:\nJULIET\n\nASSISTANT:\n"]
+    assert stdin.errors == "strict"  # given back as it was
     for flag in ("--prompt", "--system"):
         args = ["chat", str(run), flag, "ab\udcff"] + (["--prompt", "hi"] if flag == "--system" else [])
         assert main(args) == 2

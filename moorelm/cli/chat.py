@@ -73,9 +73,21 @@ def cmd_chat(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         _say(f"chatting with {lm.name}; {HELP}")
-    # a line that is not UTF-8 reaches the session (which names it) instead of failing the read
-    if hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(errors="surrogateescape")
+    # a line that is not UTF-8 reaches the session (which names it) instead of failing the
+    # read; stdin is given back as it was, for an in-process caller
+    stdin, before = sys.stdin, getattr(sys.stdin, "errors", None)
+    if before is not None and hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="surrogateescape")
+    try:
+        return _loop(session, interactive)
+    finally:
+        if before is not None and hasattr(stdin, "reconfigure"):
+            stdin.reconfigure(errors=before)
+
+
+def _loop(session: ChatSession, interactive: bool) -> int:
+    """Read lines until /quit or end of input, each a turn -> exit status (2 if a turn
+    failed)."""
     failed = False
     while True:
         if interactive:
@@ -93,7 +105,7 @@ def cmd_chat(args) -> int:
         text = line.rstrip("\n")
         command = text.strip()
         if command in ("/quit", "/exit"):
-            return 0
+            return 2 if failed else 0
         if command == "/reset":
             session.reset()
             _say("(conversation cleared)")
