@@ -10,7 +10,9 @@ shapes fixed), with the projections in three forms:
     fp32     ``(w * x).sum(-1)``: a reduction inductor fuses into one loop over the weight
     int8     per output channel, symmetric: ``(q.to(fp32) * x).sum(-1) * scale``, the
              int8 read and converted inside that loop (no dequantised copy)
-    int8g    the same with a scale per group of 64 inputs (finer, as ``Int8RowsLinear``'s
+    int8t    the same with the int8 weight stored transposed (in, out): a sum over the
+             inputs of x[k] times row k, vectorised along the outputs (embedding-bag order)
+    int8g    the same as int8 with a scale per group of 64 inputs (finer, as ``Int8RowsLinear``'s
              64 values a scale): a sum per group, scaled, then summed
     none     products over 8 inputs only: what is left is the step's overhead
 
@@ -73,6 +75,9 @@ class Step:
                 return quantize_rows(w)
             if form == "int8g":
                 return quantize_groups(w)
+            if form == "int8t":
+                q, scale = quantize_rows(w)
+                return q.t().contiguous(), scale
             return w[:, :8].contiguous() if form == "none" else w
 
         self.layers = []
@@ -92,6 +97,9 @@ class Step:
         if self.form == "int8":
             q, scale = w
             return ((q.to(x.dtype) * x).sum(-1) * scale).view(1, -1)
+        if self.form == "int8t":
+            q, scale = w  # (in, out)
+            return ((q.to(x.dtype) * x.view(-1, 1)).sum(0) * scale).view(1, -1)
         if self.form == "int8g":
             q, scale = w
             part = (q.to(x.dtype) * x.view(1, -1, GROUP)).sum(-1)  # (n, k/G)
@@ -183,8 +191,8 @@ def main() -> None:
                     help="inductor's C++ wrapper (the graph's calls from C++, not Python)")
     args = ap.parse_args()
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
-    if bad := [f for f in forms if f not in ("fp32", "int8", "int8g", "none")]:
-        raise SystemExit(f"unknown form(s) {bad}; choose from fp32, int8, int8g, none")
+    if bad := [f for f in forms if f not in ("fp32", "int8", "int8t", "int8g", "none")]:
+        raise SystemExit(f"unknown form(s) {bad}; choose from fp32, int8, int8t, int8g, none")
     torch.set_num_threads(args.threads)
     import torch._inductor.config as inductor_config
 
