@@ -166,6 +166,22 @@ def test_scale_and_trend_bad_input(capsys, tmp_path):
     assert code == 2 and "has no finished runs" in err
     code, _, err = run_cli(capsys, "trend", "--top-k", "0")
     assert code == 2 and "--top-k" in err
+    # numbers that are not finite, or too large to plan with (a traceback before: int(inf),
+    # NaN levels, max() of no rungs once float rounding left a level without one)
+    for flags, needle in [
+        (["--budget", "1m", "--level-ratio", "nan"], "--level-ratio must be a finite number > 1"),
+        (["--budget", "1m", "--level-ratio", "inf"], "--level-ratio must be a finite number > 1"),
+        (["--budget", "1m", "--level-ratio", "1e150"], "spans 1e300 in compute; at most 1e+12"),
+        (["--budget", "1m", "--levels", "40"], "4 over 40 levels spans 1e23"),
+        (["--budget-flops", "inf"], "--budget-flops must be a positive number of at most 1e+30"),
+        (["--budget-flops", "nan"], "--budget-flops must be a positive number"),
+        (["--budget-flops", "1e300"], "at most 1e+30, got 1e+300"),
+        (["--budget", "1e400"], "is more than a year"),
+    ]:
+        code, _, err = run_cli(capsys, "scale", "--out", str(tmp_path / "b"), "--corpus",
+                               str(corpus), *flags)
+        assert code == 2 and needle in err and err.count("\n") == 1, (flags, err)
+        assert not (tmp_path / "b").exists()
 
 
 def test_trend_prints_doubling_times_and_writes_the_plot(capsys, tmp_path):

@@ -33,8 +33,9 @@ def cmd_scale(args) -> int:
     if not resuming and (args.budget is None) == (args.budget_flops is None):
         raise MoorelmError("give one budget: --budget 30m (wall clock) or --budget-flops 1e14")
     seconds = LP.parse_duration(args.budget) if args.budget is not None else None
-    if args.budget_flops is not None and not args.budget_flops > 0:
-        raise MoorelmError(f"--budget-flops must be a positive number, got {args.budget_flops}")
+    if args.budget_flops is not None and not (0 < args.budget_flops <= LP.MAX_FLOPS):  # NaN too
+        raise MoorelmError(f"--budget-flops must be a positive number of at most "
+                           f"{LP.MAX_FLOPS:.0e}, got {args.budget_flops}")
     if args.bootstrap < 0:
         raise MoorelmError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     spec = LP.LadderSpec(

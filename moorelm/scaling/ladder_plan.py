@@ -26,6 +26,11 @@ SAFETY = 0.9  # plan to this fraction of the wall-clock budget: the machine's lo
 DEFAULT_SHAPES = ((1, 16), (2, 16), (2, 32), (2, 48), (3, 64), (4, 80))
 
 
+MAX_SPAN = 1e12  # the most the ladder's levels may span in compute (top / lowest)
+MAX_FLOPS = 1e30  # the largest FLOPs budget taken (GPT-4's training is estimated at ~2e25)
+MAX_SECONDS = 366 * 24 * 3600.0  # the longest wall-clock budget taken
+
+
 @dataclass(frozen=True)
 class LadderSpec:
     """Everything that defines a ladder besides its budget and data."""
@@ -58,8 +63,17 @@ class LadderSpec:
                     f"multiple of the head size {self.head_dim}")
         if self.levels < 1 or self.sizes_per_level < 1:
             raise MoorelmError("--levels and --sizes-per-level must be >= 1")
-        if self.level_ratio <= 1:
-            raise MoorelmError(f"--level-ratio must be > 1, got {self.level_ratio}")
+        if not (isinstance(self.level_ratio, (int, float)) and self.level_ratio > 1
+                and math.isfinite(self.level_ratio)):  # NaN and inf too
+            raise MoorelmError(f"--level-ratio must be a finite number > 1, got {self.level_ratio}")
+        # the top level's compute over the lowest's; beyond MAX_SPAN the lowest levels' rungs
+        # round to fewer steps than min_steps in float arithmetic, and no budget a ladder is
+        # run with spans more
+        decades = (self.levels - 1) * math.log10(self.level_ratio)
+        if decades > math.log10(MAX_SPAN):
+            raise MoorelmError(
+                f"--level-ratio {self.level_ratio:g} over {self.levels} levels spans 1e{decades:.0f} "
+                f"in compute; at most {MAX_SPAN:.0e} (fewer levels or a smaller ratio)")
         for name in ("seq_len", "batch_size", "min_steps", "eval_iters", "probe_steps", "head_dim"):
             if getattr(self, name) < 1:
                 raise MoorelmError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -101,6 +115,9 @@ def parse_duration(text: str) -> float:
     value = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     if value <= 0:
         raise MoorelmError(f"budget {text!r} must be positive")
+    if value > MAX_SECONDS:  # inf too
+        raise MoorelmError(f"budget {text!r} is more than a year; write at most "
+                           f"{MAX_SECONDS / 3600:.0f}h")
     return value
 
 
