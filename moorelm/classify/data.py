@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import random
 import re
@@ -313,6 +314,27 @@ def _by_class(labels: Sequence[str]) -> dict[str, list[int]]:
     for i, y in enumerate(labels):
         groups.setdefault(y, []).append(i)
     return {name: groups[name] for name in label_names(labels)}
+
+
+def check_settings(*, batch_size: int, epochs: float, lr: float, max_steps: int | None,
+                   time_limit_s: float | None) -> None:
+    """MoorelmError naming the first training number a classifier cannot train with: both
+    fine-tuners (a Hugging Face encoder's and the head on a moorelm GPT) call it first.
+    NaN and infinity are refused: NaN passed a ``<= 0`` check and then failed deep inside
+    (``int(nan)``, the optimizer), and an infinite rate saved NaN weights."""
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise MoorelmError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    for name, value in (("epochs", epochs), ("learning rate", lr)):
+        if not (finite(value) and value > 0):
+            raise MoorelmError(f"{name} must be a finite number > 0, got {value!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise MoorelmError(f"max steps must be an integer >= 1, got {max_steps!r}")
+    if time_limit_s is not None and not (finite(time_limit_s) and time_limit_s > 0):
+        raise MoorelmError(f"the time limit must be a finite number of seconds > 0, "
+                           f"got {time_limit_s!r}")
 
 
 def stratified_split(

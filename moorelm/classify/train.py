@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from moorelm.atomic import atomic_write_json, fsync_dir
-from moorelm.classify.data import label_maps, prepare_splits
+from moorelm.classify.data import check_settings, label_maps, prepare_splits
 from moorelm.classify.encoder import (
     load_sequence_classifier,
     load_tokenizer,
@@ -282,10 +282,10 @@ def finetune_classifier(
     interrupted job from there with the same arguments. Returns the metrics (also written to
     metrics.json) plus ``metrics_path`` and ``confusion_png``.
     """
-    if batch_size < 1 or max_length < 2 or epochs <= 0 or lr <= 0:
-        raise MoorelmError(
-            "batch_size and max_length must be positive (max_length >= 2), epochs and lr > 0"
-        )
+    check_settings(batch_size=batch_size, epochs=epochs, lr=lr, max_steps=max_steps,
+                   time_limit_s=time_limit_s)
+    if not isinstance(max_length, int) or max_length < 2:
+        raise MoorelmError(f"max length must be an integer >= 2, got {max_length!r}")
     out = Path(out_dir)
     _check_out(out)
     work = work_folder(out)

@@ -73,6 +73,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise MoorelmError("two outputs name the same file; give each its own path")
     if args.top_k < 0:
         raise MoorelmError(f"--top-k must be >= 0, got {args.top_k}")
+    if not (0 <= args.temperature < float("inf")):  # NaN too; checked before loading
+        raise MoorelmError(f"--temperature must be >= 0 and finite, got {args.temperature}")
     lm = moorelm.load(args.run, device=args.device)
     cfg = lm.config
     if args.head is not None and args.head not in range(cfg.n_head):

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moorelm.atomic import atomic_write_json
-from moorelm.classify.data import label_maps, prepare_splits
+from moorelm.classify.data import check_settings, label_maps, prepare_splits
 from moorelm.classify.metrics import (
     CONFUSION_FILE,
     METRICS_FILE,
@@ -302,8 +302,8 @@ def finetune_gpt_classifier(
     state by macro-F1 is saved. All parameters are trained (AdamW, warmup then cosine to
     lr/10; weight decay on the hidden matrices).
     """
-    if batch_size < 1 or epochs <= 0 or lr <= 0:
-        raise MoorelmError("batch_size must be positive, epochs and lr > 0")
+    check_settings(batch_size=batch_size, epochs=epochs, lr=lr, max_steps=max_steps,
+                   time_limit_s=time_limit_s)
     if pooling not in POOLINGS:
         raise MoorelmError(f"pooling {pooling!r} is not valid; choose one of: {', '.join(POOLINGS)}")
     run_dir, out = Path(run_dir), Path(out_dir)

@@ -491,8 +491,6 @@ def _train_config(saved: dict[str, Any] | None, overrides: dict[str, Any], lora:
         for k in BUDGETS:
             t[k] = over.get(k)
     elif epochs is not None or saved is None:
-        if epochs is not None and epochs <= 0:
-            raise MoorelmError(f"--epochs must be > 0, got {epochs}")
         t.update(max_steps=max(1, math.ceil((epochs or SFT_EPOCHS) * epoch_steps)),
                  max_tokens=None, max_time=None)
     return TrainConfig.from_dict(t)
@@ -581,6 +579,8 @@ def finetune(
     """
     started = time.perf_counter()
     out = Path(out_dir)
+    if epochs is not None and not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
+        raise MoorelmError(f"--epochs must be a finite number > 0, got {epochs}")  # NaN too
     overrides = dict(train_overrides or {})
     saved_cfg: dict[str, Any] | None = None
     if resume:
