@@ -184,12 +184,24 @@ def _draw(cdf: torch.Tensor, generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
+SEED_MASK = 2**64 - 1  # torch generators take seeds in [-2**63, 2**64), negatives as 2**64 + s
+
+
+def nth_seed(seed: int | None, i: int) -> int | None:
+    """The ``i``-th of a run of seeds starting at ``seed`` (prompt ``i`` of a call, sample or
+    turn ``i`` of the command line): ``seed`` itself for ``i == 0``, so that one out of
+    torch's range is still refused as given, then ``seed + i`` modulo 2**64."""
+    return seed if seed is None or i == 0 else (seed + i) & SEED_MASK
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with ``seed`` modulo 2**64 (the same seed torch would make of any
+    seed in its range; a derived seed such as ``seed + i`` past the top wraps), or at random."""
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(int(seed))
+        g.manual_seed(int(seed) & SEED_MASK)
     return g
 
 
@@ -785,8 +797,9 @@ class LanguageModel:
                   json_schema: dict | bool | None = None, **sampling) -> _Decoding:
         """``generate``'s keywords checked once, for every prompt of a call."""
         seed = sampling.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise MoorelmError(f"seed must be an integer, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or not -(2**63) <= seed <= SEED_MASK):  # torch's range
+            raise MoorelmError(f"seed must be an integer in -2**63..2**64-1, got {seed!r}")
         bans = ban if isinstance(ban, BanList) else self.ban_list(ban) if ban else None
         grammar = None
         if json_schema is not None:  # compiled once per schema and tokenizer (cached)
@@ -825,7 +838,7 @@ class LanguageModel:
         prompts a batch cannot hold (prompt + new tokens beyond the window) run alone
         afterwards, sliding the window."""
         p = job.params
-        seeds = [None if seed is None else seed + i for i in range(len(prompts))]
+        seeds = [nth_seed(seed, i) for i in range(len(prompts))]
         room = self.config.seq_len - p.max_new_tokens
         together = [i for i, ids in enumerate(prompts) if p.max_new_tokens and len(ids) <= room]
         stop = job.stop

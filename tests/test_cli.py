@@ -156,6 +156,21 @@ def test_prompt_that_is_not_utf8(capsys, tiny_run):
                    "--prompt is not valid Unicode: character 2 is a lone surrogate (U+DCFF")
 
 
+def test_seeds_at_the_ends_of_torchs_range(capsys, tiny_run):
+    """A seed outside torch's range (-2**63..2**64-1) is one line; the top seed with several
+    samples works (sample i's seed wraps modulo 2**64 instead of overflowing), and the wrapped
+    seed draws what that seed draws."""
+    one_line_error(*run_cli(capsys, "generate", str(tiny_run), "--seed", str(10**20))[::2],
+                   "seed must be an integer in -2**63..2**64-1, got 100000000000000000000")
+    flags = ["--max-new-tokens", "8", "--temperature", "1.0", "--no-stream"]
+    code, out, err = run_cli(capsys, "generate", str(tiny_run), "--seed", str(2**64 - 1),
+                             "--num-samples", "2", *flags)
+    assert code == 0, err
+    second = out.split("-" * 40 + "\n")[1]
+    code, alone, _ = run_cli(capsys, "generate", str(tiny_run), "--seed", "0", *flags)
+    assert code == 0 and second == alone
+
+
 def test_generate_streams_and_warns_on_long_prompt(capsys, tiny_run):
     """generate prints the prompt and its continuation; a long prompt warns in one line."""
     code, out, err = run_cli(capsys, "generate", str(tiny_run), "--prompt", "ROMEO " * 40,

@@ -421,6 +421,7 @@ CASES = [
     Case("generate-user-folder", lambda c: ["generate", str(c.user)]),
     Case("generate-run-is-file", lambda c: ["generate", str(c.user / "thesis.txt")]),
     Case("generate-prompt-not-utf8", lambda c: ["generate", c.run(), "--prompt", "ab\udcff"]),
+    Case("generate-seed-huge", lambda c: ["generate", c.run(), "--seed", str(10**20)]),
     Case("generate-config-empty", lambda c: ["generate", c.run(_raw("config.json", ""))]),
     Case("generate-config-binary", lambda c: ["generate", c.run(_raw("config.json", BINARY))]),
     Case("generate-config-list", lambda c: ["generate", c.run(_raw("config.json", "[1, 2]"))]),
@@ -686,6 +687,9 @@ CASES = [
     Case("serve-user-folder", lambda c: ["serve", str(c.user)], subprocess=True),
     Case("serve-port-negative", lambda c: ["serve", c.run(), "--port", "-1"], subprocess=True),
     Case("serve-port-huge", lambda c: ["serve", c.run(), "--port", "70000"], subprocess=True),
+    Case("serve-max-batch-huge",  # the cache's shape overflowed C sizes: a traceback
+         lambda c: ["serve", c.run(), "--port", "0", "--max-batch", str(10**20)],
+         subprocess=True, timeout=30),
     Case("serve-max-batch-zero", lambda c: ["serve", c.run(), "--max-batch", "0"],
          subprocess=True),
     Case("serve-threads-zero", lambda c: ["serve", c.run(), "--threads", "0"], subprocess=True),

@@ -138,6 +138,7 @@ class ChatSession:
     def turn(self, text: str) -> str:
         """Answer ``text`` (printing the reply as it comes); the reply joins the history.
         MoorelmError, the history unchanged, for a message that cannot be answered."""
+        from moorelm.generate import nth_seed
         from moorelm.tokenizer import check_unicode
 
         check_unicode(text, "the message")
@@ -153,7 +154,7 @@ class ChatSession:
                 _say(f"moorelm: note: the conversation no longer fits in the context window "
                      f"({self.lm.config.seq_len} tokens); its oldest turns are dropped")
                 self.told_dropped = True
-        seed = None if self.seed is None else self.seed + self.turns
+        seed = nth_seed(self.seed, self.turns)
         self.turns += 1
         parts: list[str] = []
         try:

@@ -331,7 +331,7 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     import moorelm
-    from moorelm.generate import SamplingParams, check_phrases, parse_logit_bias
+    from moorelm.generate import SamplingParams, check_phrases, nth_seed, parse_logit_bias
     from moorelm.tokenizer import check_unicode
 
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -355,7 +355,7 @@ def cmd_generate(args) -> int:
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
-        seed = None if args.seed is None else args.seed + i
+        seed = nth_seed(args.seed, i)
         sys.stdout.write(prompt)
         out = lm.generate(prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -25,6 +25,7 @@ MAX_BIAS = 100.0  # |logit_bias value|, as OpenAI
 KV_MEMORY = 2 << 30  # default KV-cache budget in bytes, all slots together
 MAX_SLOTS = 64  # default slots of a CPU cache (memory taken as used)
 RESERVED_SLOTS = 16  # default slots of a cache reserved up front (GPU)
+MAX_BATCH = 1 << 16  # the most slots taken: beyond, the cache's shape overflows its sizes
 KV_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}  # None: the model's
 
 
@@ -69,8 +70,9 @@ def plan_kv(cfg, device_type: str = "cpu", max_batch: int | None = None,
     GPU) the cache is reserved up front, so the budget is divided among the slots (default
     ``RESERVED_SLOTS``) and each slot's context cut to its share. A budget that cannot hold
     one short request is a MoorelmError."""
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-        raise MoorelmError(f"max batch must be an integer >= 1, got {max_batch}")
+    if max_batch is not None and (not isinstance(max_batch, int)
+                                  or not 1 <= max_batch <= MAX_BATCH):
+        raise MoorelmError(f"max batch must be an integer in 1..{MAX_BATCH}, got {max_batch}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise MoorelmError(f"max sequence length must be an integer >= 2, got {max_seq_len}")
     budget = KV_MEMORY if kv_memory is None else kv_memory

@@ -21,8 +21,6 @@ from moorelm.generate import BanList, SamplingParams, make_generator
 from moorelm.grammar import Grammar
 from moorelm.inference.output import ChoiceText
 
-SEED_MASK = 2**64 - 1  # torch generators take seeds in [0, 2**64)
-
 
 @dataclass(frozen=True)
 class Request:
@@ -172,7 +170,7 @@ class Sequence:
         p = req.params
         self.handle, self.index, self.params, self.text = handle, index, p, text
         self.generator = make_generator(
-            None if p.seed is None else (p.seed + index) & SEED_MASK, device)
+            None if p.seed is None else p.seed + index, device)  # modulo 2**64
         self.counts = (torch.zeros(vocab_size, device=device)
                        if p.presence_penalty or p.frequency_penalty else None)  # (V,)
         self.bias = _bias_vector(req.logit_bias, vocab_size, device)  # (V,) or None
