@@ -30,6 +30,8 @@ from typing import Any
 
 from moorelm.errors import MoorelmError
 
+MAX_THREADS = 1024  # CPU threads taken (torch's own setter overflows far above)
+
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "relu2")
@@ -210,8 +212,8 @@ class TrainConfig:
         for name in ("log_interval", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise MoorelmError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise MoorelmError(f"threads must be >= 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise MoorelmError(f"threads must be in 1..{MAX_THREADS}, got {self.threads}")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise MoorelmError(f"peak_flops must be > 0, got {self.peak_flops}")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moorelm.cli.core import add_weights_flag
+from moorelm.config import MAX_THREADS
 from moorelm.errors import MoorelmError
 
 
@@ -161,8 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_memory:
         parse_size(args.max_memory, "--max-memory")
     limits = server_limits(args)
-    if args.threads is not None and args.threads < 1:
-        raise MoorelmError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise MoorelmError(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
     before = torch.get_num_threads()
     threads = args.threads or before
     # The engine's thread does the model's work. OpenMP keeps a pool of worker threads per
