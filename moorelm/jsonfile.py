@@ -122,11 +122,22 @@ def loads_json(data: bytes | str, where: str) -> Any:
         raise MoorelmError(f"{where} holds {reason}") from None
 
 
-def check_text(text: str, where: str) -> str:
-    """``text`` unchanged when it is encodable as UTF-8 (no lone surrogates), else an error."""
+def lone_surrogate_at(text: str) -> int | None:
+    """Where the first lone UTF-16 surrogate of ``text`` is (a JSON ``\\udXXX`` escape that
+    pairs with nothing, or what Python makes of a byte that is not UTF-8 in an argument or on
+    stdin), or None when ``text`` can be written as UTF-8. The one test behind ``check_text``,
+    ``tokenizer.check_unicode`` and the server's ``schema.checked_text``."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise MoorelmError(f"{where} holds a lone surrogate (\\u{ord(text[e.start]):04x}), "
-                           "which is not text; fix the escape") from None
+        return e.start
+    return None
+
+
+def check_text(text: str, where: str) -> str:
+    """``text`` unchanged when it is encodable as UTF-8 (no lone surrogates), else an error."""
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise MoorelmError(f"{where} holds a lone surrogate (\\u{ord(text[at]):04x}), "
+                           "which is not text; fix the escape")
     return text

@@ -22,6 +22,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from moorelm.errors import MoorelmError, first_line
+from moorelm.jsonfile import lone_surrogate_at
 
 EOT = "<|endoftext|>"
 KINDS = ("char", "bpe")
@@ -30,18 +31,13 @@ PIECE_CHARS = 16384  # long texts are cut into pieces at line breaks before batc
 
 
 def check_unicode(text: str, what: str = "the text") -> None:
-    """MoorelmError unless ``text`` can be written as UTF-8: a lone surrogate (what Python
-    makes of bytes that are not UTF-8 in a command-line argument, or a JSON ``\\udXXX``
-    escape) has no bytes, so no token stands for it. ``encode`` calls it only when encoding
-    failed; the command line calls it on a flag's text before using it."""
-    if not isinstance(text, str):
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise MoorelmError(
-            f"{what} is not valid Unicode: character {e.start} is a lone surrogate "
-            f"(U+{ord(text[e.start]):04X}; from bytes that are not UTF-8?)") from None
+    """MoorelmError unless ``text`` can be written as UTF-8: a lone surrogate
+    (``jsonfile.lone_surrogate_at``) has no bytes, so no token stands for it. ``encode`` calls
+    it only when encoding failed; the command line calls it on a flag's text before using it."""
+    at = lone_surrogate_at(text) if isinstance(text, str) else None
+    if at is not None:
+        raise MoorelmError(f"{what} is not valid Unicode: character {at} is a lone surrogate "
+                           f"(U+{ord(text[at]):04X}; from bytes that are not UTF-8?)")
 
 
 class Tokenizer:

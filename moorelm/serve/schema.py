@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from moorelm.jsonfile import lone_surrogate_at
+
 MAX_REPETITION_PENALTY = 100.0  # generate.MAX_REPETITION_PENALTY (vLLM asks only > 0)
 MAX_BAD_WORDS = 64  # banned phrases in one request
 MAX_INSPECT_ALTERNATIVES = 20
@@ -50,11 +52,9 @@ class ApiError(Exception):
 def checked_text(value: str, param: str) -> str:
     """``value``, or a 400 naming ``param`` when it holds a lone surrogate (a JSON ``\\udXXX``
     escape that pairs with nothing: no bytes stand for it, so no token can)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
+    if lone_surrogate_at(value) is not None:
         raise ApiError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)",
-                       param) from None
+                       param)
     return value
 
 
