@@ -57,6 +57,7 @@ def add_parser(sub) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import moorelm
     from moorelm.atomic import atomic_write_json
+    from moorelm.generate import SamplingParams
     from moorelm.inspect import (
         lens_table,
         save_attention_png,
@@ -73,8 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise MoorelmError("two outputs name the same file; give each its own path")
     if args.top_k < 0:
         raise MoorelmError(f"--top-k must be >= 0, got {args.top_k}")
-    if not (0 <= args.temperature < float("inf")):  # NaN too; checked before loading
-        raise MoorelmError(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    SamplingParams(temperature=args.temperature)  # generate's rule, before loading
     lm = moorelm.load(args.run, device=args.device)
     cfg = lm.config
     if args.head is not None and args.head not in range(cfg.n_head):
