@@ -24,7 +24,7 @@ import pytest
 
 from moorelm.classify.data import label_names, read_labeled, stratified_sample, stratified_split
 from moorelm.classify.encoder import default_encoder_path, resolve_model
-from moorelm.classify.metrics import classification_metrics, save_confusion_png
+from moorelm.classify.metrics import TruncationWarning, classification_metrics, save_confusion_png
 from moorelm.classify.predict import classify, classify_file
 from moorelm.classify.train import finetune_classifier, work_folder
 from moorelm.errors import MoorelmError
@@ -136,6 +136,7 @@ def toy_run(tiny_encoder, tmp_path_factory) -> dict:
         "out": out,
         "root": root,
         "warnings": [str(w.message) for w in caught],
+        "warned_from": {w.filename for w in caught if issubclass(w.category, TruncationWarning)},
     }
 
 
@@ -172,6 +173,7 @@ def test_truncated_texts_are_counted_in_a_warning(toy_run):
     """The three 41-word training texts exceed max_length=16 and are reported as a count."""
     msg = "3 of 123 texts (train) were longer than max_length=16 tokens and were truncated"
     assert msg in toy_run["warnings"]
+    assert toy_run["warned_from"] == {__file__}  # attributed to the caller's line
     assert toy_run["result"]["truncated"] == {"train": 3, "eval": 0}
 
 

@@ -139,5 +139,6 @@ def test_long_texts_are_truncated_with_one_warning(tiny_run, tmp_path):
                                 eval_fraction=0.2, **{**FAST, "epochs": 1})
     msgs = [str(w.message) for w in caught if issubclass(w.category, TruncationWarning)]
     assert msgs and "longer than max_length=16" in msgs[0]
+    assert {w.filename for w in caught if issubclass(w.category, TruncationWarning)} == {__file__}
     with pytest.raises(MoorelmError, match="context length 32"):
         finetune_gpt_classifier(tiny_run, train, tmp_path / "o2", max_length=64, **FAST)

@@ -1,5 +1,6 @@
 """Scoring a classifier and telling the user about it: accuracy, F1 and the confusion matrix,
-the confusion-matrix PNG, and the messages and summary lines a classification run prints.
+the confusion-matrix PNG, the record a finished run returns and writes to ``metrics.json``
+(``run_record``, one for every backend), and the messages and summary lines it prints.
 
 Needs only numpy (and matplotlib for the PNG); every classification backend uses it.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+TASK = "text-classification"  # the "task" of every classifier run's metrics.json
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"
 
@@ -123,6 +126,53 @@ def truncation_message(n_truncated: int, n_total: int, max_length: int, what: st
         f"{n_truncated} of {n_total} texts{where} were longer than max_length={max_length} "
         f"tokens and were truncated"
     )
+
+
+def warn_truncated(max_length: int, *counts: tuple[int, int, str], stacklevel: int = 1) -> None:
+    """One ``TruncationWarning`` for each ``(n_truncated, n_total, what)`` that cut texts;
+    ``stacklevel`` counts from the caller, as ``warnings.warn``'s does."""
+    for n_cut, n, what in counts:
+        if n_cut:
+            warnings.warn(truncation_message(n_cut, n, max_length, what), TruncationWarning,
+                          stacklevel=stacklevel + 1)
+
+
+def run_record(*, backend: str, model: str, splits: Any, eval_file: Any, max_length: int,
+               truncated: dict[str, int], metrics: dict[str, Any], train_time: float,
+               steps: int, epochs_run: float, best_f1: float | None, stopped_early: bool,
+               time_limit_hit: bool, hyperparameters: dict[str, Any], out: Path,
+               **extra: Any) -> dict[str, Any]:
+    """What a finished classifier fine-tuning returns and writes to ``metrics.json``, the same
+    record from every backend (``format_summary`` prints it). ``splits``: the run's
+    ``classify.data.Splits``; ``extra``: a backend's own keys, placed before ``out_dir``."""
+    return {
+        "task": TASK,
+        "backend": backend,
+        "model": model,
+        "train_file": str(splits.train_all.path),
+        "eval_file": str(eval_file) if eval_file else None,
+        "eval_source": splits.eval_source,
+        "text_column": splits.train.text_column,
+        "label_column": splits.train.label_column,
+        "labels": splits.names,
+        "rows": {"train": len(splits.train), "eval": len(splits.eval),
+                 "train_file": len(splits.train_all)},
+        "class_balance": splits.balance,
+        "max_length": max_length,
+        "truncated": truncated,
+        **{k: metrics[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")},
+        "per_class": metrics["per_class"],
+        "confusion_matrix": metrics["confusion_matrix"],
+        "train_time_s": round(train_time, 2),
+        "steps": steps,
+        "epochs_run": epochs_run,
+        "best_metric_macro_f1": best_f1,
+        "stopped_early": stopped_early,
+        "time_limit_hit": time_limit_hit,
+        **extra,
+        "hyperparameters": hyperparameters,
+        "out_dir": str(out),
+    }
 
 
 def format_balance(balance: dict[str, int]) -> str:

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,13 @@ from moorelm.classify.encoder import (
 from moorelm.classify.metrics import (
     CONFUSION_FILE,
     METRICS_FILE,
-    TruncationWarning,
+    TASK,
     classification_metrics,
     format_summary,
+    run_record,
     save_confusion_png,
     say,
-    truncation_message,
+    warn_truncated,
 )
 from moorelm.errors import MoorelmError
 
@@ -49,7 +49,6 @@ BIG_EPOCH_STEPS = 1000  # above this many steps per epoch, evaluate every EVAL_E
 EVAL_EVERY = 500
 WORK_SUFFIX = ".work"  # OUT.work/ holds an unfinished job
 JOB_FILE = "job.json"
-TASK = "text-classification"
 
 
 def _encode(tok, texts: Sequence[str], max_length: int) -> tuple[dict[str, list], int]:
@@ -338,40 +337,17 @@ def finetune_classifier(
                        checkpoint=checkpoint, report_to=report_to, progress=progress)
     metrics = classification_metrics(run.y_true, run.y_pred, d.names)
     state = run.trainer.state
-    result: dict[str, Any] = {
-        "task": TASK,
-        "backend": "hf-encoder",
-        "model": source,
-        "train_file": str(d.train_all.path),
-        "eval_file": str(eval_file) if eval_file else None,
-        "eval_source": d.eval_source,
-        "text_column": d.train.text_column,
-        "label_column": d.train.label_column,
-        "labels": d.names,
-        "rows": {
-            "train": len(d.train),
-            "eval": len(d.eval),
-            "train_file": len(d.train_all),
-            "train_seen": min(
-                len(d.train) * math.ceil(epochs), round(float(state.epoch or 0) * len(d.train))
-            ),
-        },
-        "class_balance": d.balance,
-        "max_length": max_length,
-        "truncated": truncated,
-        **{k: metrics[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")},
-        "per_class": metrics["per_class"],
-        "confusion_matrix": metrics["confusion_matrix"],
-        "train_time_s": round(run.train_time, 2),
-        "steps": int(state.global_step),
-        "epochs_run": float(state.epoch or 0.0),
-        "best_metric_macro_f1": state.best_metric,
-        "stopped_early": bool(state.global_step < state.max_steps and not run.time_limit_hit),
-        "time_limit_hit": run.time_limit_hit,
-        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
-        "hyperparameters": {**hp, "torch_threads": run.threads},
-        "out_dir": str(out),
-    }
+    result = run_record(
+        backend="hf-encoder", model=source, splits=d, eval_file=eval_file,
+        max_length=max_length, truncated=truncated, metrics=metrics, train_time=run.train_time,
+        steps=int(state.global_step), epochs_run=float(state.epoch or 0.0),
+        best_f1=state.best_metric,
+        stopped_early=bool(state.global_step < state.max_steps and not run.time_limit_hit),
+        time_limit_hit=run.time_limit_hit, out=out,
+        resumed_from_step=int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        hyperparameters={**hp, "torch_threads": run.threads})
+    result["rows"]["train_seen"] = min(  # rows trained on, repeats counted
+        len(d.train) * math.ceil(epochs), round(float(state.epoch or 0) * len(d.train)))
     _assemble(staged, work, run.trainer.model, tok, result)
     return _publish_result(staged, out, work, result, progress)
 
@@ -399,11 +375,8 @@ def _tokenize(tok, train, eval_data, label2id: dict[str, int], max_length: int):
     """Both splits as Trainer datasets, and how many texts of each were truncated (warned)."""
     train_enc, train_cut = _encode(tok, train.texts, max_length)
     eval_enc, eval_cut = _encode(tok, eval_data.texts, max_length)
-    for n_cut, n, what in ((train_cut, len(train), "train"), (eval_cut, len(eval_data), "eval")):
-        if n_cut:
-            warnings.warn(  # attributed to finetune_classifier's caller
-                truncation_message(n_cut, n, max_length, what), TruncationWarning, stacklevel=3
-            )
+    warn_truncated(max_length, (train_cut, len(train), "train"),  # finetune_classifier's caller
+                   (eval_cut, len(eval_data), "eval"), stacklevel=3)
     train_ds = _Rows(train_enc, [label2id[y] for y in train.labels])
     eval_ds = _Rows(eval_enc, [label2id[y] for y in eval_data.labels])
     return train_ds, eval_ds, {"train": train_cut, "eval": eval_cut}

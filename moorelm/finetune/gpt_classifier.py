@@ -37,7 +37,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +51,12 @@ from moorelm.classify.data import check_settings, label_maps, prepare_splits
 from moorelm.classify.metrics import (
     CONFUSION_FILE,
     METRICS_FILE,
-    TruncationWarning,
     classification_metrics,
     format_summary,
+    run_record,
     save_confusion_png,
     say,
-    truncation_message,
+    warn_truncated,
 )
 from moorelm.codecs import (
     MODEL_FILE,
@@ -318,8 +317,7 @@ def finetune_gpt_classifier(
     d = prepare_splits(train_file, eval_file, text_column, label_column,
                        eval_fraction=eval_fraction, seed=seed, max_train_rows=max_train_rows,
                        progress=progress)
-    train_all, train, eval_data, names = d.train_all, d.train, d.eval, d.names
-    eval_source, balance = d.eval_source, d.balance
+    train, eval_data, names = d.train, d.eval, d.names
 
     # ---- base model
     base_run = RunFolder(run_dir)
@@ -339,9 +337,8 @@ def finetune_gpt_classifier(
 
     train_rows, train_cut = _encode(tok, train.texts, max_length)
     eval_rows, eval_cut = _encode(tok, eval_data.texts, max_length)
-    for n_cut, n, what in ((train_cut, len(train), "train"), (eval_cut, len(eval_data), "eval")):
-        if n_cut:
-            warnings.warn(truncation_message(n_cut, n, max_length, what), TruncationWarning, stacklevel=2)
+    warn_truncated(max_length, (train_cut, len(train), "train"),
+                   (eval_cut, len(eval_data), "eval"), stacklevel=2)
     y_train = [label2id[y] for y in train.labels]
     y_eval = [label2id[y] for y in eval_data.labels]
 
@@ -369,41 +366,23 @@ def finetune_gpt_classifier(
     run.write_files(config, tok)
     run.save(fit.best_step, ClassifierCodec(config).checkpoint_files(model),
              {"tokens": 0, "elapsed": fit.train_time, "best_macro_f1": fit.best_f1})
-    result: dict[str, Any] = {
-        "task": "text-classification",
-        "backend": "moorelm-gpt",
-        "model": str(run_dir),
-        "train_file": str(train_all.path),
-        "eval_file": str(eval_file) if eval_file else None,
-        "eval_source": eval_source,
-        "text_column": train.text_column,
-        "label_column": train.label_column,
-        "labels": names,
-        "rows": {"train": len(train), "eval": len(eval_data), "train_file": len(train_all)},
-        "class_balance": balance,
-        "max_length": max_length,
-        "truncated": {"train": train_cut, "eval": eval_cut},
-        **{k: metrics[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")},
-        "per_class": metrics["per_class"],
-        "confusion_matrix": metrics["confusion_matrix"],
-        "train_time_s": round(fit.train_time, 2),
-        "steps": fit.steps,
-        "epochs_run": fit.steps / math.ceil(len(train_rows) / batch_size),
-        "best_metric_macro_f1": fit.best_f1,
-        "best_step": fit.best_step,
-        "stopped_early": fit.stopped_early,
-        "time_limit_hit": fit.time_limit_hit,
-        "hyperparameters": {
+    result = run_record(
+        backend="moorelm-gpt", model=str(run_dir), splits=d, eval_file=eval_file,
+        max_length=max_length, truncated={"train": train_cut, "eval": eval_cut},
+        metrics=metrics, train_time=fit.train_time, steps=fit.steps,
+        epochs_run=fit.steps / math.ceil(len(train_rows) / batch_size), best_f1=fit.best_f1,
+        stopped_early=fit.stopped_early, time_limit_hit=fit.time_limit_hit, out=out,
+        best_step=fit.best_step,
+        hyperparameters={
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
             "seed": seed, "eval_fraction": None if eval_file else eval_fraction,
             "early_stopping_patience": early_stopping_patience, "max_train_rows": max_train_rows,
             "max_steps": max_steps, "time_limit_s": time_limit_s,
             "eval_strategy": f"every {eval_steps} steps" if eval_steps else "every epoch",
-            "bf16": bf16 and dev.type == "cuda", "warmup_ratio": warmup_ratio, "weight_decay": weight_decay,
-            "pooling": pooling, "torch_threads": torch.get_num_threads(),
-        },
-        "out_dir": str(out),
-    }
+            "bf16": bf16 and dev.type == "cuda", "warmup_ratio": warmup_ratio,
+            "weight_decay": weight_decay, "pooling": pooling,
+            "torch_threads": torch.get_num_threads(),
+        })
     metrics_path = out / METRICS_FILE
     atomic_write_json(metrics_path, result)
     png = save_confusion_png(metrics["confusion_matrix"], names, out / CONFUSION_FILE,
