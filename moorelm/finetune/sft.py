@@ -222,6 +222,7 @@ class SFTData:
         self.eot_id = tok.eot_id
         self.pack_seed = pack_seed
         self.pack = pack
+        self.fingerprint = fingerprint  # the rows', template's and tokenizer's digest
         self.chat = bool(train_pairs) and isinstance(train_pairs[0], Conversation)
         kind = "chat conversations" if self.chat else "prompt/completion pairs"
         self._provenance = {"dir": str(Path(source).resolve()), "fingerprint": fingerprint,
@@ -543,6 +544,81 @@ def _read_pairs(data: Path, eval_data: Path | None, eval_rows: int | None,
     return chat, template, train_pairs, eval_pairs, eval_rows
 
 
+def _sft_data(base_run: Path, saved_cfg: dict[str, Any] | None, out: Path, data: Path,
+              eval_data: Path | None, eval_rows: int | None, seed: int, template: str | None,
+              chat: bool, pack: bool, train_pairs: list, eval_pairs: list):
+    """(the base's ModelConfig, its chat settings, the checked ``SFTData``): the base run's
+    settings (a resumed run's saved ones), and the rows tokenized with its tokenizer; a
+    resumed run must see the very data, template and tokenizer it started with."""
+    base_cfg = RunFolder(base_run).read_config()
+    if "classifier" in base_cfg:
+        raise MoorelmError(f"{base_run} is a text classifier; fine-tune a language model run")
+    tok_path = base_run / TOKENIZER_FILE
+    if not tok_path.exists():
+        raise MoorelmError(f"{base_run} has no {TOKENIZER_FILE}")
+    model_cfg = ModelConfig.from_dict((saved_cfg or base_cfg)["model"])
+    # the base's chat settings (an imported model's template, special tokens and stop ids)
+    # travel with the fine-tuned run, so it chats as the base did
+    chat_settings = RunFolder(base_run).chat_settings(saved_cfg or base_cfg)
+    chat_template = ChatTemplate.from_config(saved_cfg or base_cfg)
+    fingerprint = _fingerprint(data.read_bytes(), eval_data.read_bytes() if eval_data else b"",
+                               str(eval_rows), str(seed),
+                               chat_template.source if chat else (template or ""),
+                               tok_path.read_bytes())
+    if saved_cfg is not None and fingerprint != saved_cfg["finetune"]["fingerprint"]:
+        raise MoorelmError(f"the data, template or tokenizer differ from what {out} was "
+                           "trained on; resume with the same files")
+    sft = SFTData(train_pairs, eval_pairs, tok_path, template, data.resolve(), fingerprint, seed,
+                  pack=pack, chat_template=chat_template,
+                  stop_ids=frozenset(chat_settings.get("stop_ids") or ()))
+    sft.check_fits(model_cfg.seq_len)
+    if sft.piecewise:
+        warnings.warn(f"{sft.piecewise} chat rows were tokenized turn by turn: tokenizing the "
+                      "whole conversation merged characters across a turn boundary",
+                      TruncationWarning, stacklevel=3)  # finetune's caller
+    return model_cfg, chat_settings, sft
+
+
+def _budgeted_config(sft: SFTData, model_cfg: ModelConfig, saved_cfg: dict[str, Any] | None,
+                     overrides: dict[str, Any], lora: bool, epochs: float | None) -> TrainConfig:
+    """The training config, its budget counted in steps over ``sft``'s packed rows, and (new
+    runs without ``eval_iters``) validation sized to the held-out rows, at most 20 batches."""
+    n_rows = len(sft.rows("train", model_cfg.seq_len)[0])
+    batch = {**SFT_TRAIN, **(saved_cfg["train"] if saved_cfg else {}),
+             **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = _train_config(saved_cfg["train"] if saved_cfg else None, overrides, lora,
+                        n_rows / (batch["batch_size"] * batch.get("grad_accum", 1)), epochs)
+    if saved_cfg is None and overrides.get("eval_iters") is None:
+        n_val = len(sft.rows("val", model_cfg.seq_len)[0])
+        cfg = TrainConfig.from_dict({**cfg.to_dict(),
+                                     "eval_iters": max(1, min(20, math.ceil(n_val / cfg.batch_size)))})
+    return cfg
+
+
+def _run_meta(method: str, base_run: Path, base_step: int | None, data: Path,
+              eval_data: Path | None, eval_rows: int | None, seed: int, sft: SFTData,
+              rows: dict[str, int], template: str | None, chat_settings: dict[str, Any],
+              lora: LoRAConfig | None) -> dict[str, Any]:
+    """What the fine-tuned run's config.json records beside the model and training sections:
+    how it was made (``finetune``, read back by ``--resume``), its template and chat settings,
+    its LoRA settings."""
+    meta: dict[str, Any] = {
+        "finetune": {
+            "method": method, "base_run": str(base_run.resolve()), "base_step": base_step,
+            "data": str(data.resolve()), "eval_data": str(eval_data.resolve()) if eval_data else None,
+            "eval_rows": eval_rows, "seed": seed, "packing": sft.pack,
+            "fingerprint": sft.fingerprint, "rows": rows, "format": "chat" if sft.chat else "pairs",
+        },
+    }
+    if template is not None:
+        meta["prompt_template"] = template
+    if chat_settings:
+        meta["chat"] = chat_settings
+    if lora is not None:
+        meta["lora"] = lora.to_dict()
+    return meta
+
+
 def finetune(
     base_run: str | Path | None,
     data: str | Path | None,
@@ -600,53 +676,17 @@ def finetune(
     chat, template, train_pairs, eval_pairs, eval_rows = _read_pairs(
         data, eval_data, eval_rows, template, seed, resume)
 
-    # ---- base model
-    base_cfg = RunFolder(base_run).read_config()
-    if "classifier" in base_cfg:
-        raise MoorelmError(f"{base_run} is a text classifier; fine-tune a language model run")
-    tok_path = base_run / TOKENIZER_FILE
-    if not tok_path.exists():
-        raise MoorelmError(f"{base_run} has no {TOKENIZER_FILE}")
-    model_cfg = ModelConfig.from_dict((saved_cfg or base_cfg)["model"])
-    # the base's chat settings (an imported model's template, special tokens and stop ids)
-    # travel with the fine-tuned run, so it chats as the base did
-    chat_settings = RunFolder(base_run).chat_settings(saved_cfg or base_cfg)
-    chat_template = ChatTemplate.from_config(saved_cfg or base_cfg)
-    fingerprint = _fingerprint(data.read_bytes(), eval_data.read_bytes() if eval_data else b"",
-                               str(eval_rows), str(seed),
-                               chat_template.source if chat else (template or ""),
-                               tok_path.read_bytes())
-    if saved_cfg is not None and fingerprint != saved_cfg["finetune"]["fingerprint"]:
-        raise MoorelmError(f"the data, template or tokenizer differ from what {out} was "
-                           "trained on; resume with the same files")
-    sft = SFTData(train_pairs, eval_pairs, tok_path, template, data.resolve(), fingerprint, seed,
-                  pack=pack, chat_template=chat_template,
-                  stop_ids=frozenset(chat_settings.get("stop_ids") or ()))
-    sft.check_fits(model_cfg.seq_len)
-    if sft.piecewise:
-        warnings.warn(f"{sft.piecewise} chat rows were tokenized turn by turn: tokenizing the "
-                      "whole conversation merged characters across a turn boundary",
-                      TruncationWarning, stacklevel=2)
-
-    # ---- training config and budget
-    n_rows = len(sft.rows("train", model_cfg.seq_len)[0])
-    batch = {**SFT_TRAIN, **(saved_cfg["train"] if saved_cfg else {}),
-             **{k: v for k, v in overrides.items() if v is not None}}
-    cfg = _train_config(saved_cfg["train"] if saved_cfg else None, overrides, lora is not None,
-                        n_rows / (batch["batch_size"] * batch.get("grad_accum", 1)), epochs)
-    if saved_cfg is None and overrides.get("eval_iters") is None:
-        n_val = len(sft.rows("val", model_cfg.seq_len)[0])
-        cfg = TrainConfig.from_dict({**cfg.to_dict(),
-                                     "eval_iters": max(1, min(20, math.ceil(n_val / cfg.batch_size)))})
-
-    init = None
-    base_step = None
-    if not resume:
+    # ---- the base's settings, the tokenized rows, the budget
+    model_cfg, chat_settings, sft = _sft_data(base_run, saved_cfg, out, data, eval_data,
+                                              eval_rows, seed, template, chat, pack,
+                                              train_pairs, eval_pairs)
+    cfg = _budgeted_config(sft, model_cfg, saved_cfg, overrides, lora is not None, epochs)
+    if resume:
+        init, base_step = None, saved_cfg["finetune"].get("base_step")
+    else:
         base = RunFolder(base_run).load()
         init, base_step = model_tensors(base.model), base.state["step"]
         del base
-    else:
-        base_step = saved_cfg["finetune"].get("base_step")
 
     wrapped: list[tuple[int, int]] = []  # (trainable, adapter) parameter counts
 
@@ -656,21 +696,9 @@ def finetune(
                         sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)))
 
     method = "lora" if lora is not None else "full"
-    run_meta: dict[str, Any] = {
-        "finetune": {
-            "method": method, "base_run": str(base_run.resolve()), "base_step": base_step,
-            "data": str(data.resolve()), "eval_data": str(eval_data.resolve()) if eval_data else None,
-            "eval_rows": eval_rows, "seed": seed, "packing": pack, "fingerprint": fingerprint,
-            "rows": {"train": len(train_pairs), "eval": len(eval_pairs)},
-            "format": "chat" if chat else "pairs",
-        },
-    }
-    if template is not None:
-        run_meta["prompt_template"] = template
-    if chat_settings:
-        run_meta["chat"] = chat_settings
-    if lora is not None:
-        run_meta["lora"] = lora.to_dict()
+    rows = {"train": len(train_pairs), "eval": len(eval_pairs)}
+    run_meta = _run_meta(method, base_run, base_step, data, eval_data, eval_rows, seed, sft,
+                         rows, template, chat_settings, lora)
     result = train(model_cfg, cfg, sft, out, resume=resume, run_meta=run_meta, init_weights=init,
                    progress=progress, model_hook=hook if lora is not None else None,
                    codec=lora.codec() if lora is not None else None, loggers=loggers)
@@ -683,7 +711,6 @@ def finetune(
         lm = LanguageModel(loaded.model, loaded.tokenizer, out,
                            meta={"config": loaded.config, "state": loaded.state})
         em = exact_match(lm, eval_pairs[:exact_match_rows])
-    rows = {"train": len(train_pairs), "eval": len(eval_pairs)}
     res = SFTResult(out, method, result, trainable, total, em, rows, time.perf_counter() - started,
                     chat)
     atomic_write_json(out / RESULT_FILE, result_dict(res))
