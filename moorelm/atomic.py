@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from moorelm.errors import from_write_error
+
 
 def fsync_dir(path: Path) -> None:
     try:
@@ -68,10 +70,12 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def replace_dir(path: Path) -> Iterator[Path]:
+def replace_dir(path: Path, action: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; when the block ends without error, fsync
     everything in it and rename it to ``path`` (replacing what was there). On error the
-    temporary folder is removed and ``path`` is untouched."""
+    temporary folder is removed and ``path`` is untouched. With ``action`` ("export to
+    out/"), a failed write (a full disk, a read-only folder, safetensors' own write error) is
+    raised as one ``MoorelmError`` line naming it (``errors.from_write_error``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -88,7 +92,10 @@ def replace_dir(path: Path) -> Iterator[Path]:
                 old.unlink()
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = from_write_error(e, action) if action else None
+        if error is not None:
+            raise error from None
         raise
     fsync_dir(path.parent)

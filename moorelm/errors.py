@@ -9,6 +9,7 @@ Internal invariants use ``assert``.
 from __future__ import annotations
 
 import errno
+import os
 
 
 class MoorelmError(Exception):
@@ -39,3 +40,28 @@ def from_os_error(e: OSError, action: str) -> MoorelmError:
     reason = e.strerror or str(e) or type(e).__name__
     where = f" ({e.filename})" if e.filename else ""
     return MoorelmError(f"cannot {action}: {reason}{where}")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk (or the user's quota) is full: an ``OSError`` with ENOSPC
+    or EDQUOT, or a library error that only quotes it (safetensors' ``SafetensorError`` reads
+    "I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return any(mark in text for mark in ("No space left", "os error 28", "code: 28",
+                                         "StorageFull", "Disk quota exceeded"))
+
+
+def from_write_error(e: BaseException, action: str) -> MoorelmError | None:
+    """One line for a failed write while ``action`` ("export to out/"): an ``OSError`` as
+    ``from_os_error`` words it, or safetensors' own ``SafetensorError`` (a full disk said as
+    such, anything else its first line); None for other exceptions, which are not write
+    failures."""
+    if isinstance(e, OSError):
+        return from_os_error(e, action)
+    if type(e).__name__ != "SafetensorError":
+        return None
+    if disk_full(e):
+        return from_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), action)
+    return MoorelmError(f"cannot {action}: {first_line(e)}")

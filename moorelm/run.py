@@ -29,7 +29,6 @@ header (names, shapes, dtypes) before any model is built, and the weights must b
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -41,7 +40,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from moorelm.atomic import atomic_write_json, replace_dir
@@ -57,7 +55,7 @@ from moorelm.codecs import (
     read_tensors,
 )
 from moorelm.config import ModelConfig
-from moorelm.errors import MoorelmError, first_line, from_os_error
+from moorelm.errors import MoorelmError, from_os_error
 from moorelm.jsonfile import read_json
 from moorelm.tokenizer import Tokenizer
 
@@ -218,15 +216,6 @@ def check_chat_settings(cfg: dict, path: Path | str = CONFIG_FILE) -> None:
         raise MoorelmError(f"{path}: chat.stop_ids must be a list of token ids")
 
 
-def _save_error(e: Exception, checkpoint: Path) -> MoorelmError:
-    """One line for a failed safetensors write: a full disk says so, anything else its reason."""
-    text = str(e)
-    if "StorageFull" in text or "code: 28" in text or "No space left" in text:
-        return from_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
-                             f"save the checkpoint {checkpoint}")
-    return MoorelmError(f"cannot save the checkpoint {checkpoint}: {first_line(e)}")
-
-
 class RunFolder:
     """A run folder on disk: config, tokenizer, checkpoints, resume state, locking."""
 
@@ -364,17 +353,13 @@ class RunFolder:
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints_dir / f"step-{step:08d}"
         stamp = {"step": str(step), "format": FORMAT}
-        try:
-            with replace_dir(final) as tmp:
-                for name, (tensors, meta) in files.items():
-                    save_file(tensors, str(tmp / name), metadata={**stamp, **meta})
-                if optimizer is not None:
-                    save_file(optimizer, str(tmp / OPTIMIZER_FILE), metadata=stamp)
-                atomic_write_json(tmp / STATE_FILE, {"step": step, **state})
-        except OSError as e:  # the half-written folder is gone; older checkpoints are kept
-            raise from_os_error(e, f"save the checkpoint {final}") from None
-        except SafetensorError as e:  # safetensors reports its own write failures this way
-            raise _save_error(e, final) from None
+        # a failed write is one line; the half-written folder is gone, older checkpoints kept
+        with replace_dir(final, f"save the checkpoint {final}") as tmp:
+            for name, (tensors, meta) in files.items():
+                save_file(tensors, str(tmp / name), metadata={**stamp, **meta})
+            if optimizer is not None:
+                save_file(optimizer, str(tmp / OPTIMIZER_FILE), metadata=stamp)
+            atomic_write_json(tmp / STATE_FILE, {"step": step, **state})
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.checkpoints_dir.glob(".*.tmp"):  # leftovers of a killed save

@@ -192,6 +192,20 @@ def _enospc(target: str):
     return patch
 
 
+def _safetensors_full(target: str):
+    """A monkeypatch making ``module:attr`` raise what safetensors raises on a full disk."""
+    module, attr = target.split(":")
+
+    def patch(monkeypatch) -> None:
+        from safetensors import SafetensorError
+
+        def full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+        monkeypatch.setattr(f"{module}.{attr}", full)
+    return patch
+
+
 @dataclass
 class Case:
     id: str
@@ -380,6 +394,9 @@ CASES = [
     Case("train-full-disk-at-config", lambda c: ["train", "--corpus", c.corpus(), "--out",
                                                  str(c.out / "r"), *FAST_TRAIN],
          patch=_enospc("moorelm.run:atomic_write_json")),
+    Case("train-full-disk-at-plot", lambda c: ["train", "--corpus", c.corpus(), "--out",
+                                               str(c.out / "r"), *FAST_TRAIN],
+         patch=_enospc("moorelm.training.loop:plot_loss")),
     # ------------------------------------------------------------------ chat
     Case("chat-missing-run", lambda c: ["chat", str(c.inp / "nope"), "--prompt", "a"]),
     Case("chat-prompt-empty", lambda c: ["chat", c.run(), "--prompt", "  "]),
@@ -610,6 +627,10 @@ CASES = [
          lambda c: ["export", c.run(_config(lambda d: d["model"].update(n_layer=1_000_000))),
                     str(c.out / "hf")]),
     Case("export-into-user-folder", lambda c: ["export", c.run(), str(c.user)]),
+    Case("export-full-disk", lambda c: ["export", c.run(), str(c.out / "hf")],
+         patch=_safetensors_full("moorelm.interop.hf:save_file")),
+    Case("export-full-disk-at-fsync", lambda c: ["export", c.run(), str(c.out / "hf")],
+         patch=_enospc("moorelm.atomic:fsync_file")),
     Case("import-missing", lambda c: ["import", str(c.inp / "nope"), str(c.out / "r")]),
     Case("import-user-folder", lambda c: ["import", str(c.user), str(c.out / "r")]),
     Case("import-config-dir", lambda c: ["import", c.hf(_raw("config.json", kind="dir")),

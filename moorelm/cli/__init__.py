@@ -18,7 +18,7 @@ import sys
 import warnings
 
 from moorelm.cli import config_files
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, disk_full
 
 # module (under moorelm.cli) -> the verbs it registers, in the order --help lists them
 VERBS: dict[str, tuple[str, ...]] = {
@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a full disk met by a write no check above words (a plot, a log)
+        if not disk_full(e):
+            raise
+        print("moorelm: error: no space left on the device; free some space and run the same "
+              "command again", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

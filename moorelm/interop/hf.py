@@ -392,7 +392,7 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> P
            "eos_token_id": chat["eos_ids"][0] if len(chat["eos_ids"]) == 1 else chat["eos_ids"]}
     if pad_id is not None:
         gen["pad_token_id"] = pad_id
-    with replace_dir(out) as tmp:
+    with replace_dir(out, f"export to {out}") as tmp:
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})

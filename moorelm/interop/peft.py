@@ -162,7 +162,7 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> Pat
         "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
-    with replace_dir(out) as tmp:
+    with replace_dir(out, f"export to {out}") as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={
             "format": "pt", "moorelm_run": str(run.resolve()), "moorelm_architecture": family})
