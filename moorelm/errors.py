@@ -31,12 +31,14 @@ def first_line(e: BaseException | str, limit: int = 200) -> str:
     return "" if isinstance(e, str) else type(e).__name__
 
 
-def from_os_error(e: OSError, action: str) -> MoorelmError:
+def from_os_error(e: OSError, action: str,
+                  again: str = "run the same command again") -> MoorelmError:
     """One line for an ``OSError`` met while ``action`` ("write data/train-00000.bin"): a full
-    disk says so and what to do; anything else gives the system's reason."""
+    disk says so and what to do (free some space, then ``again``); anything else gives the
+    system's reason."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return MoorelmError(f"cannot {action}: no space left on the device; free some space "
-                            "and run the same command again")
+                            f"and {again}")
     reason = e.strerror or str(e) or type(e).__name__
     where = f" ({e.filename})" if e.filename else ""
     return MoorelmError(f"cannot {action}: {reason}{where}")

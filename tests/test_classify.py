@@ -8,6 +8,7 @@ the real bundled MiniLM-L6 with the network blocked, without training it.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import random
@@ -385,6 +386,41 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_encoder, tmp_path)
     a, b = _weights(tmp_path / "full"), _weights(out)
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     assert json.loads((out / "metrics.json").read_text())["steps"] == 200
+
+
+def test_a_full_disk_is_one_line_that_says_resume(tiny_encoder, tmp_path, monkeypatch, capsys):
+    """A full disk met while Trainer writes its checkpoint (or the finished folder) into the
+    work folder: one line naming the folder and --resume, no --out; once there is room,
+    --resume finishes the job from the checkpoints that were written."""
+    import transformers
+
+    from moorelm.cli import main
+
+    train = _write_csv(tmp_path / "t.csv", _toy_rows(24, 6))
+    out = tmp_path / "clf"
+    argv = ["finetune-classifier", "--model", str(tiny_encoder), "--train", str(train),
+            "--out", str(out), "--epochs", "2", "--lr", "5e-3", "--batch-size", "8",
+            "--max-length", "16", "--quiet"]
+    real = transformers.Trainer._save_checkpoint
+    saved = []
+
+    def full_after_one(self, *args, **kwargs):
+        if saved:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        saved.append(real(self, *args, **kwargs))
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", full_after_one)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"moorelm: error: cannot write {work_folder(out)}: no space left "
+                                "on the device; free some space and run the same command with "
+                                "--resume"], err
+    assert not out.exists() and saved
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", real)
+    assert main(argv + ["--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 3
+    assert not work_folder(out).exists()
 
 
 def test_out_appears_whole_and_replaces_only_a_classifier(tiny_encoder, tmp_path):

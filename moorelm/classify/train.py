@@ -12,12 +12,13 @@ previous classifier) or complete; the work folder is removed after that.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from moorelm.classify.metrics import (
     say,
     warn_truncated,
 )
-from moorelm.errors import MoorelmError
+from moorelm.errors import MoorelmError, disk_full, from_os_error
 
 BIG_EPOCH_STEPS = 1000  # above this many steps per epoch, evaluate every EVAL_EVERY steps
 EVAL_EVERY = 500
@@ -333,8 +334,10 @@ def finetune_classifier(
 
     tok, net, label2id = _load_encoder(source, local, d.names, seed, max_length)
     train_ds, eval_ds, truncated = _tokenize(tok, d.train, d.eval, label2id, max_length)
-    run = _run_trainer(net, tok, train_ds, eval_ds, d.names, hp, work=work, eval_steps=eval_steps,
-                       checkpoint=checkpoint, report_to=report_to, progress=progress)
+    with _resume_after_full_disk(work):
+        run = _run_trainer(net, tok, train_ds, eval_ds, d.names, hp, work=work,
+                           eval_steps=eval_steps, checkpoint=checkpoint, report_to=report_to,
+                           progress=progress)
     metrics = classification_metrics(run.y_true, run.y_pred, d.names)
     state = run.trainer.state
     result = run_record(
@@ -348,8 +351,24 @@ def finetune_classifier(
         hyperparameters={**hp, "torch_threads": run.threads})
     result["rows"]["train_seen"] = min(  # rows trained on, repeats counted
         len(d.train) * math.ceil(epochs), round(float(state.epoch or 0) * len(d.train)))
-    _assemble(staged, work, run.trainer.model, tok, result)
+    with _resume_after_full_disk(work):
+        _assemble(staged, work, run.trainer.model, tok, result)
     return _publish_result(staged, out, work, result, progress)
+
+
+@contextlib.contextmanager
+def _resume_after_full_disk(work: Path) -> Iterator[None]:
+    """A full disk met while writing into the work folder (Trainer's checkpoints, the
+    finished folder) as one line that says how to go on: ``--resume`` continues from the
+    last checkpoint written (the same command without it is refused while the work folder
+    exists)."""
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise from_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), f"write {work}",
+                            again="run the same command with --resume") from None
 
 
 def _load_encoder(source: str, local: bool, names: list[str], seed: int, max_length: int):
