@@ -70,12 +70,14 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def replace_dir(path: Path, action: str | None = None) -> Iterator[Path]:
+def replace_dir(path: Path, action: str | None = None,
+                again: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; when the block ends without error, fsync
     everything in it and rename it to ``path`` (replacing what was there). On error the
     temporary folder is removed and ``path`` is untouched. With ``action`` ("export to
     out/"), a failed write (a full disk, a read-only folder, safetensors' own write error) is
-    raised as one ``MoorelmError`` line naming it (``errors.from_write_error``)."""
+    raised as one ``MoorelmError`` line naming it (``errors.from_write_error``; ``again``:
+    what to do once there is room, by default "run the same command again")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -94,7 +96,7 @@ def replace_dir(path: Path, action: str | None = None) -> Iterator[Path]:
             os.replace(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        error = from_write_error(e, action) if action else None
+        error = from_write_error(e, action, again) if action else None
         if error is not None:
             raise error from None
         raise

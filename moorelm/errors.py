@@ -55,15 +55,17 @@ def disk_full(e: BaseException) -> bool:
                                          "StorageFull", "Disk quota exceeded"))
 
 
-def from_write_error(e: BaseException, action: str) -> MoorelmError | None:
+def from_write_error(e: BaseException, action: str,
+                     again: str | None = None) -> MoorelmError | None:
     """One line for a failed write while ``action`` ("export to out/"): an ``OSError`` as
     ``from_os_error`` words it, or safetensors' own ``SafetensorError`` (a full disk said as
     such, anything else its first line); None for other exceptions, which are not write
-    failures."""
+    failures. ``again``: what to do once there is room (``from_os_error``'s)."""
+    again = again or "run the same command again"
     if isinstance(e, OSError):
-        return from_os_error(e, action)
+        return from_os_error(e, action, again)
     if type(e).__name__ != "SafetensorError":
         return None
     if disk_full(e):
-        return from_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), action)
+        return from_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), action, again)
     return MoorelmError(f"cannot {action}: {first_line(e)}")

@@ -354,7 +354,9 @@ class RunFolder:
         final = self.checkpoints_dir / f"step-{step:08d}"
         stamp = {"step": str(step), "format": FORMAT}
         # a failed write is one line; the half-written folder is gone, older checkpoints kept
-        with replace_dir(final, f"save the checkpoint {final}") as tmp:
+        # (and then the same command is refused without --resume: say so)
+        again = "run the same command with --resume" if self.checkpoints() else None
+        with replace_dir(final, f"save the checkpoint {final}", again) as tmp:
             for name, (tensors, meta) in files.items():
                 save_file(tensors, str(tmp / name), metadata={**stamp, **meta})
             if optimizer is not None:

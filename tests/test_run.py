@@ -270,6 +270,8 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     with pytest.raises(MoorelmError, match="no space left on the device") as e:
         run.save(4, LMCodec().checkpoint_files(model), {"tokens": 0, "elapsed": 0.0})
     assert "\n" not in str(e.value)
+    # step 3 is kept, and the same command without --resume would be refused: say so
+    assert str(e.value).endswith("free some space and run the same command with --resume")
     monkeypatch.undo()
     assert [p.name for p in run.checkpoints()] == ["step-00000003"]
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["step-00000003"]
