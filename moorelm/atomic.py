@@ -79,8 +79,13 @@ def replace_dir(path: Path, action: str | None = None,
     raised as one ``MoorelmError`` line naming it (``errors.from_write_error``; ``again``:
     what to do once there is room, by default "run the same command again")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:  # a read-only or full disk, a parent that is a file
+        if action:
+            raise from_write_error(e, action, again) from None
+        raise
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -40,8 +40,41 @@ def from_os_error(e: OSError, action: str,
         return MoorelmError(f"cannot {action}: no space left on the device; free some space "
                             f"and {again}")
     reason = e.strerror or str(e) or type(e).__name__
-    where = f" ({e.filename})" if e.filename else ""
+    name = _shown_path(e.filename)
+    where = f" ({name})" if name else ""
     return MoorelmError(f"cannot {action}: {reason}{where}")
+
+
+def _shown_path(filename: str | bytes | None) -> str | None:
+    """An ``OSError``'s file name as an error line gives it: a temporary file or folder
+    (``.out.x1y2.tmp``, what an atomic write makes beside its target) as the folder it was
+    made in, which is what the user chose."""
+    if filename is None:
+        return None
+    name = os.fsdecode(filename)
+    base = os.path.basename(name)
+    if base.startswith(".") and base.endswith(".tmp"):
+        return os.path.dirname(name) or "."
+    return name
+
+
+# what the system says of the user's disk and permissions, never of moorelm's code
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                errno.EPERM})
+
+
+def environment_error(e: BaseException) -> MoorelmError | None:
+    """One line for an error no check before it worded that comes from the user's disk or
+    permissions (full, read-only, not allowed: ``ENVIRONMENT_ERRNOS``, or a library's error
+    quoting a full disk), else None."""
+    if disk_full(e):
+        return MoorelmError("no space left on the device; free some space and run the same "
+                            "command again")
+    if not isinstance(e, OSError) or e.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    name = _shown_path(e.filename)
+    reason = e.strerror or type(e).__name__
+    return MoorelmError(f"{reason}: {name}" if name else reason)
 
 
 def disk_full(e: BaseException) -> bool:

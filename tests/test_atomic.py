@@ -1,4 +1,4 @@
-"""replace_dir: a folder appears whole or not at all, and a failed write is one clear line."""
+"""Atomic folders and the errors of writes: replace_dir makes a folder appear whole or not at all, and a failed write, a full or read-only disk or a folder the user may not write is one clear line."""
 
 import errno
 import os
@@ -7,7 +7,7 @@ import pytest
 from safetensors import SafetensorError
 
 from moorelm.atomic import replace_dir
-from moorelm.errors import MoorelmError, disk_full
+from moorelm.errors import MoorelmError, disk_full, environment_error
 
 
 def _tree(root):
@@ -71,3 +71,25 @@ def test_disk_full_reads_the_errno_or_the_quoted_os_error():
     assert disk_full(OSError(errno.ENOSPC, "x")) and disk_full(OSError(errno.EDQUOT, "x"))
     assert not disk_full(OSError(errno.EACCES, "x")) and not disk_full(ValueError("x"))
     assert disk_full(SafetensorError("I/O error: No space left on device (os error 28)"))
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/run"),
+     "Read-only file system: /mnt/ro/run"),
+    (OSError(errno.EACCES, os.strerror(errno.EACCES), "/home/other/.out.x1y2.tmp"),
+     "Permission denied: /home/other"),  # an atomic write's temp file: the folder it was in
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+     "no space left on the device; free some space and run the same command again"),
+    (SafetensorError("I/O error: No space left on device (os error 28)"),
+     "no space left on the device; free some space and run the same command again"),
+])
+def test_environment_errors_are_worded(error, expected):
+    """What the CLI prints for a disk or permission error no check before it worded."""
+    assert str(environment_error(error)) == expected
+
+
+def test_other_os_errors_are_not_the_environment():
+    """A missing file or a bad descriptor may be moorelm's own bug: left as a traceback."""
+    for error in (OSError(errno.ENOENT, "No such file or directory", "x"),
+                  OSError(errno.EBADF, "Bad file descriptor"), ValueError("x")):
+        assert environment_error(error) is None

@@ -192,6 +192,18 @@ def _enospc(target: str):
     return patch
 
 
+def _os_error(target: str, code: int, filename: str | None = None):
+    """A monkeypatch making ``module:attr`` raise ``OSError(code)`` (a read-only disk, a
+    folder the user may not write) when called; ``filename``: the path the error names."""
+    module, attr = target.split(":")
+
+    def patch(monkeypatch) -> None:
+        def refuse(*args, **kwargs):
+            raise OSError(code, os.strerror(code), filename)
+        monkeypatch.setattr(f"{module}.{attr}", refuse)
+    return patch
+
+
 def _safetensors_full(target: str):
     """A monkeypatch making ``module:attr`` raise what safetensors raises on a full disk."""
     module, attr = target.split(":")
@@ -394,6 +406,12 @@ CASES = [
     Case("train-full-disk-at-config", lambda c: ["train", "--corpus", c.corpus(), "--out",
                                                  str(c.out / "r"), *FAST_TRAIN],
          patch=_enospc("moorelm.run:atomic_write_json")),
+    Case("train-out-read-only", lambda c: ["train", "--corpus", c.corpus(), "--out",
+                                           str(c.out / "r"), *FAST_TRAIN],
+         patch=_os_error("pathlib:Path.mkdir", errno.EROFS, "/mnt/ro/r")),
+    Case("train-out-not-permitted", lambda c: ["train", "--corpus", c.corpus(), "--out",
+                                               str(c.out / "r"), *FAST_TRAIN],
+         patch=_os_error("pathlib:Path.mkdir", errno.EACCES, "/home/other/r")),
     Case("train-full-disk-at-plot", lambda c: ["train", "--corpus", c.corpus(), "--out",
                                                str(c.out / "r"), *FAST_TRAIN],
          patch=_enospc("moorelm.training.loop:plot_loss")),
@@ -576,6 +594,9 @@ CASES = [
     Case("demo-data-rows-zero", lambda c: ["finetune-demo-data", "--rows", "0", "--out",
                                            str(c.out / "p.jsonl")]),
     Case("demo-data-out-folder", lambda c: ["finetune-demo-data", "--out", str(c.user)]),
+    Case("demo-data-out-read-only",
+         lambda c: ["finetune-demo-data", "--out", str(c.out / "p.jsonl")],
+         patch=_os_error("tempfile:mkstemp", errno.EROFS, "/mnt/ro/.p.jsonl.x1y2.tmp")),
     # ------------------------------------------------------------------ finetune-classifier
     Case("classifier-train-missing",
          lambda c: ["finetune-classifier", "--train", str(c.inp / "no.csv"), "--out",
@@ -629,6 +650,8 @@ CASES = [
     Case("export-into-user-folder", lambda c: ["export", c.run(), str(c.user)]),
     Case("export-full-disk", lambda c: ["export", c.run(), str(c.out / "hf")],
          patch=_safetensors_full("moorelm.interop.hf:save_file")),
+    Case("export-read-only", lambda c: ["export", c.run(), str(c.out / "hf")],
+         patch=_os_error("tempfile:mkdtemp", errno.EROFS, "/mnt/ro/.hf.x1y2.tmp")),
     Case("export-full-disk-at-fsync", lambda c: ["export", c.run(), str(c.out / "hf")],
          patch=_enospc("moorelm.atomic:fsync_file")),
     Case("import-missing", lambda c: ["import", str(c.inp / "nope"), str(c.out / "r")]),

@@ -18,7 +18,7 @@ import sys
 import warnings
 
 from moorelm.cli import config_files
-from moorelm.errors import MoorelmError, disk_full
+from moorelm.errors import MoorelmError, environment_error
 
 # module (under moorelm.cli) -> the verbs it registers, in the order --help lists them
 VERBS: dict[str, tuple[str, ...]] = {
@@ -141,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as e:  # a full disk met by a write no check above words (a plot, a log)
-        if not disk_full(e):
+    except Exception as e:  # a full or read-only disk, a folder not the user's, met by a
+        error = environment_error(e)  # write no check above words (a plot, a log, a mkdir)
+        if error is None:
             raise
-        print("moorelm: error: no space left on the device; free some space and run the same "
-              "command again", file=sys.stderr)
+        print(f"moorelm: error: {error}", file=sys.stderr)
         return 2
 
 
