@@ -1,4 +1,5 @@
-"""Atomic folders and the errors of writes: replace_dir makes a folder appear whole or not at all, and a failed write, a full or read-only disk or a folder the user may not write is one clear line."""
+"""Atomic folders and the errors of writes: ``replace_dir`` makes a folder appear whole or not
+at all; a failed write, a full or read-only disk, a folder the user may not write is one line."""
 
 import errno
 import os
