@@ -32,6 +32,16 @@ from moorelm.errors import MoorelmError
 
 MAX_THREADS = 1024  # CPU threads taken (torch's own setter overflows far above)
 
+
+def check_threads(threads: int | None, name: str = "threads") -> int | None:
+    """``threads`` as given (None: torch's default) if it is an integer in 1..MAX_THREADS;
+    else one line naming ``name`` (a flag, a field). Training, serving and the engine share
+    it, and ``scale`` asks it before its first rung."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise MoorelmError(f"{name} must be an integer in 1..{MAX_THREADS}, got {threads!r}")
+    return threads
+
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "relu2")
@@ -212,8 +222,7 @@ class TrainConfig:
         for name in ("log_interval", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise MoorelmError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
-            raise MoorelmError(f"threads must be in 1..{MAX_THREADS}, got {self.threads}")
+        check_threads(self.threads)
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise MoorelmError(f"peak_flops must be > 0, got {self.peak_flops}")
 

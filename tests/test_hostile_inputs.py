@@ -225,6 +225,7 @@ class Case:
     subprocess: bool = False
     patch: Callable | None = None
     timeout: int = 60  # seconds, for a subprocess case
+    absent: str | None = None  # an output (under the case's out folder) that must not appear
 
 
 DEEP = "[" * 100_000
@@ -649,11 +650,11 @@ CASES = [
                     str(c.out / "hf")]),
     Case("export-into-user-folder", lambda c: ["export", c.run(), str(c.user)]),
     Case("export-full-disk", lambda c: ["export", c.run(), str(c.out / "hf")],
-         patch=_safetensors_full("moorelm.interop.hf:save_file")),
+         patch=_safetensors_full("moorelm.interop.hf:save_file"), absent="hf"),
     Case("export-read-only", lambda c: ["export", c.run(), str(c.out / "hf")],
-         patch=_os_error("tempfile:mkdtemp", errno.EROFS, "/mnt/ro/.hf.x1y2.tmp")),
+         patch=_os_error("tempfile:mkdtemp", errno.EROFS, "/mnt/ro/.hf.x1y2.tmp"), absent="hf"),
     Case("export-full-disk-at-fsync", lambda c: ["export", c.run(), str(c.out / "hf")],
-         patch=_enospc("moorelm.atomic:fsync_file")),
+         patch=_enospc("moorelm.atomic:fsync_file"), absent="hf"),
     Case("import-missing", lambda c: ["import", str(c.inp / "nope"), str(c.out / "r")]),
     Case("import-user-folder", lambda c: ["import", str(c.user), str(c.out / "r")]),
     Case("import-config-dir", lambda c: ["import", c.hf(_raw("config.json", kind="dir")),
@@ -750,6 +751,8 @@ CASES = [
     Case("scale-budget-zero", lambda c: ["scale", "--budget", "0", "--out", str(c.out / "s")]),
     Case("scale-budget-text", lambda c: ["scale", "--budget", "a while", "--out",
                                          str(c.out / "s")]),
+    Case("scale-threads-zero", lambda c: ["scale", "--budget", "1m", "--threads", "0", "--out",
+                                          str(c.out / "s")], absent="s"),
     Case("scale-levels-zero", lambda c: ["scale", "--levels", "0", "--out", str(c.out / "s")]),
     Case("scale-level-ratio-nan", lambda c: ["scale", "--budget", "1m", "--level-ratio", "nan",
                                              "--out", str(c.out / "s")]),
@@ -1101,6 +1104,8 @@ def test_hostile_input(case: Case, tmp_path, tiny_run, shared_hf, capsys, monkey
     assert rc == 2, (rc, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith(PREFIX), err[-2000:]
     assert [_snapshot(f) for f in watched] == before, "a file outside the output was changed"
+    if case.absent:
+        assert not (ctx.out / case.absent).exists(), f"a half-made {case.absent} was left"
 
 
 ALIASES = {"demo-data": "finetune-demo-data", "classifier": "finetune-classifier"}

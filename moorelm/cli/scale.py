@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from moorelm.cli.core import _exts, _plays, add_corpus_flags, add_tokenizer_flags
-from moorelm.config import RECIPES
+from moorelm.config import RECIPES, check_threads
 from moorelm.errors import MoorelmError, from_os_error
 
 
@@ -38,6 +38,7 @@ def cmd_scale(args) -> int:
                            f"{LP.MAX_FLOPS:.0e}, got {args.budget_flops}")
     if args.bootstrap < 0:
         raise MoorelmError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    check_threads(args.threads, "--threads")  # before the corpus is prepared and --out made
     spec = LP.LadderSpec(
         shapes=LP.parse_shapes(args.shapes) if args.shapes else LP.DEFAULT_SHAPES,
         head_dim=args.head_dim, seq_len=args.seq_len, batch_size=args.batch_size,

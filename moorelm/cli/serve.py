@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moorelm.cli.core import add_weights_flag
-from moorelm.config import MAX_THREADS
+from moorelm.config import check_threads
 from moorelm.errors import MoorelmError
 
 
@@ -162,8 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_memory:
         parse_size(args.max_memory, "--max-memory")
     limits = server_limits(args)
-    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-        raise MoorelmError(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
+    check_threads(args.threads, "--threads")
     before = torch.get_num_threads()
     threads = args.threads or before
     # The engine's thread does the model's work. OpenMP keeps a pool of worker threads per

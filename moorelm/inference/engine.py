@@ -30,7 +30,7 @@ from concurrent.futures import Future
 
 import torch
 
-from moorelm.config import MAX_THREADS
+from moorelm.config import check_threads
 from moorelm.errors import MoorelmError
 from moorelm.generate import BanList
 from moorelm.grammar import Grammar, grammars_for
@@ -88,9 +88,7 @@ class Engine:
                  stop_ids: frozenset[int] | None = None, kv_dtype: str | None = None):
         if not isinstance(max_queue, int) or max_queue < 0:
             raise MoorelmError(f"max queue must be an integer >= 0, got {max_queue}")
-        if threads is not None and (not isinstance(threads, int)
-                                    or not 1 <= threads <= MAX_THREADS):
-            raise MoorelmError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads}")
+        check_threads(threads)
         self.tokenizer = tokenizer
         # tokens that end a choice with finish_reason "stop" (the model's EOS / end-of-turn ids)
         self.stop_ids = frozenset(stop_ids or ()) | {tokenizer.eot_id}
