@@ -1,11 +1,14 @@
-"""Every ``moorelm ...`` command the READMEs show names a verb that exists, and its flags parse.
+"""Every ``moorelm ...`` command the READMEs and docs/ show names a verb that exists, and its
+flags parse.
 
-The commands are read from the shell code blocks of README.md and README.zh-CN.md: lines
+The commands are read from the shell code blocks of README.md, README.zh-CN.md and
+docs/*.md: lines
 that run ``moorelm``, ``python -m moorelm`` or ``torchrun ... -m moorelm`` (others, such as
 ``make`` or ``curl``, are skipped), with ``\\`` continuations joined, comments dropped and
 the command cut at a redirect or pipe. Each is parsed by the real parser
 (``moorelm.cli.build_parser``) without running: placeholders such as RUN or FILE are just
-positionals. A failure names the README line, the command and what the parser said.
+positionals, and a synopsis's optional groups (``[--lora-alpha 16]``) are parsed as if given.
+A failure names the file's line, the command and what the parser said.
 """
 
 from __future__ import annotations
@@ -75,11 +78,12 @@ def moorelm_argv(line: str) -> list[str] | None:
 
 def _all_commands() -> list[tuple[str, int, list[str]]]:
     out = []
-    for name in READMES:
+    docs = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+    for name in (*READMES, *docs):
         path = ROOT / name
         if path.exists():
-            out += [(name, line, argv) for line, argv in
-                    commands_in(path.read_text(encoding="utf-8"))]
+            out += [(name, line, [a.lstrip("[").rstrip("]") or a for a in argv])
+                    for line, argv in commands_in(path.read_text(encoding="utf-8"))]
     return out
 
 
@@ -124,6 +128,7 @@ def test_both_readmes_show_commands():
     per = {name: sum(1 for r, _, _ in COMMANDS if r == name) for name in READMES}
     assert per["README.md"] >= 20, per
     assert per["README.zh-CN.md"] >= 10, per
+    assert sum(1 for r, _, _ in COMMANDS if r.startswith("docs/")) >= 40
     assert {argv[0] for _, _, argv in COMMANDS} >= {"train", "generate", "serve", "chat",
                                                      "import", "scale"}
 
