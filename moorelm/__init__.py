@@ -62,8 +62,8 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
     in memory without writing a run folder: a GGUF file, a bundled short name (``smollm2``),
     a Hugging Face model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3) or hub id (``org/name``,
     from the Hugging Face cache, downloaded first when the hub is reachable; safetensors and
-    tokenizer files only, see ``moorelm.hub``). ``seq_len`` shortens
-    an imported model's context window, as ``moorelm import --seq-len`` does. ``weights``:
+    tokenizer files only, see ``moorelm.hub``). ``seq_len`` shortens the model's context
+    window (a run's or an imported model's), as ``moorelm import --seq-len`` does. ``weights``:
     fp32 (as trained), bf16, int8 or int4 (see ``moorelm.quantize``); on a CPU, fp32 and bf16
     projections are held in oneDNN's blocked layout, so the model is for inference (train
     from ``RunFolder(run).load()``). ``batched=False`` is for decoding one sequence at a time
@@ -74,6 +74,7 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
     rows up. A model of at most ``quantize.TWIN_BYTES`` of projections keeps both layouts
     either way."""
     from moorelm.device import resolve_device
+    from moorelm.errors import MoorelmError
     from moorelm.generate import LanguageModel
     from moorelm.interop.gguf import read_gguf_import, resolve_source
     from moorelm.interop.hf import is_hf_folder, read_hf
@@ -82,6 +83,9 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
     from moorelm.run import RunFolder
 
     check_weights(weights)
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int)
+                                or seq_len < 1):
+        raise MoorelmError(f"seq_len must be an integer >= 1, got {seq_len!r}")
     device = resolve_device(device)
     path = local_source(source)  # a hub id: its snapshot in the Hugging Face cache
     imported = None
@@ -93,9 +97,13 @@ def load(source: str | Path, device: str = "auto", seq_len: int | None = None,
             imported = read_hf(path, seq_len=seq_len)
     if imported is None:
         loaded = RunFolder(path).load(device=device)
+        config = loaded.config
+        if seq_len is not None:
+            loaded.model.shorten(seq_len)
+            config = {**config, "model": loaded.model.config.to_dict()}
         quantize(loaded.model, weights, batched=batched)
         return LanguageModel(loaded.model, loaded.tokenizer, path,
-                             meta={"config": loaded.config, "state": loaded.state})
+                             meta={"config": config, "state": loaded.state})
     model = imported.build()
     imported.tensors.clear()  # the model holds the weights now
     config = imported.run_config(model)

@@ -27,6 +27,7 @@ freed row gives its memory back (``KVCache.release``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import mmap
 import sys
@@ -479,6 +480,30 @@ class GPT(nn.Module):
                     nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * cfg.n_layer))
         if cfg.zero_init_proj and not cfg.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
+
+    @torch.no_grad()
+    def shorten(self, seq_len: int) -> GPT:
+        """Keep the first ``seq_len`` positions of the context window, in place (the learned
+        position table and the rotary tables cut to them): what ``moorelm.load(run,
+        seq_len=...)`` and ``moorelm import --seq-len`` give, a model whose caches hold at
+        most ``seq_len`` positions. Positions it keeps compute exactly as before."""
+        current = self.config.seq_len
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= current:
+            raise MoorelmError(f"seq_len must be an integer in [1, {current}] (the model's "
+                               f"context window), got {seq_len!r}")
+        if seq_len == current:
+            return self
+        self.config = dataclasses.replace(self.config, seq_len=seq_len)
+        if self.wpe is not None:
+            table = nn.Embedding(seq_len, self.config.n_embd, device=self.wpe.weight.device,
+                                 dtype=self.wpe.weight.dtype)
+            table.weight.copy_(self.wpe.weight[:seq_len])
+            table.weight.requires_grad_(self.wpe.weight.requires_grad)
+            self.wpe = table
+        if self.config.pos == "rope":
+            self.rope_cos = self.rope_cos[:seq_len].contiguous()
+            self.rope_sin = self.rope_sin[:seq_len].contiguous()
+        return self
 
     # -- accounting
 

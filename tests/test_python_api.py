@@ -113,3 +113,44 @@ def test_bad_input_is_one_line(lm):
         lm.generate("O", seed=1.5)
     with pytest.raises(MoorelmError, match="temperature"):
         lm.generate(["O"], temperature=-1)
+
+
+def test_load_shortens_a_runs_window(tiny_run):
+    """``moorelm.load(run, seq_len=n)`` keeps the first n positions of a run's window (it was
+    silently ignored for run folders): the positions kept compute exactly as before, text
+    longer than the window still generates, and a bad seq_len is one line."""
+    full = moorelm.load(tiny_run, device="cpu")
+    short = moorelm.load(tiny_run, device="cpu", seq_len=8)
+    window = full.model.config.seq_len
+    assert short.model.config.seq_len == 8 < window
+    assert short.meta["config"]["model"]["seq_len"] == 8
+    assert short.model.wpe.weight.shape[0] == 8  # the learned position table, cut
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        assert torch.equal(full.model(ids)[0], short.model(ids)[0])
+    assert isinstance(short.generate("JULIET:", max_new_tokens=20, seed=0), str)
+    for bad in (0, -1, 2.5, "8", True, window + 1):
+        with pytest.raises(MoorelmError, match="seq_len must be an integer") as e:
+            moorelm.load(tiny_run, device="cpu", seq_len=bad)
+        assert "\n" not in str(e.value)
+
+
+def test_shorten_keeps_rotary_positions_exact():
+    """A rotary model shortened in place: its rotary tables are the first rows of the long
+    ones, so the logits of the positions kept are the same."""
+    from moorelm.config import ModelConfig
+    from moorelm.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, seq_len=64, pos="rope",
+                      norm="rmsnorm", mlp="swiglu")
+    long_model = GPT(cfg).eval()
+    short_model = GPT(cfg).eval()
+    short_model.load_state_dict(long_model.state_dict())
+    assert short_model.shorten(16) is short_model and short_model.config.seq_len == 16
+    assert short_model.rope_cos.shape[0] == 16
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(long_model(ids)[0], short_model(ids)[0])
+    with pytest.raises(MoorelmError, match=r"in \[1, 16\]"):
+        short_model.shorten(17)
