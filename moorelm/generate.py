@@ -660,6 +660,18 @@ class _Decoding:
     bans: BanList | None = None
     stop: frozenset[int] | None = None  # tokens that end the text (not emitted); None: none
     grammar: Grammar | None = None  # a compiled JSON schema every prompt's output follows
+    stop_text: tuple[str, ...] = ()  # strings that end the text (not emitted)
+
+
+def check_stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``generate``'s ``stop``: a string or a list of strings, as a tuple (empty ones dropped:
+    they would end every text at once)."""
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, Sequence) or not all(isinstance(s, str) for s in stops):
+        raise MoorelmError(f"stop must be text or a list of texts, got {stop!r}")
+    return tuple(s for s in stops if s)
 
 
 @dataclass(frozen=True)
@@ -752,6 +764,7 @@ class LanguageModel:
                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
                  ban: Sequence[str] | BanList = (), stream: bool = False,
                  json_schema: dict | bool | None = None,
+                 stop: str | Sequence[str] | None = None,
                  ) -> str | list[str] | Iterator[str] | Iterator[tuple[int, str]]:
         """The continuation of ``prompt`` as text (``str``).
 
@@ -771,11 +784,15 @@ class LanguageModel:
         ``min_p`` and ``repetition_penalty`` as vLLM's.
         ``json_schema``: the output is JSON valid against this schema (``{"type": "object"}``:
         any JSON object), ending at the end-of-text token once complete (``moorelm.grammar``).
+        ``stop``: a string or list of strings that end the text where one first appears
+        (itself not included), as the server's ``stop``; a stream holds back a piece that
+        could be the start of one until the next piece shows it is not.
         """
         job = self._decoding(max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eot=stop_at_eot,
                              min_p=min_p, repetition_penalty=repetition_penalty,
-                             logit_bias=logit_bias, ban=ban, json_schema=json_schema)
+                             logit_bias=logit_bias, ban=ban, json_schema=json_schema,
+                             stop=stop)
         if isinstance(prompt, str):
             pieces = self._stream_one(self.encode_prompt(prompt), job, seed)
             return pieces if stream else "".join(pieces)
@@ -794,7 +811,8 @@ class LanguageModel:
 
     def _decoding(self, *, ban: Sequence[str] | BanList = (),
                   logit_bias: dict[int, float] | None = None, stop_at_eot: bool = True,
-                  json_schema: dict | bool | None = None, **sampling) -> _Decoding:
+                  json_schema: dict | bool | None = None,
+                  stop: str | Sequence[str] | None = None, **sampling) -> _Decoding:
         """``generate``'s keywords checked once, for every prompt of a call."""
         seed = sampling.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
@@ -808,12 +826,14 @@ class LanguageModel:
         return _Decoding(params=SamplingParams(**sampling),
                          bias=check_logit_bias(logit_bias, self.tokenizer.vocab_size),
                          bans=bans, grammar=grammar,
-                         stop=frozenset(self.stop_ids) if stop_at_eot or grammar else None)
+                         stop=frozenset(self.stop_ids) if stop_at_eot or grammar else None,
+                         stop_text=check_stop_strings(stop))
 
     def _stream_one(self, ids: list[int], job: _Decoding, seed: int | None) -> Iterator[str]:
         """One prompt's continuation as text pieces (``generate_tokens``, batch of one)."""
         p = job.params
         streamer = TextStreamer(self.tokenizer)
+        text = StopText(job.stop_text)
         stop = job.stop
         grammars = [job.grammar.state()] if job.grammar is not None else None
         for tok in generate_tokens(self.model, torch.tensor([ids], dtype=torch.long),
@@ -824,10 +844,13 @@ class LanguageModel:
             t = int(tok[0])
             if stop and t in stop:
                 break
-            piece = streamer.push(t)
+            piece, ended = text.push(streamer.push(t))
             if piece:
                 yield piece
-        tail = streamer.flush()
+            if ended:
+                return
+        tail, _ = text.push(streamer.flush())
+        tail += text.flush()
         if tail:
             yield tail
 
@@ -845,6 +868,7 @@ class LanguageModel:
         for c in range(0, len(together), BATCH_SLOTS):
             chunk = together[c:c + BATCH_SLOTS]
             streamers = [TextStreamer(self.tokenizer) for _ in chunk]
+            texts = [StopText(job.stop_text) for _ in chunk]
             live = [True] * len(chunk)
             for toks in generate_batch(
                     self.model, [prompts[i] for i in chunk], p.max_new_tokens, p.temperature,
@@ -858,13 +882,20 @@ class LanguageModel:
                         continue
                     if stop and t in stop:
                         live[r] = False
-                        piece = streamers[r].flush()
+                        piece, ended = texts[r].push(streamers[r].flush())
+                        piece += "" if ended else texts[r].flush()
                     else:
-                        piece = streamers[r].push(t)
+                        piece, ended = texts[r].push(streamers[r].push(t))
+                        live[r] = not ended
                     if piece:
                         yield chunk[r], piece
+                if not any(live):  # every row ended (a stop token or string): no more steps
+                    break
             for r, s in enumerate(streamers):
-                tail = s.flush()
+                if not live[r]:
+                    continue
+                tail, ended = texts[r].push(s.flush())
+                tail += "" if ended else texts[r].flush()
                 if tail:
                     yield chunk[r], tail
         alone = sorted(set(range(len(prompts))) - set(together))

@@ -154,3 +154,41 @@ def test_shorten_keeps_rotary_positions_exact():
         assert torch.equal(long_model(ids)[0], short_model(ids)[0])
     with pytest.raises(MoorelmError, match=r"in \[1, 16\]"):
         short_model.shorten(17)
+
+
+def test_stop_strings_end_the_text(lm):
+    """``stop`` cuts the text before the first stop string, alone, streamed and batched
+    alike (the batch's rows each at their own), and a stop never met leaves the text whole."""
+    greedy = dict(max_new_tokens=40, temperature=0)
+    full = lm.generate("JULIET:", **greedy)
+    stop = full[12:14]
+    cut = full[:full.find(stop)]
+    assert len(cut) < len(full)
+    assert lm.generate("JULIET:", stop=stop, **greedy) == cut
+    assert "".join(lm.generate("JULIET:", stop=stop, stream=True, **greedy)) == cut
+    earlier = full[5:7]
+    both = full[:min(full.find(stop), full.find(earlier))]
+    assert lm.generate("JULIET:", stop=[stop, earlier], **greedy) == both
+    assert lm.generate("JULIET:", stop=["\x00never"], **greedy) == full
+    assert lm.generate("JULIET:", stop=[""], **greedy) == full  # an empty stop: ignored
+    alone = [lm.generate(p, stop=stop, **greedy) for p in PROMPTS]
+    assert lm.generate(PROMPTS, stop=stop, **greedy) == alone
+    pairs = list(lm.generate(PROMPTS, stop=stop, stream=True, **greedy))
+    assert ["".join(piece for i, piece in pairs if i == k) for k in range(len(PROMPTS))] == alone
+    for bad in (5, [b"x"], {"a": 1}):
+        with pytest.raises(MoorelmError, match="stop must be text"):
+            lm.generate("JULIET:", stop=bad, **greedy)
+
+
+def test_cli_generate_stop(tiny_run, capsys):
+    from moorelm.cli import main
+
+    argv = ["generate", str(tiny_run), "--prompt", "JULIET:", "--max-new-tokens", "40",
+            "--temperature", "0", "--no-stream"]
+    assert main(argv) == 0
+    full = capsys.readouterr().out[len("JULIET:"):-1]
+    stop = full[12:14]
+    assert main(argv + ["--stop", stop]) == 0
+    assert capsys.readouterr().out == "JULIET:" + full[:full.find(stop)] + "\n"
+    assert main(argv + ["--stop", "a\udcffb"]) == 2
+    assert "--stop" in capsys.readouterr().err

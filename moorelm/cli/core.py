@@ -338,8 +338,11 @@ def cmd_generate(args) -> int:
                    max_new_tokens=args.max_new_tokens, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty)  # validate before loading
     check_unicode(args.prompt, "--prompt")  # before it is echoed to stdout
+    for text in args.stop:
+        check_unicode(text, "--stop")
     control = {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
-               "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban)}
+               "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban),
+               "stop": args.stop}
     schema = json_schema_of(args)
     if schema is not None:
         control["json_schema"] = schema
@@ -455,6 +458,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     add_sampling_flags(p)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text where TEXT first appears, TEXT not printed (repeatable; "
+                   "the server's stop; a blank line: --stop $'\\n\\n')")
     p.add_argument("--template", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap --prompt in the run's prompt template (fine-tuned runs; default on)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
