@@ -982,19 +982,12 @@ class LanguageModel:
         pieces = self.chat_pieces(prompt, max_new_tokens=max_new_tokens, **kwargs)
         return pieces if stream else "".join(pieces)
 
-    def chat_pieces(self, prompt: str, **kwargs) -> Iterator[str]:
-        """``generate(prompt)`` cut at the chat template's stop text (the default template's
-        blank line), which is not yielded."""
-        stops = StopText(self.template().stop)
-        for piece in self.generate(prompt, stream=True, **kwargs):
-            text, hit = stops.push(piece)
-            if text:
-                yield text
-            if hit:
-                return
-        tail = stops.flush()
-        if tail:
-            yield tail
+    def chat_pieces(self, prompt: str, stop: str | Sequence[str] | None = None,
+                    **kwargs) -> Iterator[str]:
+        """``generate(prompt)`` as pieces, ending at the chat template's stop text too (the
+        default template's blank line) besides ``stop``; neither is yielded."""
+        stops = (*self.template().stop, *check_stop_strings(stop))
+        return self.generate(prompt, stream=True, stop=stops, **kwargs)
 
     def ban_list(self, phrases: Sequence[str]) -> BanList:
         """``phrases`` compiled against this model's tokenizer (reuse it across calls)."""
