@@ -142,3 +142,26 @@ def test_long_texts_are_truncated_with_one_warning(tiny_run, tmp_path):
     assert {w.filename for w in caught if issubclass(w.category, TruncationWarning)} == {__file__}
     with pytest.raises(MoorelmError, match="context length 32"):
         finetune_gpt_classifier(tiny_run, train, tmp_path / "o2", max_length=64, **FAST)
+
+
+def test_an_unwritable_out_is_refused_before_training(tiny_run, tmp_path, monkeypatch):
+    """The classifier is written only after training: an --out on a read-only disk (or in a
+    folder that is not the user's) is refused up front, not after the training is done."""
+    import os
+
+    import moorelm.finetune.gpt_classifier as gc
+
+    train = _csv(tmp_path / "t.csv", _rows(20, 4))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: not str(p).startswith(str(locked))
+                        and real(p, mode, **kw))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(gc, "_train_loop", no_training)
+    with pytest.raises(MoorelmError, match=f"cannot write in {locked}") as e:
+        finetune_gpt_classifier(tiny_run, train, locked / "new" / "clf", **FAST)
+    assert "\n" not in str(e.value) and list(locked.iterdir()) == []

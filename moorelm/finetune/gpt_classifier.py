@@ -312,6 +312,7 @@ def finetune_gpt_classifier(
         raise MoorelmError(f"--out {out} is the base run itself; choose a new folder")
     if is_moorelm_run(out) and "classifier" not in RunFolder(out).read_config():
         raise MoorelmError(f"{out} holds a language-model run; choose a new folder for the classifier")
+    RunFolder(out).check_writable()  # the result is written only after training
 
     # ---- data: every check before any weights are loaded
     d = prepare_splits(train_file, eval_file, text_column, label_column,
