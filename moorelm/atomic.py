@@ -16,7 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moorelm.errors import from_write_error
+from moorelm.errors import MoorelmError, from_write_error
+
+
+def check_writable(path: Path) -> None:
+    """Refuse ``path`` (a file or folder about to be written) when this process could not
+    write where it goes (a read-only disk, a folder of another user's), judged on its nearest
+    existing folder: for work whose result is written only at the end (an evaluation, a
+    classifier trained in memory), so it is refused before the work, not lost after it."""
+    place = Path(path)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
+        raise MoorelmError(f"cannot write in {place} (read-only or not yours); choose "
+                           "another place")
 
 
 def fsync_dir(path: Path) -> None:

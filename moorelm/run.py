@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from moorelm.atomic import atomic_write_json, replace_dir
+from moorelm.atomic import atomic_write_json, check_writable, replace_dir
 from moorelm.codecs import (
     FORMAT,
     MODEL_FILE,
@@ -434,15 +434,8 @@ class RunFolder:
         return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE)
 
     def check_writable(self) -> None:
-        """Refuse a run folder this process could not write (a read-only disk, a folder of
-        another user's), judged on the folder or its nearest existing parent, before work
-        whose result would be lost at the first write."""
-        place = self.path
-        while not place.exists() and place != place.parent:
-            place = place.parent
-        if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
-            raise MoorelmError(f"cannot write in {place} (read-only or not yours); choose "
-                               "another folder")
+        """Refuse a run folder this process could not write (``atomic.check_writable``)."""
+        check_writable(self.path)
 
     def check_folder(self) -> None:
         """Refuse a path that is a file, or a non-empty folder that is not a run."""

@@ -94,3 +94,20 @@ def test_other_os_errors_are_not_the_environment():
     for error in (OSError(errno.ENOENT, "No such file or directory", "x"),
                   OSError(errno.EBADF, "Bad file descriptor"), ValueError("x")):
         assert environment_error(error) is None
+
+
+def test_check_writable_judges_the_nearest_existing_folder(tmp_path, monkeypatch):
+    """A path to be written later (maybe under folders not made yet) is refused when the
+    nearest folder that exists cannot be written; elsewhere it passes."""
+    from moorelm.atomic import check_writable
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: os.fspath(p) != os.fspath(locked)
+                        and real(p, mode, **kw))
+    check_writable(tmp_path / "fine" / "deeper" / "out.json")
+    check_writable(tmp_path)
+    for target in (locked, locked / "out.json", locked / "a" / "b"):
+        with pytest.raises(MoorelmError, match=f"cannot write in {locked} "):
+            check_writable(target)

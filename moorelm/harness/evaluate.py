@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from moorelm.atomic import check_writable
 from moorelm.errors import MoorelmError
 from moorelm.harness.tasks import check_include_paths, load_error, parse_task_list, select_tasks
 
@@ -51,6 +52,7 @@ def check_out(out: str | Path | None) -> Path | None:
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise MoorelmError(f"--out {out}: {path.parent} {what}")
+    check_writable(path.parent)  # the results are written after the whole evaluation
     return path
 
 

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from moorelm.atomic import atomic_write_bytes, atomic_write_text
+from moorelm.atomic import atomic_write_bytes, atomic_write_text, check_writable
 from moorelm.errors import MoorelmError
 from moorelm.inspect.core import Inspection
 from moorelm.plots import png_bytes, pyplot
@@ -28,6 +28,7 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
         raise MoorelmError(f"{path} already exists; choose another path or pass --force")
     if not path.parent.is_dir():
         raise MoorelmError(f"folder {path.parent} does not exist; create it first")
+    check_writable(path.parent)  # written after the model has run
     return path
 
 
