@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moorelm.atomic import atomic_write_text
+from moorelm.atomic import atomic_write_text, check_writable
 from moorelm.classify.data import TABLE_FORMATS, read_texts, table_format
 from moorelm.classify.encoder import (
     is_sequence_classifier,
@@ -140,6 +140,7 @@ def predict_file(
         raise MoorelmError(f"{out_path} is the input file; choose another output file")
     if out_path.is_dir():
         raise MoorelmError(f"{out_path} is a folder; choose an output file")
+    check_writable(out_path)  # written once every text is labelled
     texts, _ = read_texts(in_path, text_column)
     predictions = predict(texts)
     f = io.StringIO(newline="")
