@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from moorelm.atomic import atomic_write_json, check_writable, replace_dir
+from moorelm.atomic import atomic_write_json, replace_dir
 from moorelm.codecs import (
     FORMAT,
     MODEL_FILE,
@@ -432,10 +432,6 @@ class RunFolder:
         if not self.path.is_dir():
             return []
         return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE)
-
-    def check_writable(self) -> None:
-        """Refuse a run folder this process could not write (``atomic.check_writable``)."""
-        check_writable(self.path)
 
     def check_folder(self) -> None:
         """Refuse a path that is a file, or a non-empty folder that is not a run."""

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moorelm.atomic import atomic_write_json
+from moorelm.atomic import atomic_write_json, check_writable
 from moorelm.classify.data import check_settings, label_maps, prepare_splits
 from moorelm.classify.metrics import (
     CONFUSION_FILE,
@@ -312,7 +312,7 @@ def finetune_gpt_classifier(
         raise MoorelmError(f"--out {out} is the base run itself; choose a new folder")
     if is_moorelm_run(out) and "classifier" not in RunFolder(out).read_config():
         raise MoorelmError(f"{out} holds a language-model run; choose a new folder for the classifier")
-    RunFolder(out).check_writable()  # the result is written only after training
+    check_writable(out)  # the classifier is written only after training
 
     # ---- data: every check before any weights are loaded
     d = prepare_splits(train_file, eval_file, text_column, label_column,
