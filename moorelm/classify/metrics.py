@@ -12,12 +12,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from moorelm.classify.data import Splits
 
 TASK = "text-classification"  # the "task" of every classifier run's metrics.json
 METRICS_FILE = "metrics.json"
@@ -140,7 +137,7 @@ def warn_truncated(max_length: int, *counts: tuple[int, int, str], stacklevel: i
                           stacklevel=stacklevel + 1)
 
 
-def run_record(*, backend: str, model: str, splits: Splits, eval_file: Any, max_length: int,
+def run_record(*, backend: str, model: str, splits: Any, eval_file: Any, max_length: int,
                truncated: dict[str, int], metrics: dict[str, Any], train_time: float,
                steps: int, epochs_run: float, best_f1: float | None, stopped_early: bool,
                time_limit_hit: bool, hyperparameters: dict[str, Any], out: Path,
