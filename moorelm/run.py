@@ -219,8 +219,10 @@ def check_chat_settings(cfg: dict, path: Path | str = CONFIG_FILE) -> None:
 class RunFolder:
     """A run folder on disk: config, tokenizer, checkpoints, resume state, locking."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, shown: str | os.PathLike | None = None):
         self.path = Path(path)
+        # the folder error lines name: the run being built, for a temporary folder beside it
+        self.shown = Path(shown) if shown is not None else self.path
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -298,7 +300,7 @@ class RunFolder:
             atomic_write_json(self.config_path, config)
             tokenizer.save(self.tokenizer_path)
         except OSError as e:  # a full disk, a read-only folder: one line
-            raise from_os_error(e, f"write the run files in {self.path}") from None
+            raise from_os_error(e, f"write the run files in {self.shown}") from None
 
     # -- checkpoints
 
@@ -356,7 +358,8 @@ class RunFolder:
         # a failed write is one line; the half-written folder is gone, older checkpoints kept
         # (and then the same command is refused without --resume: say so)
         again = "run the same command with --resume" if self.checkpoints() else None
-        with replace_dir(final, f"save the checkpoint {final}", again) as tmp:
+        shown = self.shown / final.relative_to(self.path)
+        with replace_dir(final, f"save the checkpoint {shown}", again) as tmp:
             for name, (tensors, meta) in files.items():
                 save_file(tensors, str(tmp / name), metadata={**stamp, **meta})
             if optimizer is not None:
@@ -487,7 +490,7 @@ class RunFolder:
         held = RunLock(self.path) if self.path.is_dir() else None
         try:
             with replace_dir(self.path) as tmp:
-                yield RunFolder(tmp)
+                yield RunFolder(tmp, shown=self.path)
         finally:
             if held is not None:
                 held.release()

@@ -279,6 +279,28 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_a_full_disk_while_a_run_is_rebuilt_names_the_run(tmp_path, monkeypatch):
+    """A run written through ``rewrite`` (an import) is built in a temporary folder beside
+    it; a full disk there is one line naming the run the user asked for, not that folder,
+    and nothing is left behind."""
+    import errno
+    import os
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("moorelm.run.save_file", full)
+    target = tmp_path / "imported"
+    cfg = ModelConfig(vocab_size=TOK.vocab_size, seq_len=16, n_layer=1, n_head=2, n_embd=16)
+    with pytest.raises(MoorelmError) as e:
+        with RunFolder(target).rewrite() as run:
+            run.write_files({"model": cfg.to_dict()}, TOK)
+            run.save(0, LMCodec().checkpoint_files(GPT(cfg)), {"tokens": 0, "elapsed": 0.0})
+    assert str(e.value).startswith(f"cannot save the checkpoint {target}/checkpoints/step-")
+    assert ".tmp" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_safetensors_write_errors_are_one_line(tmp_path, monkeypatch):
     """safetensors reports a failed write as its own error type; a full disk reported that way
     reads as a full disk, anything else gives its first line."""
