@@ -181,17 +181,6 @@ def _index(entry: Callable[[Path], str]):
     return apply
 
 
-def _enospc(target: str):
-    """A monkeypatch making ``module:attr`` raise ENOSPC (a full disk) when called."""
-    module, attr = target.split(":")
-
-    def patch(monkeypatch) -> None:
-        def full(*args, **kwargs):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(f"{module}.{attr}", full)
-    return patch
-
-
 def _os_error(target: str, code: int, filename: str | None = None):
     """A monkeypatch making ``module:attr`` raise ``OSError(code)`` (a read-only disk, a
     folder the user may not write) when called; ``filename``: the path the error names."""
@@ -202,6 +191,11 @@ def _os_error(target: str, code: int, filename: str | None = None):
             raise OSError(code, os.strerror(code), filename)
         monkeypatch.setattr(f"{module}.{attr}", refuse)
     return patch
+
+
+def _enospc(target: str):
+    """A monkeypatch making ``module:attr`` raise ENOSPC (a full disk) when called."""
+    return _os_error(target, errno.ENOSPC)
 
 
 def _safetensors_full(target: str):
