@@ -273,6 +273,20 @@ def test_chat_cli_prompt_once(tmp_path, capsys):
     assert "temperature must be >= 0" in capsys.readouterr().err
 
 
+def test_chat_cli_stop_cuts_the_reply(tmp_path, capsys):
+    """chat --stop ends a reply where the string first appears (as generate's --stop)."""
+    run, _ = _chat_run(tmp_path / "run", {"template": CHATML, "stop_ids": [0]})
+    argv = ["chat", str(run), "--prompt", "O", "--temperature", "0",
+            "--max-new-tokens", "12", "--device", "cpu", "--no-stream"]
+    assert main(argv) == 0
+    full = capsys.readouterr().out[:-1]
+    if len(full) < 6:
+        pytest.skip("the tiny model's reply is too short to cut")
+    stop = full[3:5]
+    assert main(argv + ["--stop", stop]) == 0
+    assert capsys.readouterr().out == full[:full.find(stop)] + "\n"
+
+
 def test_chat_cli_interactive_loop_from_stdin(tmp_path, capsys, monkeypatch):
     """Fed on stdin (no tty): each line is a turn answered in order, /reset clears, unknown
     commands are explained, /quit leaves; end of input exits cleanly too; the history kept

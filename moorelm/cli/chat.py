@@ -14,7 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moorelm.cli.core import add_sampling_flags, add_weights_flag, check_json_schema, json_schema_of
+from moorelm.cli.core import (
+    add_sampling_flags,
+    add_weights_flag,
+    check_json_schema,
+    json_schema_of,
+    sampling_control,
+)
 from moorelm.errors import MoorelmError
 
 HELP = "commands: /reset clears the conversation, /quit leaves (so does end of input)"
@@ -43,21 +49,16 @@ def _say(text: str) -> None:
 
 def cmd_chat(args) -> int:
     import moorelm
-    from moorelm.generate import SamplingParams, check_phrases, parse_logit_bias
     from moorelm.tokenizer import check_unicode
 
-    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   max_new_tokens=args.max_new_tokens, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty)  # validate before loading
+    control = sampling_control(args)  # validated before loading
     if args.prompt is not None and not args.prompt.strip():
         raise MoorelmError("--prompt is empty; give the message to answer")
     for flag, value in (("--prompt", args.prompt), ("--system", args.system)):
         if value is not None:
             check_unicode(value, flag)
-    control = {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
-               "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban),
-               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-               "max_new_tokens": args.max_new_tokens}
+    control.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   max_new_tokens=args.max_new_tokens)
     schema = json_schema_of(args)
     if schema is not None:
         control["json_schema"] = schema

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from moorelm.config import (
     DEFAULT_RECIPE,
@@ -88,6 +89,23 @@ def add_weights_flag(p: argparse.ArgumentParser) -> None:
                    "docs/performance.md (default fp32)")
 
 
+def sampling_control(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords ``add_sampling_flags``' flags give ``LanguageModel.generate`` besides
+    temperature, top-k/p and the token budget, every one checked before a model is loaded
+    (``generate`` and ``chat`` share them)."""
+    from moorelm.generate import SamplingParams, check_phrases, parse_logit_bias
+    from moorelm.tokenizer import check_unicode
+
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   max_new_tokens=args.max_new_tokens, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty)
+    for text in args.stop:
+        check_unicode(text, "--stop")
+    return {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+            "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban),
+            "stop": args.stop}
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """The sampling controls of ``generate`` and ``chat`` (the same names and ranges as the
     server's fields)."""
@@ -103,6 +121,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="add VALUE (-100..100) to token ID's logit (repeatable; OpenAI's)")
     p.add_argument("--ban", action="append", default=[], metavar="PHRASE",
                    help="a phrase never produced, however it would be tokenised (repeatable)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text where TEXT first appears, TEXT not printed (repeatable; "
+                   "the server's stop; a blank line: --stop $'\\n\\n')")
     p.add_argument("--json-schema", default=None, metavar="FILE",
                    help="the output is JSON valid against the JSON schema in FILE (decoding "
                    "constrained by its grammar; docs/structured-output.md)")
@@ -331,18 +352,11 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     import moorelm
-    from moorelm.generate import SamplingParams, check_phrases, nth_seed, parse_logit_bias
+    from moorelm.generate import nth_seed
     from moorelm.tokenizer import check_unicode
 
-    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   max_new_tokens=args.max_new_tokens, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty)  # validate before loading
+    control = sampling_control(args)  # validated before loading
     check_unicode(args.prompt, "--prompt")  # before it is echoed to stdout
-    for text in args.stop:
-        check_unicode(text, "--stop")
-    control = {"min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
-               "logit_bias": parse_logit_bias(args.logit_bias), "ban": check_phrases(args.ban),
-               "stop": args.stop}
     schema = json_schema_of(args)
     if schema is not None:
         control["json_schema"] = schema
@@ -458,9 +472,6 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     add_sampling_flags(p)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end the text where TEXT first appears, TEXT not printed (repeatable; "
-                   "the server's stop; a blank line: --stop $'\\n\\n')")
     p.add_argument("--template", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap --prompt in the run's prompt template (fine-tuned runs; default on)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
