@@ -624,6 +624,12 @@ class StopText:
         text, self.held = self.held, ""
         return text
 
+    def finish(self, text: str = "") -> tuple[str, bool]:
+        """A text's last piece -> (everything still to emit, what was held back included,
+        whether a stop sequence was found); nothing is held after a stop sequence."""
+        out, hit = self.push(text)
+        return out + self.flush(), hit
+
 
 class TextStreamer:
     """Token ids in, text out, never splitting a multi-byte UTF-8 character."""
@@ -849,8 +855,7 @@ class LanguageModel:
                 yield piece
             if ended:
                 return
-        tail, _ = text.push(streamer.flush())
-        tail += text.flush()
+        tail, _ = text.finish(streamer.flush())
         if tail:
             yield tail
 
@@ -882,8 +887,7 @@ class LanguageModel:
                         continue
                     if stop and t in stop:
                         live[r] = False
-                        piece, ended = texts[r].push(streamers[r].flush())
-                        piece += "" if ended else texts[r].flush()
+                        piece, _ = texts[r].finish(streamers[r].flush())
                     else:
                         piece, ended = texts[r].push(streamers[r].push(t))
                         live[r] = not ended
@@ -894,8 +898,7 @@ class LanguageModel:
             for r, s in enumerate(streamers):
                 if not live[r]:
                     continue
-                tail, ended = texts[r].push(s.flush())
-                tail += "" if ended else texts[r].flush()
+                tail, _ = texts[r].finish(s.flush())
                 if tail:
                     yield chunk[r], tail
         alone = sorted(set(range(len(prompts))) - set(together))

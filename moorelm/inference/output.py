@@ -41,8 +41,8 @@ class ChoiceText:
         else:
             return text, None
         if not hit:  # what the streamer and the stop check still hold goes out now
-            tail, hit = self.stop.push(self.streamer.flush())
-            text += tail if hit else tail + self.stop.flush()
+            tail, hit = self.stop.finish(self.streamer.flush())
+            text += tail
             finish = "stop" if hit else finish
         return text, finish
 
